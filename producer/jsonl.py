@@ -1,0 +1,86 @@
+"""Read request files: one JSON object per line, bad lines reported by number, good ones kept."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from producer.errors import InvalidRequestError
+from producer.models import check_job_id, parse_request
+from producer.queue import JobSpec
+
+REQUEST_FIELDS = ("model", "prompt", "contents", "system_instruction", "config")
+LINE_FIELDS = {*REQUEST_FIELDS, "id", "tags"}
+
+
+@dataclass(frozen=True)
+class LineError:
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Line:
+    line: int
+    spec: JobSpec
+
+
+def parse_jsonl(
+    lines: Iterable[str],
+    *,
+    max_bytes: int,
+    default_id: Callable[[int, str], str | None] = lambda _n, _text: None,
+    **spec_defaults: object,
+) -> tuple[list[Line], list[LineError]]:
+    """Parse and validate every line. Blank lines are skipped; ``default_id(n, text)`` names id-less ones."""
+    good: list[Line] = []
+    bad: list[LineError] = []
+    seen: dict[str, int] = {}
+    for number, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            bad.append(LineError(number, f"not valid JSON ({err.msg} at column {err.colno})"))
+            continue
+        if not isinstance(data, dict):
+            bad.append(LineError(number, "not a JSON object"))
+            continue
+        unknown = sorted(set(data) - LINE_FIELDS)
+        if unknown:
+            bad.append(LineError(number, f"unknown field {unknown[0]!r} (allowed: {', '.join(sorted(LINE_FIELDS))})"))
+            continue
+        try:
+            request = parse_request({k: data[k] for k in REQUEST_FIELDS if k in data}, max_bytes=max_bytes)
+            job_id = data.get("id")
+            job_id = check_job_id(str(job_id)) if job_id is not None else default_id(number, text)
+            tags = data.get("tags") or {}
+            if not isinstance(tags, dict):
+                raise InvalidRequestError("tags: must be an object of strings", field="tags")
+        except InvalidRequestError as err:
+            bad.append(LineError(number, str(err)))
+            continue
+        if job_id is not None and job_id in seen:
+            bad.append(LineError(number, f"id {job_id!r} repeats line {seen[job_id]}"))
+            continue
+        if job_id is not None:
+            seen[job_id] = number
+        good.append(Line(number, JobSpec(request, job_id=job_id, tags=tags, **spec_defaults)))  # type: ignore[arg-type]
+    return good, bad
+
+
+def stable_line_id(source: str) -> Callable[[int, str], str]:
+    """Ids derived from the file and the line's content, so a re-run finds the same jobs."""
+    prefix = hashlib.sha256(source.encode()).hexdigest()[:10]
+
+    def make(number: int, text: str) -> str:
+        digest = hashlib.sha256(text.strip().encode()).hexdigest()[:12]
+        return f"b-{prefix}-{number}-{digest}"
+
+    return make

@@ -1,0 +1,263 @@
+"""The contract: what a producer submits and what a job record holds.
+
+Field names here are stable and documented in the README; workers, the CLI and scripts read them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from google.genai import types as genai_types
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from producer.errors import InvalidRequestError
+
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+MODEL_RE = re.compile(r"^[A-Za-z0-9._/-]{1,200}$")
+#: Config fields the queue owns: a request may not set them.
+QUEUE_OWNED_CONFIG_FIELDS = {
+    "service_tier": "the queue chooses the tier (flex, or standard on fallback)",
+    "serviceTier": "the queue chooses the tier (flex, or standard on fallback)",
+    "http_options": "the worker owns timeouts, retries and the endpoint",
+    "httpOptions": "the worker owns timeouts, retries and the endpoint",
+}
+
+
+class Status(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED})
+ACTIVE = frozenset({Status.QUEUED, Status.RUNNING, Status.RETRYING})
+
+
+class Outcome(StrEnum):
+    OK = "ok"
+    OVERLOADED = "overloaded"  # 503
+    RATE_LIMITED = "rate_limited"  # 429
+    SERVER_ERROR = "server_error"  # 500/502/504
+    TIMEOUT = "timeout"
+    CONNECTION_ERROR = "connection_error"
+    CLIENT_ERROR = "client_error"  # other 4xx
+    BLOCKED = "blocked"  # safety / prohibited content / prompt block
+    INTERRUPTED = "interrupted"  # worker died or shut down mid-attempt
+
+
+class Tier(StrEnum):
+    FLEX = "flex"
+    STANDARD = "standard"
+
+
+Fallback = Literal["none", "standard"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class GenerateRequest(BaseModel):
+    """One generation request as submitted: ``prompt`` or ``contents``, never both."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str
+    prompt: str | None = None
+    contents: list[dict[str, Any]] | None = None
+    system_instruction: str | dict[str, Any] | None = None
+    config: dict[str, Any] | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _model_name(cls, value: str) -> str:
+        if not MODEL_RE.match(value):
+            raise ValueError("must be a model name such as 'gemini-2.5-flash'")
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("contents")
+    @classmethod
+    def _contents(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("must hold at least one Content")
+        for index, item in enumerate(value):
+            try:
+                genai_types.Content.model_validate(item)
+            except ValidationError as err:
+                raise ValueError(f"item {index} is not a Gemini Content: {_first_error(err)}") from None
+        return value
+
+    @field_validator("system_instruction")
+    @classmethod
+    def _system_instruction(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if isinstance(value, dict):
+            try:
+                genai_types.Content.model_validate(value)
+            except ValidationError as err:
+                raise ValueError(f"is not a Gemini Content: {_first_error(err)}") from None
+        return value
+
+    @field_validator("config")
+    @classmethod
+    def _config(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        for key, why in QUEUE_OWNED_CONFIG_FIELDS.items():
+            if key in value:
+                raise ValueError(f"{key!r} may not be set: {why}")
+        try:
+            genai_types.GenerateContentConfig.model_validate(value)
+        except ValidationError as err:
+            raise ValueError(f"is not a GenerateContentConfig: {_first_error(err)}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _prompt_xor_contents(self) -> GenerateRequest:
+        if (self.prompt is None) == (self.contents is None):
+            raise ValueError("give exactly one of 'prompt' (text) or 'contents' (a Gemini Content list)")
+        return self
+
+    def text_for_estimate(self) -> str:
+        """All text in the request, for token estimates and simulator directives."""
+        if self.prompt is not None:
+            return self.prompt
+        return "\n".join(
+            part["text"]
+            for content in self.contents or []
+            for part in content.get("parts", []) or []
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
+
+
+def _first_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first.get("loc", ()))
+    return f"{loc}: {first['msg']}" if loc else str(first["msg"])
+
+
+def parse_request(data: Any, *, max_bytes: int) -> GenerateRequest:
+    """Validate a request (a dict or a ``GenerateRequest``); raise ``InvalidRequestError`` naming the field."""
+    if isinstance(data, GenerateRequest):
+        request = data
+    else:
+        if not isinstance(data, dict):
+            raise InvalidRequestError("a request must be a JSON object", field=None)
+        try:
+            request = GenerateRequest.model_validate(data)
+        except ValidationError as err:
+            first = err.errors()[0]
+            field = ".".join(str(p) for p in first.get("loc", ())) or None
+            message = str(first["msg"]).removeprefix("Value error, ")
+            if first["type"] == "extra_forbidden":
+                message = "unknown field (allowed: model, prompt, contents, system_instruction, config)"
+            if first["type"] == "missing":
+                message = "is required"
+            raise InvalidRequestError(f"{field}: {message}" if field else message, field=field) from None
+    size = len(json.dumps(request.model_dump(exclude_none=True), separators=(",", ":")).encode())
+    if size > max_bytes:
+        raise InvalidRequestError(
+            f"request: {size} bytes is over the {max_bytes}-byte limit (FLEXQ_MAX_REQUEST_BYTES)",
+            field="request",
+        )
+    return request
+
+
+def check_job_id(job_id: str) -> str:
+    if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
+        raise InvalidRequestError(
+            "job_id: must be 1-128 characters of letters, digits, '.', '_', ':' or '-'", field="job_id"
+        )
+    return job_id
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    thoughts_tokens: int = 0
+    total_tokens: int = 0
+
+
+class Attempt(BaseModel):
+    number: int
+    tier: Tier
+    served_tier: str | None = None
+    started_at: datetime
+    finished_at: datetime | None = None
+    latency_ms: int | None = None
+    outcome: Outcome | None = None  # None while the attempt is in flight
+    http_status: int | None = None
+    error: str | None = None
+    retry_in_s: float | None = None
+    usage: Usage | None = None
+    worker: str | None = None
+
+
+class JobResult(BaseModel):
+    text: str | None
+    finish_reason: str | None
+    usage: Usage
+    model_version: str | None
+    tier: str
+
+
+class JobError(BaseModel):
+    kind: str  # client_error | blocked | deadline_exceeded | cancelled | invalid_job | interrupted | ...
+    message: str
+    http_status: int | None = None
+
+
+class JobRecord(BaseModel):
+    """The persisted state of one job; ``flexq status ID --json`` prints exactly this."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    status: Status
+    created_at: datetime
+    updated_at: datetime
+    deadline_at: datetime
+    fallback: Fallback = "none"
+    tags: dict[str, str] = Field(default_factory=dict)
+    request: GenerateRequest | None  # None only for a record quarantined as invalid_job
+    attempts: list[Attempt] = Field(default_factory=list)
+    result: JobResult | None = None
+    error: JobError | None = None
+    cost_usd: float | None = None
+    standard_cost_usd: float | None = None
+    cancel_requested: bool = False
+    next_tier: Tier = Tier.FLEX
+    interrupts: int = 0
+    enqueues: int = 1
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    @property
+    def open_attempt(self) -> Attempt | None:
+        if self.attempts and self.attempts[-1].finished_at is None:
+            return self.attempts[-1]
+        return None
+
+    def to_json(self) -> str:
+        return self.model_dump_json(exclude_none=False)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> JobRecord:
+        return cls.model_validate_json(raw)

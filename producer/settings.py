@@ -1,0 +1,98 @@
+"""One settings class: every tunable named once, with its unit and default.
+
+Precedence: explicit argument > environment variable > default. Secrets are ``SecretStr`` so
+that a repr, a log line or an exception never shows them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+
+
+class FlexqSettings(BaseSettings):
+    """Configuration of producers, workers and the admin CLI, read from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", populate_by_name=True)
+
+    redis_url: SecretStr = Field(
+        default=SecretStr(DEFAULT_REDIS_URL), validation_alias=AliasChoices("REDIS_URL", "redis_url")
+    )
+    gemini_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("GEMINI_API_KEY", "GOOGLE_API_KEY", "gemini_api_key")
+    )
+    gemini_base_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("GEMINI_BASE_URL", "gemini_base_url")
+    )
+    gemini_api_version: str = Field(
+        default="v1beta", validation_alias=AliasChoices("FLEXQ_API_VERSION", "gemini_api_version")
+    )
+    queue: str = Field(
+        default="flexq", validation_alias=AliasChoices("FLEXQ_QUEUE", "queue"), pattern=r"^[A-Za-z0-9._-]{1,64}$"
+    )
+
+    max_request_bytes: int = Field(
+        default=8 * 1024 * 1024, gt=0, validation_alias=AliasChoices("FLEXQ_MAX_REQUEST_BYTES", "max_request_bytes")
+    )
+    retention_s: int = Field(
+        default=7 * 24 * 3600, gt=0, validation_alias=AliasChoices("FLEXQ_RETENTION_S", "retention_s")
+    )
+    default_deadline_s: float = Field(
+        default=24 * 3600.0, gt=0, validation_alias=AliasChoices("FLEXQ_DEADLINE_S", "default_deadline_s")
+    )
+    request_timeout_s: float = Field(
+        default=900.0, gt=0, validation_alias=AliasChoices("FLEXQ_REQUEST_TIMEOUT_S", "request_timeout_s")
+    )
+    retry_base_s: float = Field(
+        default=5.0, ge=0, validation_alias=AliasChoices("FLEXQ_RETRY_BASE_S", "retry_base_s")
+    )
+    retry_max_s: float = Field(
+        default=600.0, ge=0, validation_alias=AliasChoices("FLEXQ_RETRY_MAX_S", "retry_max_s")
+    )
+    max_flex_attempts: int | None = Field(
+        default=None, ge=1, validation_alias=AliasChoices("FLEXQ_MAX_FLEX_ATTEMPTS", "max_flex_attempts")
+    )
+    lease_s: float = Field(default=60.0, ge=1, validation_alias=AliasChoices("FLEXQ_LEASE_S", "lease_s"))
+    concurrency: int = Field(
+        default=100, ge=1, validation_alias=AliasChoices("FLEXQ_CONCURRENCY", "concurrency")
+    )
+    max_interrupts: int = Field(
+        default=5, ge=1, validation_alias=AliasChoices("FLEXQ_MAX_INTERRUPTS", "max_interrupts")
+    )
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto", validation_alias=AliasChoices("FLEXQ_LOG_FORMAT", "log_format")
+    )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: SecretStr) -> SecretStr:
+        scheme = urlsplit(value.get_secret_value()).scheme
+        if scheme not in {"redis", "rediss", "unix"}:
+            raise ValueError(f"REDIS_URL must start with redis://, rediss:// or unix:// (got {scheme!r}://)")
+        return value
+
+    @property
+    def redis_url_redacted(self) -> str:
+        """The Redis URL with any password replaced, safe for logs and error messages."""
+        return redact_url(self.redis_url.get_secret_value())
+
+    @property
+    def job_timeout_s(self) -> float:
+        """arq's job timeout: the request timeout plus room to record the attempt."""
+        return self.request_timeout_s + 60.0
+
+
+def redact_url(url: str) -> str:
+    """Replace the password (and user) in a URL with ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None and parts.username is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))

@@ -1,0 +1,336 @@
+"""The simulated Gemini endpoint: request handling, capacity, rate limits and fault injection."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from simulator import wire
+from simulator.config import SimConfig, SimStats
+from simulator.faults import FINISH_KINDS, MODIFIER_KINDS, Directives, Fault, directive_key, parse_directives
+from simulator.request import FLEX, BadRequest, ParsedRequest, parse_request
+
+TIER_HEADER = "x-gemini-service-tier"
+SERVER_TIMEOUT_HEADER = "X-Server-Timeout"
+# A request past its X-Server-Timeout answers 504 this much later than the deadline, so a client whose
+# timeout equals the header (the SDK sends ceil(timeout)) deterministically times out first.
+SERVER_TIMEOUT_GRACE_S = 0.5
+RPM_WINDOW_S = 60.0
+LOGNORMAL_SIGMA = 0.5
+ACTIONS = ("generateContent", "streamGenerateContent")
+
+
+class _Abort(Exception):
+    """Close the connection without writing a response."""
+
+
+@dataclass(frozen=True)
+class _Call:
+    model: str
+    version: str
+    stream: bool
+    req: ParsedRequest
+    directives: Directives
+    server_timeout_s: float | None
+
+    @property
+    def tier(self) -> str:
+        return self.req.tier
+
+
+def _json(status: int, body: dict[str, Any], tier: str | None = None) -> web.Response:
+    headers = {TIER_HEADER: tier} if tier is not None else None
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _html(status: int, text: str) -> web.Response:
+    return web.Response(status=status, text=text, content_type="text/html")
+
+
+def _parse_timeout(raw: str | None) -> float | None:
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+class Simulator:
+    """Owns the state (counters, per-prompt fault counts, in-flight counts) and the aiohttp app."""
+
+    def __init__(self, config: SimConfig) -> None:
+        config.validate()
+        self.config = config
+        self.stats = SimStats()
+        self._rng = random.Random(config.seed)
+        self._id_rng = random.Random(None if config.seed is None else config.seed + 1)
+        self._started_s = time.monotonic()
+        self._rpm_windows: dict[str, deque[float]] = {}
+        self._overload_turn = 0
+        self._closing = asyncio.Event()
+        self.app = web.Application()
+        self.app.router.add_post("/{version}/models/{target}", self._generate)
+        self.app.router.add_get("/_sim/stats", self._get_stats)
+        self.app.router.add_post("/_sim/reset", self._post_reset)
+        self.app.router.add_get("/_sim/config", self._get_config)
+        self.app.router.add_post("/_sim/config", self._post_config)
+        self.app.router.add_get("/healthz", self._healthz)
+
+    # ---- control -------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Clear counters, per-prompt fault state and rate-limit windows."""
+        self.stats.reset()
+        self._rpm_windows.clear()
+        self._overload_turn = 0
+
+    def begin_shutdown(self) -> None:
+        """Wake every sleeping or hanging request so that it drops its connection at once."""
+        self._closing.set()
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self._started_s
+
+    async def _healthz(self, _request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def _get_stats(self, _request: web.Request) -> web.Response:
+        return web.json_response(self.stats.to_json())
+
+    async def _post_reset(self, _request: web.Request) -> web.Response:
+        self.reset()
+        return web.json_response(self.stats.to_json())
+
+    async def _get_config(self, _request: web.Request) -> web.Response:
+        return web.json_response(self.config.__dict__)
+
+    async def _post_config(self, request: web.Request) -> web.Response:
+        """Change config fields at run time: body {"rate_503": 0.5, ...}."""
+        try:
+            changes = await request.json()
+            if not isinstance(changes, dict):
+                raise ValueError("body must be a JSON object of SimConfig fields")
+            new_config = self.config.updated(changes)
+        except (ValueError, TypeError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        if new_config.seed != self.config.seed:
+            self._rng.seed(new_config.seed)
+        self.config = new_config
+        return web.json_response(self.config.__dict__)
+
+    # ---- generateContent -----------------------------------------------------------------------
+    async def _generate(self, request: web.Request) -> web.StreamResponse:
+        self.stats.requests += 1
+        try:
+            response = await self._serve(request)
+        except _Abort:
+            if request.transport is not None:
+                request.transport.abort()
+            return web.Response()
+        self.stats.count_status(response.status)
+        return response
+
+    async def _serve(self, request: web.Request) -> web.StreamResponse:
+        version = request.match_info["version"]
+        model, _, action = request.match_info["target"].rpartition(":")
+        timeout_header = request.headers.get(SERVER_TIMEOUT_HEADER)
+        if timeout_header is not None:
+            self.stats.record_server_timeout(timeout_header)
+        if not (request.headers.get("x-goog-api-key") or request.query.get("key")):
+            return _json(403, wire.permission_denied())
+        self.stats.api_keys_seen += 1
+        if action not in ACTIONS or not model.startswith("gemini-"):
+            return _json(404, wire.not_found(model or request.match_info["target"], version))
+        try:
+            body = json.loads(await request.read())
+        except ValueError:
+            return _json(400, wire.invalid_argument("Invalid JSON payload received. Unexpected token."))
+        try:
+            req = parse_request(body)
+        except BadRequest as exc:
+            return _json(400, wire.invalid_argument(exc.message, exc.field))
+        self.stats.count_tier(req.tier)
+        directives = parse_directives(req.texts)
+        if directives.errors:
+            message = f"Simulator: unknown directive(s): {', '.join(directives.errors)}"
+            return _json(400, wire.invalid_argument(message))
+        stream = action == "streamGenerateContent"
+        call = _Call(model, version, stream, req, directives, _parse_timeout(timeout_header))
+        if directives.has_fault:
+            return await self._serve_directed(call, request)
+        return await self._serve_normal(call, request)
+
+    async def _serve_directed(self, call: _Call, request: web.Request) -> web.StreamResponse:
+        """Fault directives fire in order of appearance; the first still-active one wins."""
+        thinking = False
+        for fault in call.directives.faults:
+            key = directive_key(fault.spec, call.req.full_text)
+            count = self.stats.calls_by_directive_key.get(key, 0) + 1
+            self.stats.calls_by_directive_key[key] = count
+            if fault.times is not None and count > fault.times:
+                continue
+            if fault.kind in MODIFIER_KINDS:
+                thinking = True
+                continue
+            if fault.kind in FINISH_KINDS or fault.kind == "block":
+                finish = FINISH_KINDS.get(fault.kind, "BLOCK")
+                return await self._answer(call, request, self._service_time(call), thinking, finish)
+            return await self._fault_response(call, fault)
+        return await self._answer(call, request, self._service_time(call), thinking, None)
+
+    async def _fault_response(self, call: _Call, fault: Fault) -> web.Response:
+        kind = fault.kind
+        if kind == "reset":
+            self.stats.connection_resets += 1
+            raise _Abort
+        if kind == "hang":
+            return await self._hang(call)
+        delay_s = call.directives.latency_s
+        if delay_s is None:
+            delay_s = self.config.shed_latency_s if kind == "503" else 0.0
+        await self._sleep(delay_s)
+        if kind == "503":
+            return self._overloaded()
+        if kind in ("500", "502", "504", "html500"):
+            return self._server_error(kind)
+        if kind.startswith("429"):
+            return self._quota_error(call, fault)
+        if kind == "400":
+            return _json(400, wire.invalid_argument(wire.UNKNOWN_FIELD_MESSAGE))
+        if kind == "403":
+            return _json(403, wire.permission_denied(wire.LEAKED_KEY_MESSAGE))
+        return _json(404, wire.not_found(call.model, call.version))
+
+    def _server_error(self, kind: str) -> web.Response:
+        if kind == "500":
+            return _json(500, wire.internal())
+        if kind == "504":
+            return _json(504, wire.deadline_exceeded())
+        if kind == "502":
+            return _html(502, wire.HTML_502)
+        return _html(500, wire.HTML_500)
+
+    def _quota_error(self, call: _Call, fault: Fault) -> web.Response:
+        if fault.kind == "429-daily":
+            return _json(429, wire.daily_quota_exceeded(call.model, self._rng))
+        if fault.kind == "429-billing":
+            return _json(429, wire.billing_depleted())
+        if fault.kind == "429-legacy":
+            return _json(429, wire.legacy_rate_limited(call.model))
+        if fault.retry_delay_s is None:
+            return _json(429, wire.quota_exceeded(call.model, self.config.retry_delay_s, self._rng))
+        delay_s = fault.retry_delay_s
+        retry_delay = wire.format_seconds(delay_s) + "s"  # as written in the directive, not truncated
+        return _json(429, wire.quota_exceeded(call.model, delay_s, self._rng, retry_delay=retry_delay))
+
+    async def _hang(self, call: _Call) -> web.Response:
+        """Never answer; a flex request with X-Server-Timeout gets 504 just after its deadline."""
+        if call.tier == FLEX and call.server_timeout_s is not None:
+            await self._sleep(call.server_timeout_s + SERVER_TIMEOUT_GRACE_S)
+            return _json(504, wire.deadline_exceeded())
+        await self._closing.wait()
+        raise _Abort
+
+    async def _serve_normal(self, call: _Call, request: web.Request) -> web.StreamResponse:
+        """Rate limit, random faults and flex capacity, then a normal answer."""
+        cfg = self.config
+        if cfg.rpm is not None:
+            wait_s = self._rpm_admit(call.model, cfg.rpm)
+            if wait_s is not None:
+                return _json(429, wire.quota_exceeded(call.model, wait_s, self._rng))
+        if cfg.rate_429 > 0 and self._rng.random() < cfg.rate_429:
+            return _json(429, wire.quota_exceeded(call.model, cfg.retry_delay_s, self._rng))
+        if cfg.rate_500 > 0 and self._rng.random() < cfg.rate_500:
+            return _json(500, wire.internal())
+        service_s = self._service_time(call)
+        if call.tier != FLEX:
+            return await self._answer(call, request, service_s, False, None)
+        elapsed_s = self.elapsed_s
+        capacity = cfg.effective_capacity(elapsed_s)
+        rate_503 = cfg.effective_rate_503(elapsed_s)
+        full = capacity is not None and self.stats.in_flight_flex >= capacity
+        if full or (rate_503 > 0 and self._rng.random() < rate_503):
+            await self._sleep(cfg.shed_latency_s)
+            return self._overloaded()
+        self.stats.flex_started()
+        try:
+            return await self._answer(call, request, service_s, False, None)
+        finally:
+            self.stats.flex_finished()
+
+    def _rpm_admit(self, model: str, rpm: int) -> float | None:
+        """Count the request in the model's sliding window; seconds until a slot frees if full."""
+        now_s = time.monotonic()
+        window = self._rpm_windows.setdefault(model, deque())
+        while window and window[0] <= now_s - RPM_WINDOW_S:
+            window.popleft()
+        if len(window) >= rpm:
+            return max(0.0, window[0] + RPM_WINDOW_S - now_s)
+        window.append(now_s)
+        return None
+
+    def _overloaded(self) -> web.Response:
+        self._overload_turn += 1
+        return _json(503, wire.unavailable(self._overload_turn - 1))
+
+    def _service_time(self, call: _Call) -> float:
+        if call.directives.latency_s is not None:
+            return call.directives.latency_s
+        mean_s = self.config.latency_s
+        dist = self.config.latency_dist
+        if mean_s <= 0 or dist == "const":
+            return mean_s
+        if dist == "exp":
+            return self._rng.expovariate(1.0 / mean_s)
+        if dist == "uniform":
+            return self._rng.uniform(0.5 * mean_s, 1.5 * mean_s)
+        mu = math.log(mean_s) - LOGNORMAL_SIGMA**2 / 2.0  # keeps the mean at mean_s
+        return self._rng.lognormvariate(mu, LOGNORMAL_SIGMA)
+
+    async def _sleep(self, delay_s: float) -> None:
+        """Sleep, unless the server shuts down first: then drop the connection."""
+        if delay_s <= 0:
+            return
+        try:
+            await asyncio.wait_for(self._closing.wait(), timeout=delay_s)
+        except TimeoutError:
+            return
+        raise _Abort
+
+    async def _answer(
+        self, call: _Call, request: web.Request, service_s: float, thinking: bool, finish: str | None
+    ) -> web.StreamResponse:
+        """Spend the service time (504 if it outlasts a flex X-Server-Timeout), then answer 200."""
+        deadline_s = call.server_timeout_s
+        if call.tier == FLEX and deadline_s is not None and service_s > deadline_s:
+            await self._sleep(deadline_s + SERVER_TIMEOUT_GRACE_S)
+            return _json(504, wire.deadline_exceeded())
+        await self._sleep(service_s)
+        answer = wire.plan_answer(call.req, thinking=thinking, finish_kind=finish)
+        resp_id = wire.response_id(self._id_rng)
+        self.stats.count_ok(call.tier)
+        if not call.stream:
+            return _json(200, wire.success_body(call.req, answer, call.model, resp_id, call.tier), call.tier)
+        chunks = wire.stream_chunks(call.req, answer, call.model, resp_id, call.tier)
+        return await self._stream(request, chunks, call.tier)
+
+    async def _stream(self, request: web.Request, chunks: list[dict[str, Any]], tier: str) -> web.StreamResponse:
+        response = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream", TIER_HEADER: tier})
+        await response.prepare(request)
+        try:
+            for chunk in chunks:
+                await response.write(b"data: " + json.dumps(chunk).encode() + b"\r\n\r\n")
+            await response.write_eof()
+        except ConnectionError:
+            pass  # the client went away mid-stream
+        return response

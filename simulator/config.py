@@ -1,0 +1,138 @@
+"""Configuration and counters of the Gemini simulator."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+LATENCY_DISTS: tuple[str, ...] = ("const", "exp", "uniform", "lognormal")
+PROFILES: tuple[str, ...] = ("flat", "peak", "offpeak", "wave")
+# (capacity multiplier, rate_503 multiplier) at the two ends of the load profile
+PEAK_MULTIPLIERS: tuple[float, float] = (0.5, 1.5)
+OFFPEAK_MULTIPLIERS: tuple[float, float] = (1.5, 0.3)
+SERVER_TIMEOUT_HISTORY = 20
+
+
+@dataclass
+class SimConfig:
+    """How the simulated Gemini endpoint behaves. Every field may be changed while it runs."""
+
+    latency_s: float = 0.05  # mean service time of a successful call
+    latency_dist: str = "const"  # "const" | "exp" | "uniform" ([0.5, 1.5] x mean) | "lognormal"
+    rate_503: float = 0.0  # probability a FLEX request is shed with 503
+    rate_429: float = 0.0  # probability any request gets 429 with RetryInfo
+    retry_delay_s: float = 1.0  # the RetryInfo retryDelay put on random 429s
+    rate_500: float = 0.0  # probability of a 500 INTERNAL
+    capacity: int | None = None  # at most N FLEX requests in service at once; extra ones get 503
+    rpm: int | None = None  # requests per minute per model (sliding 60 s window)
+    profile: str = "flat"  # "flat" | "peak" | "offpeak" | "wave"
+    profile_period_s: float = 60.0
+    seed: int | None = None
+    shed_latency_s: float = 0.0  # how long a 503 takes to come back
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError with a one-line reason if any field is out of range."""
+        for name in ("rate_503", "rate_429", "rate_500"):
+            rate = float(getattr(self, name))
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {rate}")
+        for name in ("latency_s", "retry_delay_s", "shed_latency_s"):
+            value = float(getattr(self, name))
+            if not math.isfinite(value) or value < 0.0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if not math.isfinite(self.profile_period_s) or self.profile_period_s <= 0.0:
+            raise ValueError(f"profile_period_s must be > 0, got {self.profile_period_s}")
+        if self.capacity is not None and self.capacity < 1:
+            raise ValueError(f"capacity must be >= 1 (or unset), got {self.capacity}")
+        if self.rpm is not None and self.rpm < 1:
+            raise ValueError(f"rpm must be >= 1 (or unset), got {self.rpm}")
+        if self.latency_dist not in LATENCY_DISTS:
+            choices = ", ".join(LATENCY_DISTS)
+            raise ValueError(f"latency_dist must be one of {choices}, got {self.latency_dist!r}")
+        if self.profile not in PROFILES:
+            raise ValueError(f"profile must be one of {', '.join(PROFILES)}, got {self.profile!r}")
+
+    def updated(self, changes: dict[str, Any]) -> SimConfig:
+        """A validated copy with `changes` applied; unknown field names raise ValueError."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
+        merged = asdict(self) | changes
+        return SimConfig(**merged)
+
+    def profile_multipliers(self, elapsed_s: float) -> tuple[float, float]:
+        """(capacity multiplier, rate_503 multiplier) of the load profile at `elapsed_s`."""
+        if self.profile == "peak":
+            return PEAK_MULTIPLIERS
+        if self.profile == "offpeak":
+            return OFFPEAK_MULTIPLIERS
+        if self.profile == "wave":
+            # starts off-peak, reaches peak at half a period, back off-peak after a full period
+            weight = (1.0 - math.cos(2.0 * math.pi * elapsed_s / self.profile_period_s)) / 2.0
+            cap = OFFPEAK_MULTIPLIERS[0] + (PEAK_MULTIPLIERS[0] - OFFPEAK_MULTIPLIERS[0]) * weight
+            shed = OFFPEAK_MULTIPLIERS[1] + (PEAK_MULTIPLIERS[1] - OFFPEAK_MULTIPLIERS[1]) * weight
+            return cap, shed
+        return 1.0, 1.0
+
+    def effective_capacity(self, elapsed_s: float) -> int | None:
+        if self.capacity is None:
+            return None
+        cap_mult, _ = self.profile_multipliers(elapsed_s)
+        return max(1, math.floor(self.capacity * cap_mult + 0.5))
+
+    def effective_rate_503(self, elapsed_s: float) -> float:
+        _, shed_mult = self.profile_multipliers(elapsed_s)
+        return min(1.0, self.rate_503 * shed_mult)
+
+
+@dataclass
+class SimStats:
+    """Counters served at GET /_sim/stats. API keys are only counted, never stored."""
+
+    requests: int = 0
+    by_status: dict[int, int] = field(default_factory=dict)
+    by_tier: dict[str, int] = field(default_factory=dict)
+    ok_by_tier: dict[str, int] = field(default_factory=dict)
+    in_flight_flex: int = 0
+    max_in_flight_flex: int = 0
+    api_keys_seen: int = 0
+    server_timeout_headers: list[str] = field(default_factory=list)
+    calls_by_directive_key: dict[str, int] = field(default_factory=dict)
+    connection_resets: int = 0
+
+    def count_status(self, status: int) -> None:
+        self.by_status[status] = self.by_status.get(status, 0) + 1
+
+    def count_tier(self, tier: str) -> None:
+        self.by_tier[tier] = self.by_tier.get(tier, 0) + 1
+
+    def count_ok(self, tier: str) -> None:
+        self.ok_by_tier[tier] = self.ok_by_tier.get(tier, 0) + 1
+
+    def record_server_timeout(self, value: str) -> None:
+        self.server_timeout_headers.append(value)
+        del self.server_timeout_headers[:-SERVER_TIMEOUT_HISTORY]
+
+    def flex_started(self) -> None:
+        self.in_flight_flex += 1
+        self.max_in_flight_flex = max(self.max_in_flight_flex, self.in_flight_flex)
+
+    def flex_finished(self) -> None:
+        self.in_flight_flex -= 1
+
+    def reset(self) -> None:
+        """Clear every counter but keep the live in-flight count (those requests are still running)."""
+        in_flight = self.in_flight_flex
+        fresh = SimStats(in_flight_flex=in_flight, max_in_flight_flex=in_flight)
+        for f in fields(self):
+            setattr(self, f.name, getattr(fresh, f.name))
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["by_status"] = {str(code): count for code, count in sorted(self.by_status.items())}
+        return data

@@ -1,0 +1,264 @@
+"""``flexq``: the admin CLI. Errors are one line on stderr and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from rich.console import Console
+
+from producer.errors import ConfigError, FlexqError, InvalidRequestError
+from producer.jsonl import parse_jsonl
+from producer.models import Status
+from producer.queue import FlexQueue
+from producer.settings import FlexqSettings
+from producer.store import jsonable
+from worker import render
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class UsageError(FlexqError):
+    """A command-line argument is wrong; exit code 2."""
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+async def _with_queue(settings: FlexqSettings, body: Callable[[FlexQueue], Awaitable[int]]) -> int:
+    queue = await FlexQueue.connect(settings)
+    try:
+        return await body(queue)
+    finally:
+        await queue.close()
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+async def cmd_enqueue(args: argparse.Namespace, settings: FlexqSettings) -> int:
+    if args.file:
+        if args.prompt or args.model:
+            raise UsageError("give either --file or --model/--prompt, not both")
+        text = Path(args.file).read_text(encoding="utf-8")
+        lines, errors = parse_jsonl(
+            text.splitlines(), max_bytes=settings.max_request_bytes,
+            deadline_s=args.deadline_s, fallback=args.fallback,
+        )
+        for error in errors:
+            print(f"flexq: {args.file}: {error}", file=sys.stderr)
+
+        async def many(queue: FlexQueue) -> int:
+            done = await queue.enqueue_many([line.spec for line in lines])
+            for item in done:
+                print(item.id if item.created else f"{item.id} (exists: {item.record.status})")
+            print(f"enqueued {sum(d.created for d in done)}, already there {sum(not d.created for d in done)}, "
+                  f"bad lines {len(errors)}", file=sys.stderr)
+            return EXIT_ERROR if errors else 0
+
+        return await _with_queue(settings, many)
+    if not args.model or not args.prompt:
+        raise UsageError("enqueue needs --model and --prompt (or --file F.jsonl)")
+    tags = dict(_kv(t) for t in args.tag or [])
+
+    async def one(queue: FlexQueue) -> int:
+        done = await queue.enqueue(
+            {"model": args.model, "prompt": args.prompt}, job_id=args.id, deadline_s=args.deadline_s,
+            fallback=args.fallback, tags=tags,
+        )
+        if done.created:
+            print(done.id)
+        else:
+            print(f"{done.id} (already enqueued, status {done.record.status}: not enqueued again)")
+        return 0
+
+    return await _with_queue(settings, one)
+
+
+def _kv(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise UsageError(f"--tag expects KEY=VALUE, got {text!r}")
+    return key, value
+
+
+async def cmd_status(args: argparse.Namespace, settings: FlexqSettings) -> int:
+    async def body(queue: FlexQueue) -> int:
+        record = await queue.get(args.id)
+        if args.json:
+            _print_json(jsonable(record))
+        else:
+            render.status(Console(), record)
+        return 0
+
+    return await _with_queue(settings, body)
+
+
+async def cmd_wait(args: argparse.Namespace, settings: FlexqSettings) -> int:
+    async def body(queue: FlexQueue) -> int:
+        record = await queue.wait(args.id, args.timeout_s)
+        _print_json(jsonable(record)) if args.json else render.status(Console(), record)
+        return 0 if record.status == Status.SUCCEEDED else EXIT_ERROR
+
+    return await _with_queue(settings, body)
+
+
+async def cmd_list(args: argparse.Namespace, settings: FlexqSettings) -> int:
+    async def body(queue: FlexQueue) -> int:
+        records = await queue.list(args.status, limit=args.limit)
+        _print_json(jsonable(records)) if args.json else render.job_list(Console(), records)
+        return 0
+
+    return await _with_queue(settings, body)
+
+
+async def cmd_retry(args: argparse.Namespace, settings: FlexqSettings) -> int:
+    async def body(queue: FlexQueue) -> int:
+        record = await queue.retry(args.id, deadline_s=args.deadline_s)
+        print(f"{record.id} requeued ({len(record.attempts)} earlier attempt(s) kept)")
+        return 0
+
+    return await _with_queue(settings, body)
+
+
+async def cmd_cancel(args: argparse.Namespace, settings: FlexqSettings) -> int:
+    async def body(queue: FlexQueue) -> int:
+        record = await queue.cancel(args.id)
+        if record.status == Status.CANCELLED:
+            print(f"{record.id} cancelled")
+        else:
+            print(f"{record.id} is running: abort requested; its worker will end it as cancelled")
+        return 0
+
+    return await _with_queue(settings, body)
+
+
+async def cmd_stats(args: argparse.Namespace, settings: FlexqSettings) -> int:
+    async def body(queue: FlexQueue) -> int:
+        doc = await queue.stats()
+        _print_json(doc) if args.json else render.stats(Console(), doc)
+        return 0
+
+    return await _with_queue(settings, body)
+
+
+def cmd_worker(args: argparse.Namespace, settings: FlexqSettings) -> int:
+    from worker.gemini import require_api_key
+    from worker.runtime import create_worker
+
+    require_api_key(settings)  # fail fast, before connecting anywhere
+    if args.concurrency is not None:
+        settings = settings.model_copy(update={"concurrency": args.concurrency})
+    from worker import logs
+
+    logs.configure(settings.log_format)
+    worker = create_worker(settings, burst=args.burst)
+    worker.run()
+    return 0
+
+
+def cmd_simulate(argv: Sequence[str]) -> int:
+    from simulator.cli import main as simulate_main
+
+    return simulate_main(list(argv))
+
+
+# -- parser --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flexq", description="Durable Gemini flex-tier job queue")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("enqueue", help="enqueue one job (--model/--prompt) or a JSONL file (--file)")
+    p.add_argument("--model")
+    p.add_argument("--prompt")
+    p.add_argument("--file", help="JSONL: one {id?, model, prompt|contents, config?, system_instruction?} a line")
+    p.add_argument("--id", help="job id (idempotency key): [A-Za-z0-9._:-]{1,128}")
+    p.add_argument("--deadline-s", type=float, default=None, help="give up after this long (default 24 h)")
+    p.add_argument("--fallback", choices=["none", "standard"], default="none")
+    p.add_argument("--tag", action="append", metavar="KEY=VALUE")
+
+    p = sub.add_parser("status", help="show one job and its attempts")
+    p.add_argument("id")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("wait", help="wait until a job ends; exit 0 if it succeeded")
+    p.add_argument("id")
+    p.add_argument("--timeout-s", type=float, default=900.0)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("list", help="list jobs, newest first")
+    p.add_argument("--status", choices=[s.value for s in Status])
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("retry", help="run a failed or cancelled job again (history kept)")
+    p.add_argument("id")
+    p.add_argument("--deadline-s", type=float, default=None)
+
+    p = sub.add_parser("cancel", help="cancel a queued, retrying or running job")
+    p.add_argument("id")
+
+    p = sub.add_parser("stats", help="jobs by status, attempts by outcome, 503/429 rates, latency, tokens, cost")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("worker", help="run an arq worker (also: arq worker.runtime.WorkerSettings)")
+    p.add_argument("--concurrency", type=int, default=None, help="jobs in flight (default FLEXQ_CONCURRENCY, 100)")
+    p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+
+    sub.add_parser("simulate", help="run the Gemini simulator (flexq simulate --help)", add_help=False)
+    return parser
+
+
+ASYNC_COMMANDS: dict[str, Callable[[argparse.Namespace, FlexqSettings], Awaitable[int]]] = {
+    "enqueue": cmd_enqueue, "status": cmd_status, "wait": cmd_wait, "list": cmd_list,
+    "retry": cmd_retry, "cancel": cmd_cancel, "stats": cmd_stats,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "simulate":
+        return cmd_simulate(argv[1:])
+    if argv and argv[0] in ("batch", "demo"):
+        from worker.batch_cli import main as batch_main
+
+        return batch_main(argv)
+    args = build_parser().parse_args(argv)
+    try:
+        settings = FlexqSettings()
+        if args.command == "worker":
+            return cmd_worker(args, settings)
+        return asyncio.run(ASYNC_COMMANDS[args.command](args, settings))
+    except UsageError as err:
+        print(f"flexq: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except (InvalidRequestError, ConfigError) as err:
+        print(f"flexq: {err}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(err, InvalidRequestError) else EXIT_ERROR
+    except FlexqError as err:
+        print(f"flexq: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    except ValidationError as err:
+        first = err.errors()[0]
+        print(f"flexq: bad configuration: {'.'.join(map(str, first['loc']))}: {first['msg']}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as err:
+        print(f"flexq: {err.strerror or err}: {getattr(err, 'filename', '') or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("flexq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Human output of the admin CLI: readable tables (rich). ``--json`` bypasses this module."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from producer.models import JobRecord
+
+
+def _t(moment: datetime | None) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
+
+
+def _short(text: str | None, width: int = 60) -> str:
+    if not text:
+        return ""
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def status(console: Console, record: JobRecord) -> None:
+    head = Table.grid(padding=(0, 2))
+    head.add_row("id", record.id)
+    head.add_row("status", f"[bold]{record.status}[/bold]")
+    head.add_row("model", record.request.model if record.request else "-")
+    head.add_row("created", _t(record.created_at))
+    head.add_row("updated", _t(record.updated_at))
+    head.add_row("deadline", _t(record.deadline_at))
+    head.add_row("fallback", record.fallback)
+    if record.tags:
+        head.add_row("tags", ", ".join(f"{k}={v}" for k, v in record.tags.items()))
+    if record.cost_usd is not None:
+        head.add_row("cost", f"${record.cost_usd:.6f} (standard would be ${record.standard_cost_usd or 0:.6f})")
+    if record.error:
+        head.add_row("error", f"{record.error.kind}: {record.error.message}")
+    if record.result:
+        head.add_row("finish", f"{record.result.finish_reason} on {record.result.tier}")
+        head.add_row("text", _short(record.result.text, 200))
+    console.print(head)
+    if not record.attempts:
+        return
+    table = Table(title="attempts", title_justify="left")
+    for col in ("#", "tier", "served", "started", "latency ms", "outcome", "http", "retry in s", "error"):
+        table.add_column(col)
+    for a in record.attempts:
+        table.add_row(
+            str(a.number), str(a.tier), a.served_tier or "-", _t(a.started_at),
+            "-" if a.latency_ms is None else str(a.latency_ms), str(a.outcome or "in flight"),
+            "-" if a.http_status is None else str(a.http_status),
+            "-" if a.retry_in_s is None else f"{a.retry_in_s:g}", _short(a.error, 50),
+        )
+    console.print(table)
+
+
+def job_list(console: Console, records: list[JobRecord]) -> None:
+    table = Table()
+    for col in ("id", "status", "model", "attempts", "updated", "detail"):
+        table.add_column(col)
+    for r in records:
+        detail = f"{r.error.kind}: {r.error.message}" if r.error else _short(r.result.text if r.result else "", 40)
+        table.add_row(
+            r.id, str(r.status), r.request.model if r.request else "-", str(len(r.attempts)),
+            _t(r.updated_at), _short(detail, 50),
+        )
+    console.print(table)
+    console.print(f"{len(records)} job(s)")
+
+
+def stats(console: Console, doc: dict[str, Any]) -> None:
+    jobs = Table(title="jobs by status", title_justify="left")
+    jobs.add_column("status")
+    jobs.add_column("jobs", justify="right")
+    for name, count in doc["jobs"].items():
+        jobs.add_row(name, str(count))
+    console.print(jobs)
+    attempts = Table(title=f"attempts by outcome ({doc['attempts']['total']} in all)", title_justify="left")
+    attempts.add_column("outcome")
+    attempts.add_column("attempts", justify="right")
+    for name, count in sorted(doc["attempts"]["by_outcome"].items()):
+        attempts.add_row(name, str(count))
+    console.print(attempts)
+    rates, lat = doc["rates"], doc["latency_ms"]
+    console.print(f"503 rate: {_pct(rates['overloaded_503'])}   429 rate: {_pct(rates['rate_limited_429'])}")
+    console.print(f"latency (ok attempts, last {lat['samples']}): p50 {_ms(lat['p50'])}  p95 {_ms(lat['p95'])}")
+    for tier, toks in sorted(doc["tokens"].items()):
+        console.print(f"tokens on {tier}: " + ", ".join(f"{k} {v}" for k, v in sorted(toks.items())))
+    cost = doc["cost"]
+    console.print(
+        f"cost: spent ${cost['spent_usd']:.6f}, standard would be ${cost['standard_equivalent_usd']:.6f}, "
+        f"saved ${cost['saved_usd']:.6f}"
+        + (f"; {cost['jobs_with_unknown_cost']} job(s) on models with no known price" if cost[
+            "jobs_with_unknown_cost"] else "")
+    )
+    for line in doc.get("flow", []):
+        console.print(line)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.1f}%"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} ms"

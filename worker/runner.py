@@ -1,0 +1,261 @@
+"""One run of one job: open an attempt, call Gemini, let the policy decide, record it.
+
+Free of arq: ``run`` returns how long to defer (or ``None`` when the job is done) and the arq
+task in ``worker.runtime`` turns that into ``Retry(defer=...)``. No sleep on the retry path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from producer import transitions
+from producer.errors import InvalidJobError, JobNotFoundError
+from producer.models import JobRecord, JobResult, Outcome, Status, Tier, utcnow
+from producer.pricing import cost_usd
+from producer.settings import FlexqSettings
+from producer.store import JobStore
+from worker import policy
+from worker.gemini import Answer
+from worker.logs import get_logger, redact
+
+log = get_logger("flexq.worker")
+#: Shortest per-attempt timeout, even when the deadline is closer.
+MIN_ATTEMPT_TIMEOUT_S = 1.0
+
+
+class Generator(Protocol):
+    async def generate(self, request: Any, *, tier: Tier, timeout_s: float) -> Answer: ...
+
+
+@dataclass
+class Runner:
+    store: JobStore
+    gemini: Generator
+    settings: FlexqSettings
+    worker_name: str
+    rand: Callable[[], float] = field(default=random.random)
+    #: Job ids whose arq in-progress key this process keeps alive (see worker.lease).
+    leases: set[str] = field(default_factory=set)
+
+    async def run(self, job_id: str) -> float | None:
+        """Run one attempt of ``job_id``. Returns the deferral in seconds, or None when done."""
+        try:
+            record, opened = await self._begin(job_id)
+        except JobNotFoundError:
+            log.warning("job_missing", job_id=job_id, detail="no record (expired or never enqueued)")
+            return None
+        except InvalidJobError as err:
+            log.error("job_invalid", job_id=job_id, reason=err.reason)
+            await self.store.quarantine(job_id, err.reason)
+            return None
+        if not opened:
+            return None
+        attempt = record.attempts[-1]
+        self.leases.add(job_id)
+        try:
+            return await self._attempt(record, attempt.number, attempt.tier)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._interrupted(job_id, attempt.number))
+            raise
+        finally:
+            self.leases.discard(job_id)
+
+    # -- begin ----------------------------------------------------------------------------------
+
+    async def _begin(self, job_id: str) -> tuple[JobRecord, bool]:
+        now = utcnow()
+
+        def mutate(record: JobRecord) -> JobRecord | None:
+            if record.request is None or record.terminal:
+                return None  # quarantined, or already finished / cancelled: nothing to run
+            if record.open_attempt is not None:  # its worker died or lost its lease
+                record = transitions.interrupt_open_attempt(record, now=now, reason="worker died or lost its lease")
+            if record.cancel_requested:
+                return transitions.cancel(record, now=now)
+            if record.interrupts >= self.settings.max_interrupts:
+                return transitions.fail(
+                    record, kind="interrupted", now=now,
+                    message=f"the job's worker died {record.interrupts} times mid-attempt (FLEXQ_MAX_INTERRUPTS)",
+                )
+            if now >= record.deadline_at:
+                return transitions.fail(record, kind="deadline_exceeded", now=now, message="deadline passed")
+            return transitions.begin_attempt(record, tier=record.next_tier, worker=self.worker_name, now=now)
+
+        def on_commit(pipe: Any, old: JobRecord, new: JobRecord) -> None:
+            if old.open_attempt is not None:
+                interrupted = transitions.interrupt_open_attempt(old, now=now, reason="")
+                self.store.count_attempt(pipe, interrupted)
+            if new.status == Status.RUNNING:  # hold a short lease, not arq's job-timeout-long one
+                pipe.pexpire(self.store.keys.arq_in_progress(job_id), int(self.settings.lease_s * 1000))
+
+        record, changed = await self.store.update(job_id, mutate, on_commit=on_commit)
+        if changed and record.terminal:
+            self._log_terminal(record)
+        return record, changed and record.status == Status.RUNNING
+
+    # -- attempt --------------------------------------------------------------------------------
+
+    async def _attempt(self, record: JobRecord, number: int, tier: Tier) -> float | None:
+        assert record.request is not None
+        left_s = record.deadline_at.timestamp() - time.time()
+        timeout_s = max(MIN_ATTEMPT_TIMEOUT_S, min(self.settings.request_timeout_s, left_s))
+        answer: Answer | None = None
+        try:
+            answer = await self.gemini.generate(record.request, tier=tier, timeout_s=timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # every failure is classified; none escapes to arq
+            classified = policy.classify_exception(exc)
+        else:
+            classified = policy.classify_response(
+                has_candidates=answer.has_candidates,
+                finish_reason=answer.finish_reason,
+                block_reason=answer.block_reason,
+            )
+        if classified.message:
+            classified = policy.Classified(
+                classified.outcome, classified.http_status, redact(classified.message)[:1000],
+                classified.retry_after_s, classified.quota, classified.quota_id,
+            )
+        return await self._finish(record.id, number, tier, classified, answer)
+
+    def _budget(self, record: JobRecord, tier: Tier, now_s: float) -> policy.RetryBudget:
+        on_tier = [a for a in record.attempts if a.tier == tier and a.outcome in policy.RETRYABLE]
+        flex = [a for a in record.attempts if a.tier == Tier.FLEX and a.outcome != Outcome.INTERRUPTED]
+        return policy.RetryBudget(
+            now_s=now_s,
+            deadline_s=record.deadline_at.timestamp(),
+            fallback=record.fallback,
+            tier=tier,
+            tier_failures=len(on_tier),
+            flex_attempts=len(flex),
+            max_flex_attempts=self.settings.max_flex_attempts,
+            base_s=self.settings.retry_base_s,
+            cap_s=self.settings.retry_max_s,
+        )
+
+    async def _finish(
+        self, job_id: str, number: int, tier: Tier, classified: policy.Classified, answer: Answer | None
+    ) -> float | None:
+        now = utcnow()
+        decision_box: list[policy.Decision] = []
+        usage = answer.usage if answer is not None else None
+
+        def mutate(record: JobRecord) -> JobRecord | None:
+            decision_box.clear()
+            current = record.open_attempt
+            if current is None or current.number != number:
+                return None  # lease lost: another worker took the job over; its attempt wins
+            closed = transitions.close_attempt(
+                record, number=number, now=now, outcome=classified.outcome,
+                http_status=classified.http_status, error=classified.message,
+                served_tier=answer.served_tier if answer else None, usage=usage,
+            )
+            decision = policy.decide(classified, self._budget(closed, tier, now.timestamp()), self.rand)
+            decision_box.append(decision)
+            if decision.action == policy.Action.SUCCEED and answer is not None:
+                assert closed.request is not None
+                result = JobResult(
+                    text=answer.text, finish_reason=answer.finish_reason, usage=answer.usage,
+                    model_version=answer.model_version, tier=answer.served_tier or str(tier),
+                )
+                return transitions.succeed(
+                    closed, result=result, now=now,
+                    cost_usd=cost_usd(closed.request.model, answer.usage, tier),
+                    standard_cost_usd=cost_usd(closed.request.model, answer.usage, Tier.STANDARD),
+                )
+            if decision.action == policy.Action.RETRY:
+                closed.attempts[-1].retry_in_s = decision.delay_s
+                return transitions.schedule_retry(closed, next_tier=decision.tier, now=now)
+            return transitions.fail(
+                closed, kind=decision.error_kind or "failed", message=decision.reason, now=now,
+                http_status=classified.http_status,
+            )
+
+        def on_commit(pipe: Any, old: JobRecord, new: JobRecord) -> None:
+            self.store.count_attempt(pipe, new)
+            if new.status == Status.SUCCEEDED and new.request is not None and usage is not None:
+                self.store.count_cost(
+                    pipe, str(tier), cost_usd(new.request.model, usage, tier),
+                    cost_usd(new.request.model, usage, Tier.STANDARD),
+                )
+
+        record, changed = await self.store.update(job_id, mutate, on_commit=on_commit)
+        if not changed:
+            log.warning("lease_lost", job_id=job_id, attempt=number, detail="result discarded; newer attempt owns job")
+            return None
+        decision = decision_box[0]
+        self._log_attempt(record, classified, decision)
+        if record.terminal:
+            self._log_terminal(record)
+        return decision.delay_s if decision.action == policy.Action.RETRY else None
+
+    # -- interruption ---------------------------------------------------------------------------
+
+    async def _interrupted(self, job_id: str, number: int) -> None:
+        """The task was cancelled: a ``flexq cancel`` (abort) or a worker shutdown."""
+        now = utcnow()
+
+        def mutate(record: JobRecord) -> JobRecord | None:
+            current = record.open_attempt
+            if current is None or current.number != number:
+                return None
+            if record.cancel_requested:
+                return transitions.cancel(record, now=now)
+            return transitions.interrupt_open_attempt(record, now=now, reason="worker shut down mid-attempt")
+
+        def on_commit(pipe: Any, old: JobRecord, new: JobRecord) -> None:
+            self.store.count_attempt(pipe, new)
+
+        try:
+            record, changed = await self.store.update(job_id, mutate, on_commit=on_commit)
+        except Exception as err:  # the reconciler repairs what this could not write
+            log.error("interrupt_not_recorded", job_id=job_id, error=f"{type(err).__name__}: {err}")
+            return
+        if changed:
+            log.info("attempt", job_id=job_id, attempt=number, outcome=str(Outcome.INTERRUPTED),
+                     status=str(record.status))
+
+    # -- logging --------------------------------------------------------------------------------
+
+    def _log_attempt(self, record: JobRecord, classified: policy.Classified, decision: policy.Decision) -> None:
+        attempt = record.attempts[-1]
+        usage = attempt.usage
+        assert record.request is not None
+        log.info(
+            "attempt",
+            job_id=record.id,
+            attempt=attempt.number,
+            tier=str(attempt.tier),
+            served_tier=attempt.served_tier,
+            model=record.request.model,
+            outcome=str(classified.outcome),
+            http_status=classified.http_status,
+            latency_ms=attempt.latency_ms,
+            retry_in_s=attempt.retry_in_s,
+            next_tier=str(decision.tier) if decision.action == policy.Action.RETRY else None,
+            quota=str(classified.quota) if classified.quota else None,
+            prompt_tokens=usage.prompt_tokens if usage else None,
+            output_tokens=usage.output_tokens if usage else None,
+            thoughts_tokens=usage.thoughts_tokens if usage else None,
+            error=attempt.error,
+        )
+
+    def _log_terminal(self, record: JobRecord) -> None:
+        log.info(
+            "job_" + str(record.status),
+            job_id=record.id,
+            attempts=len(record.attempts),
+            error_kind=record.error.kind if record.error else None,
+            cost_usd=record.cost_usd,
+        )
+
+
+def seconds_since(moment: datetime) -> float:
+    return (utcnow() - moment).total_seconds()

@@ -1,0 +1,146 @@
+"""The thin interface to arq (0.28, maintenance-only: arq#510). Nothing else imports arq.
+
+Every arq default that does not fit minutes-long flex calls is chosen here on purpose:
+- serializer: JSON (``producer.serializer``), never pickle;
+- ``max_tries``: effectively unbounded, because the retry budget is the job's deadline and
+  deferrals for shed load are not failures (arq counts every ``Retry`` and every crash);
+- ``job_timeout``: the request timeout plus a minute, so the SDK's own timeout fires first;
+- ``keep_result``: 0, results live in flexq's job record (and arq #432 cannot block a retry);
+- ``allow_abort_jobs``: on, so ``flexq cancel`` aborts a running call;
+- in-progress key: a short lease renewed by ``worker.lease`` instead of the job timeout.
+
+Run with ``flexq worker`` or ``arq worker.runtime.WorkerSettings``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from typing import Any
+
+from arq.connections import RedisSettings
+from arq.worker import Retry, Worker, func
+
+from producer.keys import ARQ_FUNCTION, Keys
+from producer.queue import connect_redis
+from producer.serializer import deserialize, serialize
+from producer.settings import FlexqSettings
+from producer.store import JobStore
+from worker import logs
+from worker.gemini import GeminiClient
+from worker.lease import LeaseKeeper
+from worker.runner import Runner
+
+#: arq counts each Retry as a try; the deadline bounds retries, so this only stops runaway loops.
+UNBOUNDED_TRIES = 1_000_000_000
+POLL_DELAY_S = 0.2
+
+
+async def run_generation(ctx: dict[str, Any], job_id: str, *_: Any, **__: Any) -> dict[str, Any] | None:
+    """The arq task: one attempt of one flexq job. Deferral is ``Retry``, never a sleep."""
+    runner: Runner = ctx["flexq_runner"]
+    if not isinstance(job_id, str):
+        logs.get_logger("flexq.worker").error("job_invalid", detail="arq job argument is not a job id")
+        return None
+    defer_s = await runner.run(job_id)
+    if defer_s is not None:
+        raise Retry(defer=defer_s)
+    return None
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    settings: FlexqSettings = ctx.get("flexq_settings") or FlexqSettings()
+    logs.configure(settings.log_format)
+    logs.register_secret(settings.gemini_api_key.get_secret_value() if settings.gemini_api_key else None)
+    logs.register_secret(_redis_password(settings))
+    redis = await connect_redis(settings)
+    store = JobStore(redis, queue=settings.queue, retention_s=settings.retention_s)
+    name = worker_name()
+    gemini = ctx.get("flexq_gemini_factory", GeminiClient)(settings)
+    runner = Runner(store=store, gemini=gemini, settings=settings, worker_name=name)
+    keeper = LeaseKeeper(store, runner.leases, lease_s=settings.lease_s, worker_name=name)
+    keeper.start()
+    ctx.update(flexq_runner=runner, flexq_keeper=keeper, flexq_redis=redis, flexq_gemini=gemini)
+    logs.get_logger("flexq.worker").info(
+        "worker_started", worker=name, queue=settings.queue, redis=settings.redis_url_redacted,
+        base_url=settings.gemini_base_url, lease_s=settings.lease_s,
+    )
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    keeper: LeaseKeeper | None = ctx.get("flexq_keeper")
+    if keeper is not None:
+        await keeper.stop()
+    gemini = ctx.get("flexq_gemini")
+    if gemini is not None:
+        await gemini.aclose()
+    redis = ctx.get("flexq_redis")
+    if redis is not None:
+        await redis.aclose()
+
+
+def _redis_password(settings: FlexqSettings) -> str | None:
+    from urllib.parse import urlsplit
+
+    return urlsplit(settings.redis_url.get_secret_value()).password
+
+
+def worker_kwargs(settings: FlexqSettings, *, concurrency: int | None = None, burst: bool = False) -> dict[str, Any]:
+    """Keyword arguments for ``arq.worker.Worker``: every default chosen deliberately."""
+    job_timeout_s = settings.job_timeout_s
+    return {
+        "functions": [func(run_generation, name=ARQ_FUNCTION, max_tries=UNBOUNDED_TRIES, timeout=job_timeout_s)],
+        "queue_name": Keys(settings.queue).arq_queue,
+        "redis_settings": RedisSettings.from_dsn(settings.redis_url.get_secret_value()),
+        "job_serializer": serialize,
+        "job_deserializer": deserialize,
+        "max_jobs": concurrency or settings.concurrency,
+        "job_timeout": job_timeout_s,
+        "max_tries": UNBOUNDED_TRIES,
+        "keep_result": 0,
+        "allow_abort_jobs": True,
+        "on_startup": startup,
+        "on_shutdown": shutdown,
+        "poll_delay": POLL_DELAY_S,
+        "health_check_interval": 30,
+        "burst": burst,
+        "log_results": False,
+    }
+
+
+def create_worker(
+    settings: FlexqSettings | None = None, *, concurrency: int | None = None, burst: bool = False, **extra: Any
+) -> Worker:
+    settings = settings or FlexqSettings()
+    ctx = {"flexq_settings": settings, **extra.pop("ctx", {})}
+    worker = Worker(**{**worker_kwargs(settings, concurrency=concurrency, burst=burst), "ctx": ctx, **extra})
+    # Short in-progress TTL from the first moment: a worker killed before the job's first lease
+    # renewal is still recovered within the lease, not after the job timeout.
+    worker.in_progress_timeout_s = settings.lease_s
+    return worker
+
+
+class WorkerSettings:
+    """For the plain arq CLI: ``arq worker.runtime.WorkerSettings`` (reads the same environment)."""
+
+    _kw = worker_kwargs(FlexqSettings())
+    functions = _kw["functions"]
+    queue_name = _kw["queue_name"]
+    redis_settings = _kw["redis_settings"]
+    job_serializer = staticmethod(serialize)
+    job_deserializer = staticmethod(deserialize)
+    max_jobs = _kw["max_jobs"]
+    job_timeout = _kw["job_timeout"]
+    max_tries = UNBOUNDED_TRIES
+    keep_result = 0
+    allow_abort_jobs = True
+    on_startup = staticmethod(startup)
+    on_shutdown = staticmethod(shutdown)
+    poll_delay = POLL_DELAY_S
+    health_check_interval = 30
+    log_results = False
