@@ -1,0 +1,146 @@
+"""Shared fixtures: fakeredis for unit tests, a real Redis for integration, the simulator.
+
+Real Redis: ``REDIS_URL`` if set, else 127.0.0.1:6379 (database 15, flushed per test). When none
+answers, those tests skip loudly, unless ``FLEXQ_REQUIRE_REDIS=1`` (set by .ci/run) turns the
+skip into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import fakeredis
+import pytest
+import redis as sync_redis
+from redis.asyncio import Redis
+
+from producer.queue import FlexQueue
+from producer.settings import FlexqSettings
+from simulator import SimConfig, start_simulator
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_DB = 15
+API_KEY = "test-api-key-DO-NOT-LEAK-7f3a9c"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
+
+
+def _real_redis_url() -> str:
+    base = os.environ.get("FLEXQ_TEST_REDIS_URL") or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379"
+    base = base.rstrip("/")
+    head, _, tail = base.rpartition("/")
+    if tail.isdigit() and head.count("/") >= 2:
+        base = head
+    return f"{base}/{TEST_DB}"
+
+
+def _redis_answers(url: str) -> bool:
+    try:
+        client = sync_redis.Redis.from_url(url, socket_connect_timeout=1)
+        client.ping()
+        client.close()
+        return True
+    except (sync_redis.RedisError, OSError):
+        return False
+
+
+def require_or_skip(reason: str) -> None:
+    if os.environ.get("FLEXQ_REQUIRE_REDIS") == "1":
+        pytest.fail(f"FLEXQ_REQUIRE_REDIS=1 but {reason}")
+    pytest.skip(f"NO REAL REDIS — {reason}; set REDIS_URL or start redis-server on 127.0.0.1:6379")
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A flushed database on a real Redis server."""
+    url = _real_redis_url()
+    if not _redis_answers(url):
+        require_or_skip(f"no Redis answers at {url}")
+    client = sync_redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[str]:
+    """A private redis-server on a free port in a temp dir (for kills and restarts)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        require_or_skip("redis-server is not installed")
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        proc = subprocess.Popen(  # noqa: S603 - fixed binary, our arguments
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        url = f"redis://127.0.0.1:{port}/0"
+        deadline = time.monotonic() + 10
+        while not _redis_answers(url):
+            if time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("private redis-server did not start within 10 s")
+            time.sleep(0.05)
+        try:
+            yield url
+        finally:
+            proc.kill()
+            proc.wait(5)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+async def fake_redis() -> AsyncIterator[Redis]:
+    server = fakeredis.FakeServer()
+    client = fakeredis.FakeAsyncRedis(server=server)
+    yield client
+    await client.aclose()
+
+
+def make_settings(**overrides: object) -> FlexqSettings:
+    base: dict[str, object] = {
+        "redis_url": "redis://127.0.0.1:6379/15",
+        "gemini_api_key": API_KEY,
+        "queue": "flexq-test",
+        "retry_base_s": 0.2,
+        "retry_max_s": 1.0,
+    }
+    base.update(overrides)
+    return FlexqSettings(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def fake_queue(fake_redis: Redis) -> AsyncIterator[FlexQueue]:
+    queue = await FlexQueue.connect(make_settings(), redis=fake_redis)
+    yield queue
+
+
+@pytest.fixture
+async def real_queue(redis_url: str) -> AsyncIterator[FlexQueue]:
+    queue = await FlexQueue.connect(make_settings(redis_url=redis_url))
+    yield queue
+    await queue.close()
+
+
+@pytest.fixture
+async def sim_url() -> AsyncIterator[str]:
+    """An in-process simulator with no random faults (directives in prompts still apply)."""
+    running = await start_simulator(SimConfig(latency_s=0.01, seed=7))
+    yield running.base_url
+    await running.close()
