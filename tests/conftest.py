@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 
 from producer.queue import FlexQueue
 from producer.settings import FlexqSettings
-from simulator import SimConfig, start_simulator
+from simulator import RunningSimulator, SimConfig, start_simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_DB = 15
@@ -139,8 +139,13 @@ async def real_queue(redis_url: str) -> AsyncIterator[FlexQueue]:
 
 
 @pytest.fixture
-async def sim_url() -> AsyncIterator[str]:
+async def sim() -> AsyncIterator[RunningSimulator]:
     """An in-process simulator with no random faults (directives in prompts still apply)."""
     running = await start_simulator(SimConfig(latency_s=0.01, seed=7))
-    yield running.base_url
+    yield running
     await running.close()
+
+
+@pytest.fixture
+def sim_url(sim: RunningSimulator) -> str:
+    return sim.base_url

@@ -42,6 +42,8 @@ BLOCKING_FINISH_REASONS = frozenset(
 )
 #: ``retryDelay`` is truncated to whole seconds by the API: wait this much more.
 RETRY_INFO_MARGIN_S = 1.0
+#: A retry must be due this long before the deadline: pick-up latency, so it still runs in time.
+DEADLINE_MARGIN_S = 1.0
 #: A per-day quota does not clear for hours; do not knock every few seconds.
 DAILY_QUOTA_MIN_DELAY_S = 3600.0
 _CONNECTION_ERROR_NAMES = frozenset(
@@ -232,6 +234,7 @@ class RetryBudget:
     max_flex_attempts: int | None
     base_s: float
     cap_s: float
+    margin_s: float = DEADLINE_MARGIN_S
 
 
 def decide(classified: Classified, budget: RetryBudget, rand: Callable[[], float]) -> Decision:
@@ -252,7 +255,7 @@ def decide(classified: Classified, budget: RetryBudget, rand: Callable[[], float
     delay_s = next_delay_s(
         classified, max(1, budget.tier_failures), base_s=budget.base_s, cap_s=budget.cap_s, rand=rand
     )
-    if budget.now_s + delay_s < budget.deadline_s:
+    if budget.now_s + delay_s + budget.margin_s < budget.deadline_s:
         return Decision(Action.RETRY, delay_s, budget.tier, reason=f"{outcome}: retry in {delay_s:g}s")
     if can_escalate:
         return Decision(
