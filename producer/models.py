@@ -5,7 +5,6 @@ Field names here are stable and documented in the README; workers, the CLI and s
 
 from __future__ import annotations
 
-import json
 import re
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -16,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from producer.errors import InvalidRequestError
 
-JOB_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-MODEL_RE = re.compile(r"^[A-Za-z0-9._/-]{1,200}$")
+JOB_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+MODEL_RE = re.compile(r"(?:models/|tunedModels/)?[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 #: Config fields the queue owns: a request may not set them.
 QUEUE_OWNED_CONFIG_FIELDS = {
     "service_tier": "the queue chooses the tier (flex, or standard on fallback)",
@@ -78,7 +77,7 @@ class GenerateRequest(BaseModel):
     @field_validator("model")
     @classmethod
     def _model_name(cls, value: str) -> str:
-        if not MODEL_RE.match(value):
+        if not MODEL_RE.fullmatch(value):
             raise ValueError("must be a model name such as 'gemini-2.5-flash'")
         return value
 
@@ -169,7 +168,7 @@ def parse_request(data: Any, *, max_bytes: int) -> GenerateRequest:
             if first["type"] == "missing":
                 message = "is required"
             raise InvalidRequestError(f"{field}: {message}" if field else message, field=field) from None
-    size = len(json.dumps(request.model_dump(exclude_none=True), separators=(",", ":")).encode())
+    size = len(request.model_dump_json(exclude_none=True).encode())
     if size > max_bytes:
         raise InvalidRequestError(
             f"request: {size} bytes is over the {max_bytes}-byte limit (FLEXQ_MAX_REQUEST_BYTES)",
@@ -179,7 +178,7 @@ def parse_request(data: Any, *, max_bytes: int) -> GenerateRequest:
 
 
 def check_job_id(job_id: str) -> str:
-    if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
+    if not isinstance(job_id, str) or not JOB_ID_RE.fullmatch(job_id):
         raise InvalidRequestError(
             "job_id: must be 1-128 characters of letters, digits, '.', '_', ':' or '-'", field="job_id"
         )

@@ -35,6 +35,9 @@ from producer.settings import FlexqSettings
 from producer.stats import summarize
 from producer.store import JobStore
 
+#: Longest deadline a job may have (30 days): past that, a record would outlive any sane retention.
+MAX_DEADLINE_S = 30 * 24 * 3600.0
+
 
 @dataclass(frozen=True)
 class JobSpec:
@@ -106,8 +109,10 @@ class FlexQueue:
         request = parse_request(spec.request, max_bytes=self.settings.max_request_bytes)
         job_id = check_job_id(spec.job_id) if spec.job_id is not None else uuid.uuid4().hex
         deadline_s = self.settings.default_deadline_s if spec.deadline_s is None else spec.deadline_s
-        if not deadline_s > 0:
-            raise InvalidRequestError("deadline_s: must be a positive number of seconds", field="deadline_s")
+        if not (isinstance(deadline_s, int | float) and 0 < deadline_s <= MAX_DEADLINE_S):
+            raise InvalidRequestError(
+                f"deadline_s: must be a number of seconds in (0, {MAX_DEADLINE_S:g}]", field="deadline_s"
+            )
         if spec.fallback not in ("none", "standard"):
             raise InvalidRequestError("fallback: must be 'none' or 'standard'", field="fallback")
         tags = {str(k): str(v) for k, v in spec.tags.items()}

@@ -7,7 +7,7 @@ that a repr, a log line or an exception never shows them.
 from __future__ import annotations
 
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,7 +18,9 @@ DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 class FlexqSettings(BaseSettings):
     """Configuration of producers, workers and the admin CLI, read from the environment."""
 
-    model_config = SettingsConfigDict(env_prefix="", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(
+        env_prefix="", extra="ignore", populate_by_name=True, hide_input_in_errors=True, env_ignore_empty=True
+    )
 
     redis_url: SecretStr = Field(
         default=SecretStr(DEFAULT_REDIS_URL), validation_alias=AliasChoices("REDIS_URL", "redis_url")
@@ -88,11 +90,17 @@ class FlexqSettings(BaseSettings):
 
 
 def redact_url(url: str) -> str:
-    """Replace the password (and user) in a URL with ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None and parts.username is None:
+    """Replace the user and password (in the authority or a ``password=`` query) with ``***``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
         return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+    base, qmark, query = rest.partition("?")
+    authority, slash, path = base.partition("/")
+    if "@" in authority:
+        authority = "***@" + authority.rpartition("@")[2]
+    if query:
+        query = "&".join(
+            f"{key}=***" if key.lower() in {"password", "username", "user"} else f"{key}{eq}{value}"
+            for key, eq, value in (item.partition("=") for item in query.split("&"))
+        )
+    return f"{scheme}://{authority}{slash}{path}{qmark}{query}"

@@ -8,6 +8,7 @@ JSON) so that enqueue is one atomic script and ``flexq retry`` can reuse an id (
 
 from __future__ import annotations
 
+import builtins
 import json
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
@@ -151,9 +152,9 @@ class JobStore:
                     old = self._parse(job_id, raw)
                     new = mutate(old)
                     if new is None:
-                        await pipe.reset()
+                        await pipe.reset()  # type: ignore[no-untyped-call]
                         return old, False
-                    pipe.multi()
+                    pipe.multi()  # type: ignore[no-untyped-call]
                     self._write(pipe, old, new)
                     if on_commit is not None:
                         on_commit(pipe, old, new)
@@ -281,11 +282,12 @@ class JobStore:
         return {str(status): int(size) for status, size in zip(Status, sizes, strict=True)}
 
     async def counters(self) -> dict[str, float]:
-        raw = await self.redis.hgetall(self.keys.stats)
+        raw: dict[bytes, bytes] = await self.redis.hgetall(self.keys.stats)  # type: ignore[misc]
         return {k.decode(): float(v) for k, v in raw.items()}
 
-    async def latencies_ms(self) -> list[int]:
-        return [int(v) for v in await self.redis.lrange(self.keys.latencies, 0, -1)]
+    async def latencies_ms(self) -> builtins.list[int]:
+        values: builtins.list[bytes] = await self.redis.lrange(self.keys.latencies, 0, -1)  # type: ignore[misc]
+        return [int(v) for v in values]
 
 
 def _short(err: Exception) -> str:

@@ -80,7 +80,7 @@ def own_redis() -> Iterator[str]:
         require_or_skip("redis-server is not installed")
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
-        proc = subprocess.Popen(  # noqa: S603 - fixed binary, our arguments
+        proc = subprocess.Popen(
             [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -126,9 +126,8 @@ def make_settings(**overrides: object) -> FlexqSettings:
 
 
 @pytest.fixture
-async def fake_queue(fake_redis: Redis) -> AsyncIterator[FlexQueue]:
-    queue = await FlexQueue.connect(make_settings(), redis=fake_redis)
-    yield queue
+async def fake_queue(fake_redis: Redis) -> FlexQueue:
+    return await FlexQueue.connect(make_settings(), redis=fake_redis)
 
 
 @pytest.fixture

@@ -43,7 +43,7 @@ class WorkerProc:
     def __init__(self, env: dict[str, str], log_path: Path, *args: str) -> None:
         self.log_path = log_path
         self._log = log_path.open("ab")
-        self.proc = subprocess.Popen(  # noqa: S603 - our own CLI
+        self.proc = subprocess.Popen(
             [sys.executable, "-m", "worker.cli", "worker", *args],
             env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
         )

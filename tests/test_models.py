@@ -117,11 +117,6 @@ def test_request_is_frozen() -> None:
         pytest.param({"model": "x" * 201, "prompt": "Hi"}, "model", "model name", id="model-too-long"),
         pytest.param(
             {"model": "gemini-2.5-flash\n", "prompt": "Hi"}, "model", "model name", id="model-trailing-newline",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: producer/models.py MODEL_RE.match uses `$`, which also matches before a trailing "
-                "newline; use MODEL_RE.fullmatch (or \\Z)",
-            ),
         ),
         pytest.param({"model": MODEL, "contents": []}, "contents", "at least one Content", id="contents-empty"),
         pytest.param({"model": MODEL, "contents": "Hi"}, "contents", "valid list", id="contents-not-list"),
@@ -229,12 +224,6 @@ def test_parse_request_size_limit_applies_to_a_model_instance_too() -> None:
         parse_request(GenerateRequest(model=MODEL, prompt="x" * 200), max_bytes=100)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: producer/models.py parse_request sizes json.dumps(...) with ensure_ascii=True, so each "
-    "non-ASCII character counts 6-12 bytes (\\uXXXX escapes) instead of its 2-4 UTF-8 bytes; "
-    "use ensure_ascii=False (or request.model_dump_json(exclude_none=True))",
-)
 def test_parse_request_size_counts_utf8_bytes() -> None:
     prompt = "é" * 30  # 60 UTF-8 bytes; as \u00e9 escapes 180
     utf8_size = len(json.dumps({"model": MODEL, "prompt": prompt}, ensure_ascii=False, separators=(",", ":")).encode())
@@ -294,11 +283,6 @@ def test_check_job_id_ok(job_id: str) -> None:
         pytest.param("\nabc", id="leading-newline"),
         pytest.param(
             "abc\n", id="trailing-newline",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: producer/models.py check_job_id uses JOB_ID_RE.match with `$`, which matches before "
-                "a trailing newline, so 'abc\\n' becomes a Redis key; use JOB_ID_RE.fullmatch (or \\Z)",
-            ),
         ),
         pytest.param(None, id="none"),
         pytest.param(123, id="int"),

@@ -239,13 +239,6 @@ async def test_enqueue_many_invalid_spec_enqueues_nothing(
         pytest.param(1e300, id="huge"),
     ],
 )
-@pytest.mark.xfail(
-    strict=True,
-    raises=OverflowError,
-    reason="BUG: producer/queue.py FlexQueue._prepare only checks deadline_s > 0; an infinite or huge "
-    "deadline overflows `now + timedelta(seconds=...)` and escapes as OverflowError instead of "
-    "InvalidRequestError (bound it, e.g. <= some max days, and check math.isfinite)",
-)
 async def test_enqueue_overflowing_deadline_is_an_invalid_request(
     fake_queue: FlexQueue, fake_redis: Redis, deadline_s: float
 ) -> None:

@@ -129,9 +129,12 @@ def parse_rate_limit(body: Any) -> tuple[float | None, QuotaKind, str | None]:
         if kind.endswith("google.rpc.RetryInfo"):
             retry_after_s = parse_duration_s(detail.get("retryDelay"))
         elif kind.endswith("google.rpc.QuotaFailure"):
-            for violation in detail.get("violations") or []:
+            violations = detail.get("violations")
+            for violation in violations if isinstance(violations, list) else []:
                 if isinstance(violation, Mapping) and violation.get("quotaId"):
-                    quota_id = str(violation["quotaId"])
+                    this_id = str(violation["quotaId"])
+                    if quota_id is None or "PerDay" in this_id:  # a daily quota decides the wait
+                        quota_id = this_id
     if not details:
         return None, QuotaKind.BILLING, None
     if quota_id is not None and "PerDay" in quota_id:
@@ -216,10 +219,6 @@ class Decision:
     error_kind: str | None = None
     reason: str = ""
 
-    @property
-    def escalated(self) -> bool:
-        return self.action == Action.RETRY and self.tier == Tier.STANDARD
-
 
 @dataclass(frozen=True)
 class RetryBudget:
@@ -245,7 +244,12 @@ def decide(classified: Classified, budget: RetryBudget, rand: Callable[[], float
     if outcome in PERMANENT:
         kind = "blocked" if outcome == Outcome.BLOCKED else "client_error"
         return Decision(Action.FAIL, tier=budget.tier, error_kind=kind, reason=classified.message or str(outcome))
-    can_escalate = budget.tier == Tier.FLEX and budget.fallback == "standard"
+    # The standard tier shares the project's daily quota and billing: escalating cannot help those.
+    can_escalate = (
+        budget.tier == Tier.FLEX
+        and budget.fallback == "standard"
+        and classified.quota not in (QuotaKind.PER_DAY, QuotaKind.BILLING)
+    )
     if budget.now_s >= budget.deadline_s:
         return Decision(Action.FAIL, tier=budget.tier, error_kind="deadline_exceeded", reason="deadline passed")
     if can_escalate and budget.max_flex_attempts is not None and budget.flex_attempts >= budget.max_flex_attempts:

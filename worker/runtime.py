@@ -19,8 +19,10 @@ import socket
 import uuid
 from typing import Any
 
+from arq import worker as arq_worker
 from arq.connections import RedisSettings
 from arq.worker import Retry, Worker, func
+from redis.exceptions import RedisError
 
 from producer.keys import ARQ_FUNCTION, Keys
 from producer.queue import connect_redis
@@ -31,6 +33,19 @@ from worker import logs
 from worker.gemini import GeminiClient
 from worker.lease import LeaseKeeper
 from worker.runner import Runner
+
+_arq_log_redis_info = getattr(arq_worker, "log_redis_info")  # noqa: B009 - not re-exported by arq
+
+
+async def _log_redis_info(redis: Any, log_func: Any) -> None:
+    """arq calls INFO at start-up; the in-process Redis stand-in (fakeredis) has no INFO."""
+    try:
+        await _arq_log_redis_info(redis, log_func)
+    except RedisError:
+        log_func("redis INFO unavailable (in-process Redis stand-in)")
+
+
+setattr(arq_worker, "log_redis_info", _log_redis_info)  # noqa: B010 - see _log_redis_info
 
 #: arq counts each Retry as a try; the deadline bounds retries, so this only stops runaway loops.
 UNBOUNDED_TRIES = 1_000_000_000
@@ -55,10 +70,12 @@ def worker_name() -> str:
 
 async def startup(ctx: dict[str, Any]) -> None:
     settings: FlexqSettings = ctx.get("flexq_settings") or FlexqSettings()
-    logs.configure(settings.log_format)
+    if ctx.get("flexq_configure_logs", True):
+        logs.configure(settings.log_format)
     logs.register_secret(settings.gemini_api_key.get_secret_value() if settings.gemini_api_key else None)
     logs.register_secret(_redis_password(settings))
-    redis = await connect_redis(settings)
+    redis = ctx.get("flexq_redis") or await connect_redis(settings)
+    ctx.setdefault("flexq_owns_redis", "flexq_redis" not in ctx)
     store = JobStore(redis, queue=settings.queue, retention_s=settings.retention_s)
     name = worker_name()
     gemini = ctx.get("flexq_gemini_factory", GeminiClient)(settings)
@@ -80,7 +97,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     if gemini is not None:
         await gemini.aclose()
     redis = ctx.get("flexq_redis")
-    if redis is not None:
+    if redis is not None and ctx.get("flexq_owns_redis"):
         await redis.aclose()
 
 

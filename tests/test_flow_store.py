@@ -1,0 +1,499 @@
+"""worker.flow_store on fakeredis (Lua via lupa) and on a real Redis 7 (database 13, flushed per test).
+
+Times are passed explicitly (``now_s``): nothing sleeps. Two ``FlowControl`` instances on one Redis
+stand for two workers. The agreement test drives the Lua scripts and the pure reference in
+``worker.flow`` with the same events and checks they agree step by step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import math
+import os
+import random
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from typing import Any
+
+import fakeredis
+import pytest
+import redis as sync_redis
+from redis.asyncio import Redis
+
+from producer.keys import Keys
+from producer.models import Outcome
+from tests.conftest import require_or_skip
+from worker.flow import (
+    AIMD_EVENTS,
+    AimdState,
+    Breaker,
+    BreakerState,
+    FlowConfig,
+    Limits,
+    admit,
+    aimd_next,
+    breaker_event,
+    breaker_next,
+    pause_after_429,
+)
+from worker.flow_store import FlowControl, flow_lines
+from worker.policy import QuotaKind
+
+FLOW_TEST_DB = 13
+KEYS = Keys("flexq-flow-test")
+M = "gemini-2.5-flash"
+T0 = 1_800_000_000.0  # a minute boundary: 30_000_000 * 60
+
+MakeFlow = Callable[..., FlowControl]
+
+
+def _db13_url() -> str:
+    base = (os.environ.get("FLEXQ_TEST_REDIS_URL") or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379").rstrip("/")
+    head, _, tail = base.rpartition("/")
+    if tail.isdigit() and head.count("/") >= 2:
+        base = head
+    return f"{base}/{FLOW_TEST_DB}"
+
+
+@pytest.fixture(params=["fakeredis", "redis"])
+async def client(request: pytest.FixtureRequest) -> AsyncIterator[Redis]:
+    if request.param == "fakeredis":
+        fake = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+        yield fake
+        await fake.aclose()
+        return
+    url = _db13_url()
+    try:
+        probe = sync_redis.Redis.from_url(url, socket_connect_timeout=1)
+        probe.ping()
+        probe.close()
+    except (sync_redis.RedisError, OSError):
+        require_or_skip(f"no Redis answers at {url}")
+    real = Redis.from_url(url)
+    await real.flushdb()
+    yield real
+    await real.flushdb()
+    await real.aclose()
+
+
+@pytest.fixture
+def make_flow(client: Redis) -> MakeFlow:
+    def make(worker: str = "w1", **cfg: Any) -> FlowControl:
+        return FlowControl(client, KEYS, FlowConfig(**cfg), worker=worker)
+
+    return make
+
+
+# -- concurrency permits ---------------------------------------------------------------------------
+
+
+async def test_permits_never_exceed_the_limit_under_200_concurrent_acquires(make_flow: MakeFlow, client: Redis) -> None:
+    workers = [make_flow(f"w{i}", initial_limit=10.0, max_limit=10.0) for i in range(4)]
+    admissions = await asyncio.gather(
+        *(workers[i % 4].acquire(f"job-{i}", M, "flex", 100, now_s=T0) for i in range(200))
+    )
+    admitted = [a for a in admissions if a.admitted]
+    assert len(admitted) == 10
+    assert {a.reason for a in admissions if not a.admitted} == {"no_permit"}
+    assert await client.zcard(KEYS.flow(f"permits:{M}:flex")) == 10
+    assert max(a.in_flight for a in admitted) == 10
+    # one released: exactly one more gets in
+    first = admitted[0]
+    owner = next(w for w in workers if first.permit is not None and first.permit.job_id in w.held)
+    await owner.release(first.permit, "client_error", now_s=T0 + 1)
+    again = await asyncio.gather(*(workers[0].acquire(f"late-{i}", M, "flex", 100, now_s=T0 + 1) for i in range(50)))
+    assert sum(a.admitted for a in again) == 1
+
+
+async def test_a_dead_workers_permit_expires_and_is_purged(make_flow: MakeFlow, client: Redis) -> None:
+    dead = make_flow("dead", initial_limit=1.0, max_limit=1.0, permit_ttl_s=60.0)
+    alive = make_flow("alive", initial_limit=1.0, max_limit=1.0, permit_ttl_s=60.0)
+    assert (await dead.acquire("a", M, "flex", 1, now_s=T0)).admitted
+    refused = await alive.acquire("b", M, "flex", 1, now_s=T0 + 59.9)
+    assert (refused.admitted, refused.reason) == (False, "no_permit")
+    later = await alive.acquire("b", M, "flex", 1, now_s=T0 + 60.0)
+    assert later.admitted
+    assert await client.zrange(KEYS.flow(f"permits:{M}:flex"), 0, -1) == [b"b"]
+
+
+async def test_renew_keeps_a_permit_and_does_not_revive_a_lapsed_one(make_flow: MakeFlow, client: Redis) -> None:
+    flow = make_flow(initial_limit=1.0, max_limit=1.0, permit_ttl_s=60.0)
+    other = make_flow("w2", initial_limit=1.0, max_limit=1.0, permit_ttl_s=60.0)
+    assert (await flow.acquire("a", M, "flex", 1, now_s=T0)).admitted
+    assert await flow.renew(now_s=T0 + 50) == 1
+    assert not (await other.acquire("b", M, "flex", 1, now_s=T0 + 100)).admitted  # renewed until T0 + 110
+    assert (await other.acquire("b", M, "flex", 1, now_s=T0 + 110)).admitted  # lapsed: purged, b holds it
+    assert await flow.renew(now_s=T0 + 111) == 0  # a's permit is gone; renew must not bring it back
+    assert await client.zrange(KEYS.flow(f"permits:{M}:flex"), 0, -1) == [b"b"]
+
+
+async def test_renew_gives_up_on_a_permit_never_released(make_flow: MakeFlow) -> None:
+    flow = make_flow(initial_limit=1.0, max_limit=1.0, permit_ttl_s=60.0, permit_max_hold_s=300.0)
+    other = make_flow("w2", initial_limit=1.0, max_limit=1.0, permit_ttl_s=60.0)
+    assert (await flow.acquire("a", M, "flex", 1, now_s=T0)).admitted
+    assert await flow.renew(now_s=T0 + 290) == 1
+    assert await flow.renew(now_s=T0 + 301) == 0
+    assert flow.held == {}
+    assert not (await other.acquire("b", M, "flex", 1, now_s=T0 + 349)).admitted
+    assert (await other.acquire("b", M, "flex", 1, now_s=T0 + 350)).admitted
+
+
+async def test_the_server_clock_by_default(make_flow: MakeFlow, client: Redis) -> None:
+    flow = make_flow()
+    seconds, micros = await client.time()
+    admission = await flow.acquire("a", M, "flex", 1)
+    assert admission.permit is not None
+    assert admission.permit.started_s == pytest.approx(seconds + micros / 1e6, abs=5.0)
+    assert await flow.release(admission.permit, "ok") == flow.cfg.initial_limit  # app-limited: 1 < 8/2
+    assert (await flow.snapshot())["scopes"][0]["in_flight"] == 0
+
+
+async def test_repeated_acquire_and_unused_release(make_flow: MakeFlow) -> None:
+    flow = make_flow(initial_limit=2.0, max_limit=2.0, limits={M: Limits(rpm=10, tpm=1000)})
+    first = await flow.acquire("a", M, "flex", 300, now_s=T0)
+    second = await flow.acquire("a", M, "flex", 300, now_s=T0 + 1)  # a lost reply, asked again
+    assert first.admitted
+    assert second.admitted
+    assert (await flow.snapshot(now_s=T0 + 1))["scopes"][0]["in_flight"] == 1
+    assert (await flow.snapshot(now_s=T0 + 1))["models"][M]["this_minute"] == {"requests": 1.0, "tokens": 300.0}
+    assert await flow.release(None, "ok") is None
+    await flow.release(first.permit, None, now_s=T0 + 2)  # never called: refund the request and tokens
+    snap = await flow.snapshot(now_s=T0 + 2)
+    assert snap["scopes"][0]["in_flight"] == 0
+    assert snap["scopes"][0]["limit"] == 2.0
+    assert snap["models"][M]["this_minute"] == {"requests": 0.0, "tokens": 0.0}
+    assert flow.held == {}
+
+
+async def test_tiers_have_separate_limits(make_flow: MakeFlow) -> None:
+    flow = make_flow(initial_limit=1.0, max_limit=1.0)
+    assert (await flow.acquire("a", M, "flex", 1, now_s=T0)).admitted
+    assert not (await flow.acquire("b", f"models/{M}", "flex", 1, now_s=T0)).admitted  # the same model
+    assert (await flow.acquire("b", M, "standard", 1, now_s=T0)).admitted
+
+
+# -- 429 pauses and quota alerts -------------------------------------------------------------------
+
+
+async def test_a_429_pauses_the_model_for_every_worker(make_flow: MakeFlow) -> None:
+    one, two = make_flow("w1"), make_flow("w2")
+    first = await one.acquire("a", M, "flex", 1, now_s=T0)
+    await one.release(first.permit, Outcome.RATE_LIMITED, retry_after_s=29.0, quota=QuotaKind.PER_MINUTE, now_s=T0 + 1)
+    paused = await two.acquire("b", M, "standard", 1, now_s=T0 + 10)  # quotas are per model, any tier
+    assert (paused.admitted, paused.reason, paused.wait_s) == (False, "paused", pytest.approx(21.0))
+    assert (await two.acquire("b", "gemini-2.5-pro", "flex", 1, now_s=T0 + 10)).admitted  # other models run
+    snap = await two.snapshot(now_s=T0 + 10)
+    assert snap["models"][M]["pause"]["reason"] == "429 per_minute, retryDelay 29s"
+    assert snap["models"][M]["quota_alert"] is None  # per-minute: no alert
+    assert (await two.acquire("b", M, "flex", 1, now_s=T0 + 31)).admitted
+
+
+async def test_pause_is_only_extended_and_resume_lifts_it(make_flow: MakeFlow) -> None:
+    one, two = make_flow("w1"), make_flow("w2")
+    await one.pause(M, T0 + 100, "operator", now_s=T0)
+    await two.pause(M, T0 + 50, "shorter", now_s=T0)  # does not shorten
+    refused = await two.acquire("a", M, "flex", 1, now_s=T0 + 60)
+    assert (refused.reason, refused.wait_s) == ("paused", pytest.approx(40.0))
+    assert (await two.snapshot(now_s=T0 + 60))["models"][M]["pause"]["reason"] == "operator"
+    await one.resume(M)
+    assert (await two.acquire("a", M, "flex", 1, now_s=T0 + 60)).admitted
+
+
+@pytest.mark.parametrize(
+    ("quota", "retry_after_s", "pause_s"),
+    [(QuotaKind.PER_DAY, 40.0, 3600.0), (QuotaKind.BILLING, None, 900.0)],
+)
+async def test_quota_alert_with_a_long_pause(
+    make_flow: MakeFlow, quota: QuotaKind, retry_after_s: float | None, pause_s: float
+) -> None:
+    one, two = make_flow("w1", billing_pause_s=900.0), make_flow("w2", billing_pause_s=900.0)
+    a = await one.acquire("a", M, "flex", 1, now_s=T0)
+    b = await two.acquire("b", M, "flex", 1, now_s=T0)
+    c = await two.acquire("c", M, "flex", 1, now_s=T0)
+    await one.release(a.permit, "rate_limited", retry_after_s=retry_after_s, quota=quota, now_s=T0 + 1)
+    await two.release(b.permit, "rate_limited", retry_after_s=retry_after_s, quota=quota, now_s=T0 + 2)
+    snap = await one.snapshot(now_s=T0 + 3)
+    alert = snap["models"][M]["quota_alert"]
+    assert (alert["kind"], alert["count"], alert["since_s"], alert["last_s"]) == (str(quota), 2, T0 + 1, T0 + 2)
+    assert snap["models"][M]["pause"]["until_s"] == pytest.approx(T0 + 2 + pause_s)
+    assert snap["transitions"][0]["to"] == f"quota_{quota}"
+    refused = await two.acquire("d", M, "flex", 1, now_s=T0 + 3)
+    assert (refused.reason, refused.wait_s) == ("paused", pytest.approx(pause_s - 1))
+    # an answer to a request sent before the alert proves nothing; one sent after clears it
+    await two.release(c.permit, "ok", now_s=T0 + 4)
+    assert (await one.snapshot(now_s=T0 + 4))["models"][M]["quota_alert"] is not None
+    later = await one.acquire("e", M, "flex", 1, now_s=T0 + 2 + pause_s)
+    await one.release(later.permit, "ok", now_s=T0 + 3 + pause_s)
+    snap = await one.snapshot(now_s=T0 + 3 + pause_s)
+    assert snap["models"][M]["quota_alert"] is None
+    assert snap["transitions"][0]["to"] == "quota_ok"
+
+
+# -- circuit breaker -------------------------------------------------------------------------------
+
+BREAKER = {"breaker_min_failures": 3, "breaker_cool_down_s": 5.0, "breaker_window_s": 10.0}
+
+
+async def test_breaker_opens_and_probes_across_workers(make_flow: MakeFlow) -> None:
+    one, two = make_flow("w1", **BREAKER), make_flow("w2", **BREAKER)
+    permits = [(await one.acquire(f"j{i}", M, "flex", 1, now_s=T0)).permit for i in range(6)]
+    for i, permit in enumerate(permits[:3]):
+        await one.release(permit, "server_error", now_s=T0 + 1 + i * 0.1)
+    refused = await two.acquire("x", M, "flex", 1, now_s=T0 + 2)
+    assert (refused.reason, refused.wait_s) == ("circuit_open", pytest.approx(4.2))
+    await one.release(permits[3], "ok", now_s=T0 + 3)  # a straggler's answer does not close it
+    assert (await two.acquire("x", M, "flex", 1, now_s=T0 + 3)).reason == "circuit_open"
+    probe = await two.acquire("x", M, "flex", 1, now_s=T0 + 6.2)
+    assert (probe.admitted, probe.probe) == (True, True)
+    busy = await one.acquire("y", M, "flex", 1, now_s=T0 + 6.3)
+    assert (busy.admitted, busy.reason) == (False, "probe_busy")
+    await one.release(permits[4], "ok", now_s=T0 + 6.4)  # stragglers sent before it opened: not the probe
+    await one.release(permits[5], "server_error", now_s=T0 + 6.5)
+    assert (await one.acquire("y", M, "flex", 1, now_s=T0 + 6.6)).reason == "probe_busy"
+    await two.release(probe.permit, "timeout", now_s=T0 + 7)  # probe failed: open again, twice as long
+    assert (await one.acquire("y", M, "flex", 1, now_s=T0 + 7)).wait_s == pytest.approx(10.0)
+    probe = await one.acquire("y", M, "flex", 1, now_s=T0 + 17)
+    assert probe.probe
+    await one.release(probe.permit, "ok", now_s=T0 + 18)
+    after = await two.acquire("z", M, "flex", 1, now_s=T0 + 18)
+    assert (after.admitted, after.probe) == (True, False)
+    snap = await two.snapshot(now_s=T0 + 18)
+    assert snap["scopes"][0]["breaker"]["state"] == "closed"
+    assert snap["scopes"][0]["breaker"]["opens"] == 0
+    moves = [(t["from"], t["to"], t["worker"]) for t in reversed(snap["transitions"])]
+    assert moves == [
+        ("closed", "open", "w1"), ("open", "half_open", "w2"), ("half_open", "open", "w2"),
+        ("open", "half_open", "w1"), ("half_open", "closed", "w1"),
+    ]
+    assert snap["transitions"][-1]["t"] == pytest.approx(T0 + 1.2)
+
+
+async def test_a_probe_with_no_verdict_frees_the_probe_slot(make_flow: MakeFlow) -> None:
+    flow = make_flow(**BREAKER)
+    for i in range(3):
+        permit = (await flow.acquire(f"j{i}", M, "flex", 1, now_s=T0)).permit
+        await flow.release(permit, "overloaded", now_s=T0)
+    probe = await flow.acquire("p", M, "flex", 1, now_s=T0 + 5)
+    assert probe.probe
+    assert (await flow.acquire("q", M, "flex", 1, now_s=T0 + 5)).reason == "probe_busy"
+    await flow.release(probe.permit, "rate_limited", retry_after_s=0.0, now_s=T0 + 5)  # 429: no verdict
+    assert (await flow.acquire("q", M, "flex", 1, now_s=T0 + 6)).probe
+
+
+# -- RPM / TPM -------------------------------------------------------------------------------------
+
+
+async def test_rpm_limit_across_workers(make_flow: MakeFlow) -> None:
+    limits = {M: Limits(rpm=3)}
+    one, two = make_flow("w1", limits=limits), make_flow("w2", limits=limits)
+    for job, flow in (("a", one), ("b", two), ("c", one)):
+        admission = await flow.acquire(job, M, "flex", 10, now_s=T0 + 10)
+        assert admission.admitted
+        await flow.release(admission.permit, "ok", now_s=T0 + 11)
+    refused = await two.acquire("d", M, "flex", 10, now_s=T0 + 20)
+    assert (refused.reason, refused.wait_s) == ("rpm", pytest.approx(40.0 + 20.0))  # next window, 1/3 in
+    assert (await two.acquire("d", "gemini-2.5-pro", "flex", 10, now_s=T0 + 20)).admitted  # other model
+    assert not (await one.acquire("d", M, "flex", 10, now_s=T0 + 79.9)).admitted
+    assert (await one.acquire("d", M, "flex", 10, now_s=T0 + 80.0)).admitted
+    assert (await two.acquire("e", M, "flex", 10, now_s=T0 + 80.0)).reason == "rpm"
+
+
+async def test_tpm_limit_corrected_by_reported_usage(make_flow: MakeFlow) -> None:
+    flow = make_flow(limits={M: Limits(tpm=1000)})
+    a = await flow.acquire("a", M, "flex", 400, now_s=T0)
+    b = await flow.acquire("b", M, "flex", 400, now_s=T0)
+    assert a.admitted
+    assert b.admitted
+    refused = await flow.acquire("c", M, "flex", 400, now_s=T0 + 1)
+    assert (refused.admitted, refused.reason) == (False, "tpm")
+    assert refused.wait_s > 0
+    await flow.release(a.permit, "ok", used_tokens=100, now_s=T0 + 2)  # used 300 fewer than estimated
+    assert (await flow.acquire("c", M, "flex", 400, now_s=T0 + 2)).admitted
+    snap = await flow.snapshot(now_s=T0 + 2)
+    assert snap["models"][M]["this_minute"] == {"requests": 3.0, "tokens": 900.0}
+    await flow.release(b.permit, "ok", used_tokens=900, now_s=T0 + 3)  # used more: charged
+    assert (await flow.snapshot(now_s=T0 + 3))["models"][M]["this_minute"]["tokens"] == 1400.0
+    assert (await flow.acquire("d", M, "flex", 1, now_s=T0 + 3)).reason == "tpm"
+
+
+# -- AIMD ------------------------------------------------------------------------------------------
+
+
+async def test_aimd_limit_converges_to_a_capacity_c_server_across_workers(make_flow: MakeFlow) -> None:
+    """Two workers fill a server that serves C requests at once (1 s each) and 503s the rest."""
+    capacity, dt_s = 12, 0.1
+    flows = [make_flow(f"w{i}", initial_limit=2.0) for i in range(2)]
+    ends: list[tuple[float, int, str, Any, int]] = []  # (end, seq, outcome, permit, worker)
+    serving, seq, now, samples, decreases, last_limit = 0, 0, T0, [], 0, 2.0
+    while now < T0 + 60:
+        while ends and ends[0][0] <= now:
+            end, _, outcome, permit, worker = heapq.heappop(ends)
+            limit = await flows[worker].release(permit, outcome, now_s=end)
+            assert limit is not None
+            decreases += limit < last_limit
+            last_limit = limit
+            serving -= outcome == "ok"
+        while True:
+            seq += 1
+            admission = await flows[seq % 2].acquire(f"j{seq}", M, "flex", 1, now_s=now)
+            if not admission.admitted:
+                assert admission.reason == "no_permit"
+                break
+            outcome, latency_s = ("ok", 1.0) if serving < capacity else ("overloaded", dt_s)
+            serving += outcome == "ok"
+            heapq.heappush(ends, (now + latency_s, seq, outcome, admission.permit, seq % 2))
+        samples.append((now, admission.limit))
+        now = round(now + dt_s, 6)
+    late = [limit for t, limit in samples if t >= T0 + 30]
+    assert min(late) >= 0.6 * capacity
+    assert max(late) <= capacity + 2
+    assert 0.75 * capacity <= sum(late) / len(late) <= 1.05 * capacity
+    assert decreases >= 2
+
+
+# -- the Lua scripts agree with the pure reference -------------------------------------------------
+
+OUTCOMES: list[tuple[str | None, float]] = [
+    ("ok", 0.45), ("overloaded", 0.2), ("server_error", 0.1), ("timeout", 0.05), ("client_error", 0.04),
+    ("blocked", 0.02), ("connection_error", 0.03), ("rate_limited", 0.04), ("interrupted", 0.04), (None, 0.03),
+]
+
+
+class Reference:
+    """The store's bookkeeping, written with worker.flow's pure functions."""
+
+    def __init__(self, cfg: FlowConfig) -> None:
+        self.cfg = cfg
+        self.aimd = AimdState(cfg.initial_limit)
+        self.breaker = BreakerState()
+        self.paused_until_s = 0.0
+        self.holders: dict[str, tuple[float, float]] = {}  # job -> (started, expiry)
+        self.probe_job: str | None = None
+
+    def _purge(self, now_s: float) -> None:
+        self.holders = {j: v for j, v in self.holders.items() if v[1] > now_s}
+
+    def acquire(self, job: str, now_s: float) -> Any:
+        self._purge(now_s)
+        admission, breaker = admit(
+            now_s=now_s, paused_until_s=self.paused_until_s, breaker=self.breaker, rpm_wait_s=0.0, tpm_wait_s=0.0,
+            in_flight=len(self.holders), limit=self.aimd.limit, cfg=self.cfg,
+        )
+        self.breaker = breaker
+        if admission.admitted:
+            self.holders[job] = (now_s, now_s + self.cfg.permit_ttl_s)
+            if admission.probe:
+                self.probe_job = job
+        return admission
+
+    def release(self, job: str, started_s: float, outcome: str | None, retry_after_s: float, now_s: float) -> None:
+        self._purge(now_s)
+        in_flight = len(self.holders) + (job not in self.holders)
+        self.holders.pop(job, None)
+        event = AIMD_EVENTS.get(outcome or "")
+        if event is not None:
+            self.aimd = aimd_next(self.aimd, event, now_s=now_s, started_s=started_s, in_flight=in_flight, cfg=self.cfg)
+        self.breaker = breaker_next(
+            self.breaker, breaker_event(outcome), probe=self.probe_job == job, now_s=now_s, cfg=self.cfg
+        )
+        if self.breaker.state != Breaker.HALF_OPEN or self.breaker.probe_until_s == 0.0:
+            self.probe_job = None
+        if outcome == "rate_limited":
+            pause_s, _ = pause_after_429(retry_after_s, QuotaKind.PER_MINUTE, self.cfg)
+            self.paused_until_s = max(self.paused_until_s, now_s + pause_s)
+
+
+def _float(raw: dict[bytes, bytes], name: str, default: float = 0.0) -> float:
+    value = raw.get(name.encode())
+    return float(value) if value not in (None, b"") else default
+
+
+async def test_lua_scripts_agree_with_the_pure_reference(make_flow: MakeFlow, client: Redis) -> None:
+    cfg = {
+        "initial_limit": 3.0, "max_limit": 9.0, "decrease_interval_s": 0.5, "permit_ttl_s": 4.0,
+        "breaker_window_s": 2.0, "breaker_min_failures": 4, "breaker_cool_down_s": 1.0,
+        "breaker_cool_down_max_s": 4.0,
+    }
+    flows = [make_flow(f"w{i}", **cfg) for i in range(2)]
+    ref = Reference(flows[0].cfg)
+    rng = random.Random(20261121)
+    held: dict[str, Any] = {}
+    now, reasons, states = T0 + 0.123, set[str](), set[Breaker]()
+    names, weights = zip(*OUTCOMES, strict=True)
+    for step in range(700):
+        now += rng.uniform(0.0, 0.35)
+        if held and rng.random() < 0.5:
+            job = rng.choice(sorted(held))
+            permit = held.pop(job)
+            outcome = rng.choices(names, weights)[0]
+            retry_after_s = rng.choice([0.0, 0.5])
+            ref.release(job, permit.started_s, outcome, retry_after_s, now)
+            limit = await flows[step % 2].release(
+                permit, outcome, retry_after_s=retry_after_s, quota=QuotaKind.PER_MINUTE, now_s=now
+            )
+            assert limit == pytest.approx(ref.aimd.limit, rel=1e-12), step
+        else:
+            job = f"j{step}"
+            got = await flows[step % 2].acquire(job, M, "flex", 1, now_s=now)
+            want = ref.acquire(job, now)
+            assert (got.admitted, got.reason, got.probe) == (want.admitted, want.reason, want.probe), step
+            assert got.wait_s == pytest.approx(want.wait_s, abs=1e-9), step
+            assert got.in_flight == want.in_flight, step
+            if got.admitted:
+                held[job] = got.permit
+            reasons.add(got.reason)
+        raw: dict[bytes, bytes] = await client.hgetall(KEYS.flow(f"state:{M}:flex"))  # type: ignore[misc]
+        breaker = ref.breaker
+        stored = BreakerState(
+            Breaker(raw.get(b"state", b"closed").decode()), _float(raw, "since_s"), _float(raw, "open_until_s"),
+            int(_float(raw, "opens")), int(_float(raw, "win")), _float(raw, "ok"), _float(raw, "failed"),
+            _float(raw, "prev_ok"), _float(raw, "prev_failed"), _float(raw, "probe_until_s"),
+        )
+        assert stored == replace(breaker, since_s=pytest.approx(breaker.since_s)), step
+        assert _float(raw, "limit", cfg["initial_limit"]) == pytest.approx(ref.aimd.limit, rel=1e-12), step
+        assert _float(raw, "ssthresh", math.inf) == ref.aimd.ssthresh, step
+        states.add(breaker.state)
+    # the walk covered what it claims to check
+    assert states == {Breaker.CLOSED, Breaker.OPEN, Breaker.HALF_OPEN}
+    assert {"ok", "no_permit", "paused", "circuit_open", "probe_busy"} <= reasons
+    assert ref.aimd.ssthresh < math.inf
+
+
+# -- snapshot --------------------------------------------------------------------------------------
+
+
+async def test_snapshot_shows_every_scope(make_flow: MakeFlow) -> None:
+    flow = make_flow(limits={M: Limits(rpm=100)})
+    assert await flow.snapshot(now_s=T0) == {"now_s": T0, "scopes": [], "models": {}, "transitions": []}
+    a = await flow.acquire("a", M, "flex", 5, now_s=T0)
+    await flow.acquire("b", "gemini-2.5-pro", "standard", 5, now_s=T0)
+    await flow.release(a.permit, "overloaded", now_s=T0 + 1)
+    snap = await flow.snapshot(now_s=T0 + 1)
+    by_scope = {(s["model"], s["tier"]): s for s in snap["scopes"]}
+    assert set(by_scope) == {(M, "flex"), ("gemini-2.5-pro", "standard")}
+    assert by_scope[(M, "flex")]["limit"] == pytest.approx(5.6)
+    assert by_scope[(M, "flex")]["last_decrease_s"] == T0 + 1
+    assert by_scope[(M, "flex")]["breaker"]["window_failed"] == 1.0
+    assert by_scope[("gemini-2.5-pro", "standard")]["in_flight"] == 1
+    assert snap["models"][M]["limits"] == {"rpm": 100, "tpm": None}
+    assert snap["models"]["gemini-2.5-pro"]["limits"] is None
+    live = await flow.snapshot()  # the server's clock: the T0 permit is long expired or not, but counted sanely
+    assert live["now_s"] > 1_700_000_000
+
+
+async def test_flow_lines_for_the_console(make_flow: MakeFlow) -> None:
+    flow = make_flow(**BREAKER)
+    for i in range(3):
+        permit = (await flow.acquire(f"j{i}", M, "flex", 1, now_s=T0)).permit
+        await flow.release(permit, "server_error", now_s=T0 + 1)
+    permit = (await flow.acquire("b", "gemini-2.5-pro", "flex", 1, now_s=T0)).permit
+    await flow.release(permit, "rate_limited", quota=QuotaKind.BILLING, now_s=T0 + 1)
+    lines = flow_lines(await flow.snapshot(now_s=T0 + 2))
+    assert lines == [
+        "flow gemini-2.5-flash flex: limit 8, in flight 0, breaker open for 4s more (opened 1x in a row)",
+        "flow gemini-2.5-pro flex: limit 8, in flight 0, breaker closed",
+        "flow gemini-2.5-pro: paused 599s more (429 billing)",
+        "QUOTA ALERT gemini-2.5-pro: billing quota, 1 x 429 since 2027-01-15T08:00:01+00:00: 429 billing",
+    ]
+

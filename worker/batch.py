@@ -1,0 +1,250 @@
+"""``flexq batch``: a file of prompts in, a file of answers out, resumable, at flex prices.
+
+The journal (``OUT.progress``) gets one line per job as it ends, flushed at once, so a run that
+is interrupted or killed loses nothing it finished: the same command again reuses those results
+and sends only the rest. OUT itself is written whole, in input order, when every job has ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from producer.jsonl import Line, LineError, parse_jsonl, stable_line_id
+from producer.models import JobRecord, Status
+from producer.queue import FlexQueue
+from producer.stats import percentile
+
+#: Failures worth running again on resume; permanent ones (client_error, blocked…) are kept.
+RERUN_KINDS = frozenset({"deadline_exceeded", "interrupted", "cancelled"})
+POLL_S = 0.5
+
+
+def journal_path(out: Path) -> Path:
+    return out.with_name(out.name + ".progress")
+
+
+def output_line(record: JobRecord, line: int) -> dict[str, Any]:
+    result = record.result
+    return {
+        "id": record.id,
+        "line": line,
+        "status": str(record.status),
+        "text": result.text if result else None,
+        "finish_reason": result.finish_reason if result else None,
+        "usage": result.usage.model_dump() if result else None,
+        "tier": result.tier if result else None,
+        "attempts": len(record.attempts),
+        "error": record.error.model_dump() if record.error else None,
+        "cost_usd": record.cost_usd,
+        "standard_cost_usd": record.standard_cost_usd,
+    }
+
+
+def load_previous(out: Path) -> dict[str, dict[str, Any]]:
+    """Finished results of an earlier run (its OUT and journal), minus those worth re-running."""
+    done: dict[str, dict[str, Any]] = {}
+    for path in (out, journal_path(out)):
+        if not path.exists():
+            continue
+        for text in path.read_text(encoding="utf-8").splitlines():
+            try:
+                item = json.loads(text)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if not isinstance(item, dict) or "id" not in item:
+                continue
+            error = item.get("error") or {}
+            if item.get("status") == Status.SUCCEEDED or (
+                item.get("status") == Status.FAILED and error.get("kind") not in RERUN_KINDS
+            ):
+                done[str(item["id"])] = item
+    return done
+
+
+@dataclass
+class Progress:
+    total: int
+    succeeded: int = 0
+    failed: int = 0
+    retrying: int = 0
+    in_flight: int = 0
+    queued: int = 0
+    overloaded: int = 0
+    rate_limited: int = 0
+    reused: int = 0
+    reused_succeeded: int = 0
+    started_s: float = field(default_factory=time.monotonic)
+
+    @property
+    def done(self) -> int:
+        return self.succeeded + self.failed
+
+    def eta_s(self) -> float | None:
+        fresh_done = self.done - self.reused
+        if fresh_done <= 0:
+            return None
+        rate = fresh_done / max(1e-6, time.monotonic() - self.started_s)
+        return (self.total - self.done) / rate
+
+    def line(self) -> str:
+        eta = self.eta_s()
+        return (
+            f"{self.done}/{self.total} done (succeeded {self.succeeded}, failed {self.failed}), "
+            f"retrying {self.retrying}, in flight {self.in_flight}, queued {self.queued}, "
+            f"503s {self.overloaded}, 429s {self.rate_limited}, eta {'-' if eta is None else f'{eta:.0f}s'}"
+        )
+
+
+@dataclass
+class BatchResult:
+    lines: list[dict[str, Any]]
+    bad_lines: list[LineError]
+    records: dict[str, JobRecord]
+    progress: Progress
+    elapsed_s: float
+
+
+@dataclass
+class BatchJob:
+    """One batch run over one input file."""
+
+    queue: FlexQueue
+    source: Path
+    out: Path
+    deadline_s: float | None = None
+    fallback: str = "none"
+    on_progress: Callable[[Progress], None] = lambda _p: None
+    previous: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def parse(self) -> tuple[list[Line], list[LineError]]:
+        text = self.source.read_text(encoding="utf-8")
+        return parse_jsonl(
+            text.splitlines(),
+            max_bytes=self.queue.settings.max_request_bytes,
+            default_id=stable_line_id(str(self.source.resolve())),
+            deadline_s=self.deadline_s,
+            fallback=self.fallback,
+        )
+
+    async def run(self, lines: list[Line], bad: list[LineError]) -> BatchResult:
+        started = time.monotonic()
+        self.previous = load_previous(self.out)
+        by_id = {line.spec.job_id: line for line in lines}
+        todo = [line for line in lines if line.spec.job_id not in self.previous]
+        progress = Progress(total=len(lines), reused=len(lines) - len(todo))
+        reused = [self.previous[str(line.spec.job_id)] for line in lines if line.spec.job_id in self.previous]
+        progress.reused_succeeded = sum(item["status"] == Status.SUCCEEDED for item in reused)
+        enqueued = await self.queue.enqueue_many([line.spec for line in todo])
+        for item in enqueued:  # a job left failed by an earlier run on this Redis: run it again
+            if not item.created and item.record.error and item.record.error.kind in RERUN_KINDS:
+                await self.queue.retry(item.id, deadline_s=self.deadline_s)
+        records = await self._follow([item.id for item in enqueued], by_id, progress)
+        out_lines = []
+        for line in lines:
+            job_id = str(line.spec.job_id)
+            out_lines.append(self.previous.get(job_id) or output_line(records[job_id], line.line))
+        self._write_output(out_lines)
+        return BatchResult(out_lines, bad, records, progress, time.monotonic() - started)
+
+    async def _follow(self, ids: list[str], by_id: dict[str | None, Line], progress: Progress) -> dict[str, JobRecord]:
+        """Poll until every job ends; journal each as it does."""
+        final: dict[str, JobRecord] = {}
+        pending = list(ids)
+        journal = journal_path(self.out)
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        with journal.open("a", encoding="utf-8") as sink:
+            while True:
+                active: list[JobRecord] = []
+                for job_id, record in zip(pending, await self.queue.store.get_many(pending), strict=True):
+                    if record is None:
+                        continue
+                    if record.terminal:
+                        final[job_id] = record
+                        sink.write(json.dumps(output_line(record, by_id[job_id].line)) + "\n")
+                    else:
+                        active.append(record)
+                sink.flush()
+                os.fsync(sink.fileno())
+                pending = [r.id for r in active]
+                self._count(progress, final, active)
+                self.on_progress(progress)
+                if not pending:
+                    return final
+                await asyncio.sleep(POLL_S)
+
+    def _count(self, progress: Progress, final: dict[str, JobRecord], active: list[JobRecord]) -> None:
+        fresh_ok = sum(r.status == Status.SUCCEEDED for r in final.values())
+        progress.succeeded = progress.reused_succeeded + fresh_ok
+        progress.failed = (progress.reused - progress.reused_succeeded) + (len(final) - fresh_ok)
+        progress.retrying = sum(r.status == Status.RETRYING for r in active)
+        progress.in_flight = sum(r.status == Status.RUNNING for r in active)
+        progress.queued = sum(r.status == Status.QUEUED for r in active)
+        attempts = [a for r in [*final.values(), *active] for a in r.attempts]
+        progress.overloaded = sum(a.outcome == "overloaded" for a in attempts)
+        progress.rate_limited = sum(a.outcome == "rate_limited" for a in attempts)
+
+    def _write_output(self, lines: list[dict[str, Any]]) -> None:
+        tmp = self.out.with_name(self.out.name + ".tmp")
+        with tmp.open("w", encoding="utf-8") as sink:
+            for item in lines:
+                sink.write(json.dumps(item, ensure_ascii=False) + "\n")
+            sink.flush()
+            os.fsync(sink.fileno())
+        tmp.replace(self.out)
+        journal_path(self.out).unlink(missing_ok=True)
+
+
+def summarize_batch(result: BatchResult) -> dict[str, Any]:
+    """Jobs by status, attempts by outcome, latency, tokens by tier, cost spent and saved."""
+    by_status: dict[str, int] = {}
+    tokens: dict[str, dict[str, int]] = {}
+    spent = standard = 0.0
+    unknown_cost = 0
+    for item in result.lines:
+        by_status[item["status"]] = by_status.get(item["status"], 0) + 1
+        if item["status"] != Status.SUCCEEDED:
+            continue
+        tier = item.get("tier") or "unknown"
+        for name in ("prompt_tokens", "output_tokens", "thoughts_tokens"):
+            bucket = tokens.setdefault(tier, {})
+            bucket[name] = bucket.get(name, 0) + int((item.get("usage") or {}).get(name, 0))
+        if item.get("cost_usd") is None:
+            unknown_cost += 1
+        else:
+            spent += float(item["cost_usd"])
+            standard += float(item.get("standard_cost_usd") or 0.0)
+    by_outcome: dict[str, int] = {}
+    latencies: list[int] = []
+    for record in result.records.values():
+        for attempt in record.attempts:
+            outcome = str(attempt.outcome)
+            by_outcome[outcome] = by_outcome.get(outcome, 0) + 1
+            if attempt.outcome == "ok" and attempt.latency_ms is not None:
+                latencies.append(attempt.latency_ms)
+    failures = {
+        item["id"]: f"{item['error']['kind']}: {item['error']['message']}"
+        for item in result.lines
+        if item["status"] != Status.SUCCEEDED and item.get("error")
+    }
+    return {
+        "jobs": len(result.lines),
+        "by_status": by_status,
+        "bad_lines": [str(err) for err in result.bad_lines],
+        "reused_from_earlier_run": result.progress.reused,
+        "attempts_by_outcome": by_outcome,
+        "latency_ms": {"p50": percentile(latencies, 50), "p95": percentile(latencies, 95)},
+        "tokens_by_tier": tokens,
+        "cost_usd": round(spent, 6),
+        "standard_cost_usd": round(standard, 6),
+        "saved_usd": round(standard - spent, 6),
+        "jobs_with_unknown_cost": unknown_cost,
+        "failures": failures,
+        "elapsed_s": round(result.elapsed_s, 1),
+    }

@@ -1,0 +1,186 @@
+"""``flexq batch`` and ``flexq demo``: argument parsing, progress display and the summary."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from producer.errors import FlexqError
+from producer.settings import FlexqSettings
+from simulator import SimConfig
+from worker import logs
+from worker.batch import BatchJob, journal_path, summarize_batch
+from worker.batch import Progress as BatchProgress
+from worker.embedded import open_runtime
+
+PLAIN_EVERY_S = 5.0
+#: The demo's simulator: a peak hour (about 45% of flex calls shed, some 429s, seconds of latency).
+DEMO_SIM = SimConfig(latency_s=1.0, latency_dist="exp", rate_503=0.45, rate_429=0.04, retry_delay_s=1.0, seed=2026)
+DEMO_KNOBS = {"retry_base_s": 0.5, "retry_max_s": 4.0}
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog)
+    if prog.endswith("batch"):
+        parser.add_argument("input", type=Path, help="JSONL requests, one a line")
+        parser.add_argument("-o", "--output", type=Path, required=True, help="JSONL results, in input order")
+        parser.add_argument("--simulate", action="store_true", help="use the bundled simulator, not the real API")
+    else:
+        parser.add_argument("-o", "--output", type=Path, default=None, help="results file (default: a temp dir)")
+    parser.add_argument("--concurrency", type=int, default=None, help="in-process jobs in flight (default 100)")
+    parser.add_argument("--workers", type=int, default=1, help="in-process workers (0: rely on `flexq worker`s)")
+    parser.add_argument("--deadline-s", type=float, default=None, help="per-job deadline (default 24 h)")
+    parser.add_argument("--fallback", choices=["none", "standard"], default="none")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    return parser
+
+
+def main(argv: Sequence[str]) -> int:
+    command, rest = argv[0], list(argv[1:])
+    args = build_parser(f"flexq {command}").parse_args(rest)
+    try:
+        return asyncio.run(run(command, args))
+    except KeyboardInterrupt:
+        out = args.output
+        print(f"\nflexq: interrupted; finished jobs are saved in {journal_path(out) if out else 'the journal'}; "
+              "run the same command again to resume", file=sys.stderr)
+        return 130
+    except FlexqError as err:
+        print(f"flexq: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"flexq: {err}", file=sys.stderr)
+        return 1
+
+
+async def run(command: str, args: argparse.Namespace) -> int:
+    settings = FlexqSettings()
+    demo = command == "demo"
+    embedded = "REDIS_URL" not in os.environ
+    has_key = settings.gemini_api_key is not None and bool(settings.gemini_api_key.get_secret_value())
+    simulate = demo or args.simulate or not has_key
+    if demo:
+        settings = settings.model_copy(update=DEMO_KNOBS)
+        source = Path(str(resources.files("worker") / "data" / "demo.jsonl"))
+        output = args.output or Path(tempfile.mkdtemp(prefix="flexq-demo-")) / "demo-out.jsonl"
+        output.unlink(missing_ok=True)
+        journal_path(output).unlink(missing_ok=True)
+    else:
+        source, output = args.input, args.output
+    err = Console(stderr=True, soft_wrap=True)
+    if embedded:
+        err.print("[yellow]note:[/] REDIS_URL is not set: using an in-process Redis stand-in; job state is not "
+                  "durable (the output journal is). Set REDIS_URL=redis://HOST:6379/0 to use a real Redis.")
+    if simulate:
+        why = "demo" if demo else ("--simulate" if args.simulate else "no GEMINI_API_KEY is set")
+        err.print(f"[yellow]note:[/] calling the bundled Gemini simulator in-process ({why}), not the real API.")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    log_path = output.with_name(output.name + ".log")
+    with log_path.open("a", encoding="utf-8") as log_file:
+        logs.configure("json", stream=log_file)
+        return await _run(settings, args, source, output, embedded=embedded, simulate=simulate,
+                          sim=DEMO_SIM if demo else None, log_path=log_path, console=err)
+
+
+async def _run(
+    settings: FlexqSettings, args: argparse.Namespace, source: Path, output: Path, *, embedded: bool,
+    simulate: bool, sim: SimConfig | None, log_path: Path, console: Console,
+) -> int:
+    runtime = await open_runtime(settings, embedded=embedded, simulate=simulate, sim_config=sim)
+    try:
+        display = Display(console)
+        job = BatchJob(runtime.queue, source, output, deadline_s=args.deadline_s, fallback=args.fallback,
+                       on_progress=display.update)
+        lines, bad = job.parse()
+        for error in bad:
+            console.print(f"[red]{source}:[/] {error}")
+        if not lines:
+            console.print("flexq: no valid lines to run")
+            return 1
+        if args.workers > 0:
+            await runtime.start_workers(args.workers, args.concurrency or settings.concurrency)
+        with display:
+            result = await job.run(lines, bad)
+    finally:
+        await runtime.close()
+    summary = summarize_batch(result)
+    summary["output"], summary["log"] = str(output), str(log_path)
+    if args.json:
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    else:
+        print_summary(Console(soft_wrap=True), summary)
+    return 0 if not bad else 2
+
+
+class Display:
+    """A live bar on a terminal; a plain line every few seconds otherwise."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.live = console.is_terminal
+        self._bar = Progress(
+            TextColumn("[bold]flexq batch"), BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+            console=console, transient=False,
+        )
+        self._task = self._bar.add_task("", total=None)
+        self._last_plain = 0.0
+
+    def __enter__(self) -> Display:
+        if self.live:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live:
+            self._bar.stop()
+
+    def update(self, p: BatchProgress) -> None:
+        if self.live:
+            self._bar.update(self._task, total=p.total, completed=p.done, description=p.line())
+            return
+        now = time.monotonic()
+        if now - self._last_plain >= PLAIN_EVERY_S or p.done == p.total:
+            self._last_plain = now
+            self.console.print(f"progress: {p.line()}", highlight=False)
+
+
+def print_summary(console: Console, s: dict[str, Any]) -> None:
+    console.print(f"\n[bold]flexq batch summary[/] ({s['jobs']} jobs in {s['elapsed_s']}s)")
+    console.print("  jobs by status:   " + ", ".join(f"{k} {v}" for k, v in sorted(s["by_status"].items())))
+    if s["reused_from_earlier_run"]:
+        console.print(f"  resumed:          {s['reused_from_earlier_run']} result(s) reused from an earlier run")
+    console.print("  attempts:         " + ", ".join(f"{k} {v}" for k, v in sorted(s["attempts_by_outcome"].items())))
+    lat = s["latency_ms"]
+    console.print(f"  latency (ok):     p50 {_ms(lat['p50'])}, p95 {_ms(lat['p95'])}")
+    for tier, toks in sorted(s["tokens_by_tier"].items()):
+        console.print(f"  tokens on {tier + ':':<7} " + ", ".join(f"{k} {v}" for k, v in toks.items()))
+    console.print(
+        f"  cost:             ${s['cost_usd']:.6f} spent; standard tier would be ${s['standard_cost_usd']:.6f}; "
+        f"saved ${s['saved_usd']:.6f}"
+    )
+    if s["jobs_with_unknown_cost"]:
+        console.print(f"  cost unknown:     {s['jobs_with_unknown_cost']} job(s) on models with no known price "
+                      "(not counted above)")
+    for job_id, reason in list(s["failures"].items())[:20]:
+        console.print(f"  failed {job_id}: {reason}", highlight=False)
+    if len(s["failures"]) > 20:
+        console.print(f"  … and {len(s['failures']) - 20} more failures (see the output file)")
+    for line in s["bad_lines"]:
+        console.print(f"  bad input {line}", highlight=False)
+    console.print(f"  output:           {s['output']}\n  log:              {s['log']}")
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} ms"
