@@ -74,7 +74,10 @@ async def test_retry_info_delay_is_honoured(real_queue: FlexQueue, redis_url: st
 async def test_deferred_job_does_not_hold_the_only_slot(
     real_queue: FlexQueue, redis_url: str, sim_url: str, tmp_path: Path
 ):
-    await enqueue(real_queue, "slow", "deferred [[fault:429x1:retry=4s]]")
+    # another model: a 429 pauses its own model for every worker (flow control), not the others
+    slow = await real_queue.enqueue({"model": "gemini-2.5-pro", "prompt": "deferred [[fault:429x1:retry=4s]]"},
+                                    job_id="slow")
+    assert slow.created
     with running_worker(worker_env(redis_url, sim_url, API_KEY), tmp_path / "w.log", "--concurrency", "1"):
         await wait_status(real_queue, "slow", Status.RETRYING)
         await enqueue(real_queue, "fast", "served meanwhile")

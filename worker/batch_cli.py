@@ -26,8 +26,12 @@ from worker.batch import Progress as BatchProgress
 from worker.embedded import open_runtime
 
 PLAIN_EVERY_S = 5.0
-#: The demo's simulator: a peak hour (about 45% of flex calls shed, some 429s, seconds of latency).
-DEMO_SIM = SimConfig(latency_s=1.0, latency_dist="exp", rate_503=0.45, rate_429=0.04, retry_delay_s=1.0, seed=2026)
+#: The demo's simulator: a peak hour. The flex pool serves 24 calls at once and sheds the rest with an
+#: immediate 503 (how flex sheds: by capacity); 10% more are shed at random, 1% get a 429 with
+#: RetryInfo, and answers take seconds. A client that ignores capacity sees about half its calls shed.
+DEMO_SIM = SimConfig(
+    latency_s=1.5, latency_dist="exp", capacity=24, rate_503=0.10, rate_429=0.01, retry_delay_s=1.0, seed=2026
+)
 DEMO_KNOBS = {"retry_base_s": 0.5, "retry_max_s": 4.0}
 
 

@@ -143,7 +143,13 @@ async def cmd_cancel(args: argparse.Namespace, settings: FlexqSettings) -> int:
 
 async def cmd_stats(args: argparse.Namespace, settings: FlexqSettings) -> int:
     async def body(queue: FlexQueue) -> int:
+        from worker.flow import config_from_settings
+        from worker.flow_store import FlowControl, flow_lines
+
         doc = await queue.stats()
+        flow = FlowControl(queue.redis, queue.store.keys, config_from_settings(settings))
+        doc["flow_control"] = await flow.snapshot()
+        doc["flow"] = flow_lines(doc["flow_control"])
         _print_json(doc) if args.json else render.stats(Console(), doc)
         return 0
 

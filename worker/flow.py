@@ -32,6 +32,7 @@ from typing import Literal
 
 from producer.errors import ConfigError
 from producer.models import MODEL_RE, GenerateRequest, Outcome
+from producer.settings import FlexqSettings
 from worker.policy import DAILY_QUOTA_MIN_DELAY_S, RETRY_INFO_MARGIN_S, QuotaKind
 
 #: RPM/TPM quotas are per minute.
@@ -338,3 +339,20 @@ def defer_s(admission: Admission, cfg: FlowConfig, rand: Callable[[], float]) ->
     if admission.reason in POLL_REASONS:
         return round(poll_s, 3)
     return round(admission.wait_s * (1 + 0.1 * r) + poll_s, 3)
+
+
+def config_from_settings(settings: FlexqSettings) -> FlowConfig:
+    """The one mapping from ``FLEXQ_*`` settings to flow-control knobs."""
+    return FlowConfig(
+        initial_limit=max(settings.flow_min, min(settings.flow_initial, settings.flow_max)),
+        min_limit=settings.flow_min,
+        max_limit=settings.flow_max,
+        decrease_factor=settings.flow_decrease,
+        permit_ttl_s=settings.lease_s,
+        permit_max_hold_s=settings.job_timeout_s,
+        breaker_min_failures=settings.breaker_min_failures,
+        breaker_failure_ratio=settings.breaker_failure_ratio,
+        breaker_cool_down_s=settings.breaker_cool_down_s,
+        billing_pause_s=max(settings.retry_max_s, 60.0),
+        limits=parse_limits(settings.limits),
+    )

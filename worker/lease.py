@@ -20,6 +20,7 @@ from typing import Any
 from producer import transitions
 from producer.models import ACTIVE, JobRecord, Status, utcnow
 from producer.store import JobStore
+from worker.flow_store import FlowControl
 from worker.logs import get_logger
 
 log = get_logger("flexq.lease")
@@ -30,8 +31,11 @@ RECONCILE_BATCH = 500
 class LeaseKeeper:
     """Background task of one worker process: renew leases, heartbeat, reconcile."""
 
-    def __init__(self, store: JobStore, leases: set[str], *, lease_s: float, worker_name: str) -> None:
+    def __init__(
+        self, store: JobStore, leases: set[str], *, lease_s: float, worker_name: str, flow: FlowControl | None = None
+    ) -> None:
         self.store = store
+        self.flow = flow
         self.leases = leases
         self.lease_s = lease_s
         self.worker_name = worker_name
@@ -68,6 +72,8 @@ class LeaseKeeper:
                 pipe.pexpire(self.store.keys.arq_in_progress(job_id), ttl_ms)
             pipe.zadd(self.store.keys.workers, {self.worker_name: time.time()})
             await pipe.execute()
+        if self.flow is not None:
+            await self.flow.renew()
 
 
 async def reconcile(store: JobStore, *, lock_owner: str, lock_s: float) -> int:

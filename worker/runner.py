@@ -21,6 +21,8 @@ from producer.pricing import cost_usd
 from producer.settings import FlexqSettings
 from producer.store import JobStore
 from worker import policy
+from worker.flow import Admission, Permit, defer_s, estimate_tokens
+from worker.flow_store import FlowControl
 from worker.gemini import Answer
 from worker.logs import get_logger, redact
 
@@ -42,10 +44,17 @@ class Runner:
     rand: Callable[[], float] = field(default=random.random)
     #: Job ids whose arq in-progress key this process keeps alive (see worker.lease).
     leases: set[str] = field(default_factory=set)
+    #: Shared flow control (AIMD permits, breaker, 429 pauses, RPM/TPM); None when FLEXQ_FLOW=0.
+    flow: FlowControl | None = None
 
     async def run(self, job_id: str) -> float | None:
         """Run one attempt of ``job_id``. Returns the deferral in seconds, or None when done."""
         try:
+            admission = await self._admit(job_id)
+            if admission is not None and not admission.admitted:
+                assert self.flow is not None
+                return defer_s(admission, self.flow.cfg, self.rand)  # no permit: not an attempt
+            permit = admission.permit if admission is not None else None
             record, opened = await self._begin(job_id)
         except JobNotFoundError:
             log.warning("job_missing", job_id=job_id, detail="no record (expired or never enqueued)")
@@ -55,16 +64,50 @@ class Runner:
             await self.store.quarantine(job_id, err.reason)
             return None
         if not opened:
+            await self._release(permit, None)
             return None
         attempt = record.attempts[-1]
         self.leases.add(job_id)
         try:
-            return await self._attempt(record, attempt.number, attempt.tier)
+            return await self._attempt(record, attempt.number, attempt.tier, permit)
         except asyncio.CancelledError:
+            await asyncio.shield(self._release(permit, Outcome.INTERRUPTED))
             await asyncio.shield(self._interrupted(job_id, attempt.number))
             raise
         finally:
             self.leases.discard(job_id)
+
+    async def _admit(self, job_id: str) -> Admission | None:
+        """Ask flow control for a permit, unless the job will not call (ended, cancelled, past deadline)."""
+        if self.flow is None:
+            return None
+        record = await self.store.get(job_id)
+        if (
+            record.request is None
+            or record.terminal
+            or record.cancel_requested
+            or utcnow() >= record.deadline_at
+        ):
+            return None
+        est = estimate_tokens(record.request, output_tokens_default=self.flow.cfg.output_tokens_default)
+        return await self.flow.acquire(job_id, record.request.model, str(record.next_tier), est)
+
+    async def _release(
+        self, permit: Permit | None, outcome: Outcome | None, classified: policy.Classified | None = None,
+        answer: Answer | None = None,
+    ) -> None:
+        if self.flow is None or permit is None:
+            return
+        try:
+            await self.flow.release(
+                permit, str(outcome) if outcome is not None else None,
+                retry_after_s=classified.retry_after_s if classified else None,
+                quota=str(classified.quota) if classified and classified.quota else None,
+                used_tokens=answer.usage.total_tokens if answer is not None else None,
+                reason=(classified.quota_id or "") if classified else "",
+            )
+        except Exception as err:  # the permit lapses by TTL; the attempt itself must still be recorded
+            log.warning("flow_release_failed", job_id=permit.job_id, error=f"{type(err).__name__}: {err}")
 
     # -- begin ----------------------------------------------------------------------------------
 
@@ -101,7 +144,7 @@ class Runner:
 
     # -- attempt --------------------------------------------------------------------------------
 
-    async def _attempt(self, record: JobRecord, number: int, tier: Tier) -> float | None:
+    async def _attempt(self, record: JobRecord, number: int, tier: Tier, permit: Permit | None) -> float | None:
         assert record.request is not None
         left_s = record.deadline_at.timestamp() - time.time()
         timeout_s = max(MIN_ATTEMPT_TIMEOUT_S, min(self.settings.request_timeout_s, left_s))
@@ -123,6 +166,7 @@ class Runner:
                 classified.outcome, classified.http_status, redact(classified.message)[:1000],
                 classified.retry_after_s, classified.quota, classified.quota_id,
             )
+        await self._release(permit, classified.outcome, classified, answer)
         return await self._finish(record.id, number, tier, classified, answer)
 
     def _budget(self, record: JobRecord, tier: Tier, now_s: float) -> policy.RetryBudget:

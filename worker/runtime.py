@@ -30,6 +30,8 @@ from producer.serializer import deserialize, serialize
 from producer.settings import FlexqSettings
 from producer.store import JobStore
 from worker import logs
+from worker.flow import config_from_settings
+from worker.flow_store import FlowControl
 from worker.gemini import GeminiClient
 from worker.lease import LeaseKeeper
 from worker.runner import Runner
@@ -79,8 +81,9 @@ async def startup(ctx: dict[str, Any]) -> None:
     store = JobStore(redis, queue=settings.queue, retention_s=settings.retention_s)
     name = worker_name()
     gemini = ctx.get("flexq_gemini_factory", GeminiClient)(settings)
-    runner = Runner(store=store, gemini=gemini, settings=settings, worker_name=name)
-    keeper = LeaseKeeper(store, runner.leases, lease_s=settings.lease_s, worker_name=name)
+    flow = FlowControl(redis, store.keys, config_from_settings(settings), worker=name) if settings.flow else None
+    runner = Runner(store=store, gemini=gemini, settings=settings, worker_name=name, flow=flow)
+    keeper = LeaseKeeper(store, runner.leases, lease_s=settings.lease_s, worker_name=name, flow=flow)
     keeper.start()
     ctx.update(flexq_runner=runner, flexq_keeper=keeper, flexq_redis=redis, flexq_gemini=gemini)
     logs.get_logger("flexq.worker").info(
