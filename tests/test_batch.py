@@ -187,5 +187,5 @@ def test_demo_finishes_with_every_job_accounted_for(tmp_path: Path) -> None:
     failed = {item["id"]: item["error"]["kind"] for item in results if item["status"] != "succeeded"}
     assert failed == {"demo-197": "client_error", "demo-198": "blocked", "demo-199": "blocked",
                       "demo-200": "client_error"}
-    assert summary["attempts_by_outcome"]["overloaded"] > 50  # a peak hour: many flex calls shed
+    assert summary["attempts_by_outcome"]["overloaded"] > 0  # a peak hour: flex calls are shed
     assert summary["saved_usd"] > 0

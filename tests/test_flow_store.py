@@ -395,7 +395,8 @@ class Reference:
         if event is not None:
             self.aimd = aimd_next(self.aimd, event, now_s=now_s, started_s=started_s, in_flight=in_flight, cfg=self.cfg)
         self.breaker = breaker_next(
-            self.breaker, breaker_event(outcome), probe=self.probe_job == job, now_s=now_s, cfg=self.cfg
+            self.breaker, breaker_event(outcome, limit=self.aimd.limit, min_limit=self.cfg.min_limit),
+            probe=self.probe_job == job, now_s=now_s, cfg=self.cfg
         )
         if self.breaker.state != Breaker.HALF_OPEN or self.breaker.probe_until_s == 0.0:
             self.probe_job = None

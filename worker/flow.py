@@ -48,7 +48,7 @@ AIMD_EVENTS: Mapping[str, AimdEvent] = {Outcome.OK: "ok", Outcome.OVERLOADED: "o
 BREAKER_SUCCESS = frozenset({Outcome.OK, Outcome.CLIENT_ERROR, Outcome.BLOCKED})
 BREAKER_FAILURE = frozenset({Outcome.OVERLOADED, Outcome.SERVER_ERROR, Outcome.TIMEOUT, Outcome.CONNECTION_ERROR})
 #: Admission refusals whose wait is unknown: retry soon, with jitter.
-POLL_REASONS = frozenset({"no_permit", "probe_busy"})
+POLL_REASONS = frozenset({"probe_busy"})
 
 
 class LimitsError(ConfigError, ValueError):
@@ -65,15 +65,16 @@ class Limits:
 class FlowConfig:
     """Every knob, with its unit (``FLEXQ_FLOW_*`` settings map onto these one to one)."""
 
-    initial_limit: float = 8.0  # permits per (model, tier) before anything is learned; slow start from here
+    initial_limit: float = 32.0  # permits per (model, tier) before anything is learned; slow start from here
     min_limit: float = 1.0  # never starve: one request always goes
     max_limit: float = 1000.0  # global cap per (model, tier), all workers together
-    decrease_factor: float = 0.7  # multiplicative decrease on a 503
-    decrease_interval_s: float = 2.0  # at most one decrease per interval
+    decrease_factor: float = 0.9  # multiplicative decrease on a 503 (gentle: a shed 503 costs a call, idle costs time)
+    decrease_interval_s: float = 0.5  # at most one decrease per interval (and one per overload event)
     permit_ttl_s: float = 60.0  # a dead worker's permit frees itself after this; renew() every third
     permit_max_hold_s: float = 960.0  # renew() gives up on a permit this old (a release that never came)
-    poll_min_s: float = 0.2  # deferral when no permit is free: uniform in [poll_min_s, poll_max_s]
+    poll_min_s: float = 0.2  # deferral when the half-open probe slot is busy: uniform in [min, max]
     poll_max_s: float = 1.0
+    waiter_timeout_s: float = 10.0  # no permit: wait in line; a release wakes the job, or this passes
     breaker_window_s: float = 10.0  # sliding window of outcomes the breaker looks at
     breaker_min_failures: int = 20  # ...needs at least this many failures in it (a few errors never trip it)
     breaker_failure_ratio: float = 0.5  # ...making up at least this share (AIMD's edge 503s stay far below)
@@ -154,18 +155,22 @@ class AimdState:
 
 
 def aimd_next(
-    state: AimdState, event: AimdEvent, *, now_s: float, started_s: float, in_flight: int, cfg: FlowConfig
+    state: AimdState, event: AimdEvent, *, now_s: float, started_s: float, in_flight: int, cfg: FlowConfig,
+    waiting: int = 0,
 ) -> AimdState:
-    """The limit after one outcome; ``in_flight`` counts permits held, this request's included."""
+    """The limit after one outcome; ``in_flight`` counts permits held, this request's included, and
+    ``waiting`` the jobs in line for a permit (demand: the limit is the bottleneck, grow it)."""
     limit = cfg.clamp(state.limit)
     if event == "ok":
-        if in_flight < limit * APP_LIMITED_RATIO:
+        if in_flight < limit * APP_LIMITED_RATIO and waiting == 0:
             return replace(state, limit=limit)
         step = 1.0 if limit < state.ssthresh else 1.0 / limit
         return replace(state, limit=min(cfg.max_limit, limit + step))
     if started_s < state.last_decrease_s or now_s - state.last_decrease_s < cfg.decrease_interval_s:
         return replace(state, limit=limit)  # the same overload event: already decreased for it
-    limit = max(cfg.min_limit, limit * cfg.decrease_factor)
+    # From what was really in flight (TCP: cwnd = min(cwnd, flight) x beta): a slow start that
+    # doubled past the capacity lands just under it in one step, not after many.
+    limit = max(cfg.min_limit, min(limit, in_flight) * cfg.decrease_factor)
     return AimdState(limit=limit, ssthresh=limit, last_decrease_s=now_s)
 
 
@@ -218,9 +223,14 @@ class BreakerState:
     probe_until_s: float = 0.0  # half-open: the probe's lease; 0 = no probe out
 
 
-def breaker_event(outcome: str | None) -> BreakerEvent:
+def breaker_event(outcome: str | None, *, limit: float | None = None, min_limit: float = 1.0) -> BreakerEvent:
+    """What an outcome tells the breaker. A 503 is first a capacity signal for AIMD: while the limit
+    (after this outcome) can still shrink it is neutral here, and it counts as a failure only once
+    the limit is at its floor: the pool refuses even that much. (Without ``limit``: a failure.)"""
     if outcome in BREAKER_SUCCESS:
         return "success"
+    if outcome == Outcome.OVERLOADED and limit is not None and limit > min_limit:
+        return "neutral"
     return "failure" if outcome in BREAKER_FAILURE else "neutral"
 
 
@@ -336,6 +346,8 @@ def defer_s(admission: Admission, cfg: FlowConfig, rand: Callable[[], float]) ->
     so deferred jobs do not all come back at the same instant."""
     r = rand()
     poll_s = cfg.poll_min_s + r * (cfg.poll_max_s - cfg.poll_min_s)
+    if admission.reason == "no_permit":  # in line: woken by a release; this is only the fallback
+        return round(cfg.waiter_timeout_s * (1 + 0.1 * r), 3)
     if admission.reason in POLL_REASONS:
         return round(poll_s, 3)
     return round(admission.wait_s * (1 + 0.1 * r) + poll_s, 3)

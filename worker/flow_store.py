@@ -84,8 +84,9 @@ local function extend_pause(key, until_s, reason, now)
 end
 """.replace("LOG_LAST", str(LOG_ENTRIES - 1))
 
-# KEYS: state, permits, pause, rate, scopes, log
+# KEYS: state, permits, pause, rate, scopes, log, waiters, woken
 # ARGV: job, now, est tokens, model, tier, rpm (0: none), tpm (0: none), initial, min, max, permit ttl s, worker
+# A job refused for want of a permit joins the waiters (FIFO); a release wakes as many as it frees.
 _ACQUIRE = """
 local job, now, cost, model, tier = ARGV[1], clock(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5]
 local rpm, tpm, initial, lo, hi, ttl = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]),
@@ -137,7 +138,14 @@ if rpm > 0 or tpm > 0 then
     if w > 0 then return reply(0, 'tpm', w, 0, in_flight) end
   end
 end
-if in_flight >= math.floor(limit) then return reply(0, 'no_permit', 0, 0, in_flight) end
+redis.call('HDEL', KEYS[8], job)  -- a wake before this attempt is spent
+if in_flight >= math.floor(limit) then
+  redis.call('ZADD', KEYS[7], 'NX', num(now), job)
+  redis.call('EXPIRE', KEYS[7], STATE_TTL)
+  return reply(0, 'no_permit', 0, 0, in_flight)
+end
+redis.call('ZREM', KEYS[7], job)
+redis.call('HDEL', KEYS[8], job)
 redis.call('ZADD', KEYS[2], num(now + ttl), job)
 if probe == 1 then redis.call('HSET', KEYS[1], 'probe', job, 'probe_until_s', num(now + ttl)) end
 if win then
@@ -146,7 +154,7 @@ if win then
   redis.call('EXPIRE', KEYS[4], 3 * WINDOW)
 end
 return reply(1, 'ok', 0, probe, in_flight + 1)
-""".replace("WINDOW", repr(RATE_WINDOW_S))
+""".replace("WINDOW", repr(RATE_WINDOW_S)).replace("STATE_TTL", str(STATE_TTL_S))
 
 # KEYS: state, permits, pause, quota, rate, log
 # ARGV: 1 job, 2 now, 3 started s, 4 model, 5 tier, 6 aimd event ('' | ok | overloaded),
@@ -166,15 +174,17 @@ local s = redis.call('HMGET', KEYS[1], 'limit', 'ssthresh', 'last_decrease_s', '
 -- worker.flow.aimd_next
 local limit = clamp(tonumber(s[1]) or initial, lo, hi)
 local ssthresh, last_dec = tonumber(s[2]) or math.huge, tonumber(s[3]) or 0
-if aimd == 'ok' and in_flight >= limit * APP_LIMITED then
+if aimd == 'ok' and (in_flight >= limit * APP_LIMITED or redis.call('ZCARD', KEYS[7]) > 0) then
   local step = 1
   if limit >= ssthresh then step = 1 / limit end
   limit = math.min(hi, limit + step)
   redis.call('HSET', KEYS[1], 'limit', num(limit))
 elseif aimd == 'overloaded' and started >= last_dec and now - last_dec >= tonumber(ARGV[17]) then
-  limit = math.max(lo, limit * tonumber(ARGV[16]))
+  limit = math.max(lo, math.min(limit, in_flight) * tonumber(ARGV[16]))
   redis.call('HSET', KEYS[1], 'limit', num(limit), 'ssthresh', num(limit), 'last_decrease_s', num(now))
 end
+-- worker.flow.breaker_event: a 503 trips the breaker only once AIMD cannot shrink any further
+if aimd == 'overloaded' and event == 'failure' and limit > lo then event = 'neutral' end
 -- worker.flow.breaker_next
 local state = s[4] or 'closed'
 local function transition(to, why, extra)
@@ -206,6 +216,20 @@ elseif state == 'half_open' and s[11] == job then
   else redis.call('HSET', KEYS[1], 'probe', '', 'probe_until_s', 0) end
 end
 redis.call('EXPIRE', KEYS[1], STATE_TTL)
+-- wake waiters into the permits this release (and any growth of the limit) freed: their arq jobs
+-- become due now (ZADD XX: only jobs still queued), instead of every waiter polling
+-- (not after a 503: the pool is full, and a woken waiter would only be shed in turn). A waiter
+-- whose arq run is still finishing would lose the wake to arq's re-scoring: the woken hash lets
+-- the worker's after-job hook (``settle_wake``) re-apply it.
+local free = math.floor(limit) - redis.call('ZCARD', KEYS[2])
+if free > 0 and aimd ~= 'overloaded' and (tonumber(redis.call('HGET', KEYS[3], 'until_s')) or 0) <= now then
+  local woken = redis.call('ZPOPMIN', KEYS[7], free)
+  local now_ms = math.floor(now * 1000)
+  for i = 1, #woken, 2 do
+    redis.call('ZADD', KEYS[8], 'XX', now_ms, woken[i])
+    redis.call('HSET', KEYS[9], woken[i], now_ms)
+  end
+end
 -- 429: pause the model for every worker; per-day and billing quotas raise an alert
 if ARGV[8] ~= '' then
   extend_pause(KEYS[3], now + tonumber(ARGV[8]), ARGV[10], now)
@@ -246,6 +270,14 @@ if drq ~= 0 or dtk ~= 0 then
 end
 return num(limit)
 """
+# KEYS: woken hash, arq queue; ARGV: job
+_SETTLE = """
+local at = redis.call('HGET', KEYS[1], ARGV[1])
+if not at then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+return redis.call('ZADD', KEYS[2], 'XX', at, ARGV[1])
+"""
+
 _RELEASE = (
     _RELEASE.replace("APP_LIMITED", repr(APP_LIMITED_RATIO))
     .replace("STATE_TTL", str(STATE_TTL_S))
@@ -305,9 +337,17 @@ class FlowControl:
         self._release = redis.register_script(_PRELUDE + _RELEASE)
         self._renew = redis.register_script(_PRELUDE + _RENEW)
         self._pause = redis.register_script(_PRELUDE + _PAUSE)
+        self._settle = redis.register_script(_SETTLE)
 
     def _scope(self, model: str, tier: str) -> tuple[str, str]:
         return self.keys.flow(f"state:{model}:{tier}"), self.keys.flow(f"permits:{model}:{tier}")
+
+    async def settle_wake(self, job_id: str) -> bool:
+        """After arq re-scored a finished run: re-apply a wake that arrived while it was finishing."""
+        return bool(await self._settle(keys=[self.keys.flow("woken"), self.keys.arq_queue], args=[job_id]))
+
+    def _waiters(self, model: str, tier: str) -> str:
+        return self.keys.flow(f"waiters:{model}:{tier}")
 
     def _model(self, model: str) -> tuple[str, str, str]:
         return self.keys.flow(f"pause:{model}"), self.keys.flow(f"quota:{model}"), self.keys.flow(f"rate:{model}")
@@ -322,7 +362,8 @@ class FlowControl:
         pause, _, rate = self._model(model)
         cfg = self.cfg
         reply = await self._acquire(
-            keys=[state, permits, pause, rate, self.keys.flow("scopes"), self.keys.flow("log")],
+            keys=[state, permits, pause, rate, self.keys.flow("scopes"), self.keys.flow("log"),
+                  self._waiters(model, tier), self.keys.flow("woken")],
             args=[
                 job_id, _arg(now_s), max(0, est_tokens), model, tier,
                 (limits.rpm or 0) if limits else 0, (limits.tpm or 0) if limits else 0,
@@ -373,7 +414,8 @@ class FlowControl:
         elif limits is not None and used_tokens is not None:
             tokens_delta = used_tokens - permit.est_tokens
         limit = await self._release(
-            keys=[state, permits, pause, quota_key, rate, self.keys.flow("log")],
+            keys=[state, permits, pause, quota_key, rate, self.keys.flow("log"),
+                  self._waiters(permit.model, permit.tier), self.keys.arq_queue, self.keys.flow("woken")],
             args=[
                 permit.job_id, _arg(now_s), repr(permit.started_s), permit.model, permit.tier,
                 AIMD_EVENTS.get(outcome or "", ""), breaker_event(outcome), pause_s, alert, reason,

@@ -234,6 +234,9 @@ class RetryBudget:
     base_s: float
     cap_s: float
     margin_s: float = DEADLINE_MARGIN_S
+    #: With shared flow control on, a 503 is handled by the shared limit: the job itself only needs
+    #: a short jittered pause (this base), not the full backoff. None: the full backoff.
+    overload_base_s: float | None = None
 
 
 def decide(classified: Classified, budget: RetryBudget, rand: Callable[[], float]) -> Decision:
@@ -256,9 +259,10 @@ def decide(classified: Classified, budget: RetryBudget, rand: Callable[[], float
         return Decision(
             Action.RETRY, 0.0, Tier.STANDARD, reason=f"{budget.flex_attempts} flex attempts: escalating to standard"
         )
-    delay_s = next_delay_s(
-        classified, max(1, budget.tier_failures), base_s=budget.base_s, cap_s=budget.cap_s, rand=rand
-    )
+    base_s = budget.base_s
+    if outcome == Outcome.OVERLOADED and budget.overload_base_s is not None:
+        base_s = min(base_s, budget.overload_base_s)
+    delay_s = next_delay_s(classified, max(1, budget.tier_failures), base_s=base_s, cap_s=budget.cap_s, rand=rand)
     if budget.now_s + delay_s + budget.margin_s < budget.deadline_s:
         return Decision(Action.RETRY, delay_s, budget.tier, reason=f"{outcome}: retry in {delay_s:g}s")
     if can_escalate:

@@ -182,6 +182,7 @@ class Runner:
             max_flex_attempts=self.settings.max_flex_attempts,
             base_s=self.settings.retry_base_s,
             cap_s=self.settings.retry_max_s,
+            overload_base_s=self.flow.cfg.poll_max_s if self.flow is not None else None,
         )
 
     async def _finish(

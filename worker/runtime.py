@@ -51,7 +51,8 @@ setattr(arq_worker, "log_redis_info", _log_redis_info)  # noqa: B010 - see _log_
 
 #: arq counts each Retry as a try; the deadline bounds retries, so this only stops runaway loops.
 UNBOUNDED_TRIES = 1_000_000_000
-POLL_DELAY_S = 0.2
+#: How often arq looks for due jobs: the latency of a woken waiter (see worker.flow_store).
+POLL_DELAY_S = 0.05
 
 
 async def run_generation(ctx: dict[str, Any], job_id: str, *_: Any, **__: Any) -> dict[str, Any] | None:
@@ -92,6 +93,13 @@ async def startup(ctx: dict[str, Any]) -> None:
     )
 
 
+async def after_job(ctx: dict[str, Any]) -> None:
+    """arq has re-scored a deferred job: re-apply a flow-control wake that raced with it."""
+    runner: Runner | None = ctx.get("flexq_runner")
+    if runner is not None and runner.flow is not None:
+        await runner.flow.settle_wake(str(ctx["job_id"]))
+
+
 async def shutdown(ctx: dict[str, Any]) -> None:
     keeper: LeaseKeeper | None = ctx.get("flexq_keeper")
     if keeper is not None:
@@ -126,6 +134,7 @@ def worker_kwargs(settings: FlexqSettings, *, concurrency: int | None = None, bu
         "allow_abort_jobs": True,
         "on_startup": startup,
         "on_shutdown": shutdown,
+        "after_job_end": after_job,
         "poll_delay": POLL_DELAY_S,
         "health_check_interval": 30,
         "burst": burst,
@@ -161,6 +170,7 @@ class WorkerSettings:
     allow_abort_jobs = True
     on_startup = staticmethod(startup)
     on_shutdown = staticmethod(shutdown)
+    after_job_end = staticmethod(after_job)
     poll_delay = POLL_DELAY_S
     health_check_interval = 30
     log_results = False

@@ -1,0 +1,188 @@
+"""Shared pieces of the benchmarks: a Redis to run on, results, percentiles, environment facts."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import platform
+import resource
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis as sync_redis
+
+#: Database used on a shared Redis (never the tests' 15); flushed at start and end.
+BENCH_DB = 12
+SHARED_REDIS = f"redis://127.0.0.1:6379/{BENCH_DB}"
+MODEL = "gemini-2.5-flash"
+
+
+@dataclass
+class BenchResult:
+    """What one benchmark found: figures, the target, whether it was met, and notes."""
+
+    name: str
+    figures: dict[str, Any]
+    target: str
+    met: bool | None
+    verdict: str
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "figures": self.figures, "target": self.target, "met": self.met,
+            "verdict": self.verdict, "notes": self.notes,
+        }
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) by linear interpolation; NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return float(ordered[0])
+    pos = (len(ordered) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return float(ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo))
+
+
+def summarize(values: Sequence[float]) -> dict[str, float]:
+    return {
+        "n": len(values),
+        "p50": round(percentile(values, 50), 2),
+        "p90": round(percentile(values, 90), 2),
+        "p99": round(percentile(values, 99), 2),
+        "max": round(max(values), 2) if values else math.nan,
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def redis_answers(url: str) -> bool:
+    try:
+        client = sync_redis.Redis.from_url(url, socket_connect_timeout=1)
+        client.ping()
+        client.close()
+        return True
+    except (sync_redis.RedisError, OSError):
+        return False
+
+
+def flush(url: str) -> None:
+    client = sync_redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+
+
+def redis_version(url: str) -> str:
+    client = sync_redis.Redis.from_url(url)
+    try:
+        return str(client.info("server").get("redis_version", "?"))
+    finally:
+        client.close()
+
+
+@contextlib.contextmanager
+def bench_redis(url: str | None = None) -> Iterator[str]:
+    """A Redis database for the benchmarks, flushed at start and end.
+
+    ``url`` given: use it. Else a private ``redis-server`` (no persistence) in a temp dir, or,
+    when none is installed, database 12 of the Redis on 127.0.0.1:6379.
+    """
+    if url is not None:
+        if not redis_answers(url):
+            raise RuntimeError(f"no Redis answers at {url}")
+        flush(url)
+        try:
+            yield url
+        finally:
+            flush(url)
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        with bench_redis(SHARED_REDIS) as shared:
+            yield shared
+        return
+    with tempfile.TemporaryDirectory(prefix="flexq-bench-redis-") as tmp:
+        port = free_port()
+        proc = subprocess.Popen(  # noqa: S603 - fixed arguments
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        own = f"redis://127.0.0.1:{port}/0"
+        try:
+            deadline = time.monotonic() + 10
+            while not redis_answers(own):
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("private redis-server did not start within 10 s")
+                time.sleep(0.05)
+            yield own
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft open-files limit to the hard one (5,000 sockets need it); returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def proc_status_kb(pid: int | str, field_name: str) -> int | None:
+    """A ``/proc/PID/status`` memory field (VmRSS, VmHWM) in kB; None if the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def quiet_logging(stream: Any = None) -> None:
+    """Configure flexq's logging as a worker does (JSON, INFO) but write it to /dev/null.
+
+    The formatting cost of every log line stays in the measurement; the terminal stays readable.
+    """
+    from worker import logs
+
+    sink = stream or open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+    logs.configure("json", level=logging.INFO, stream=sink)
+
+
+def environment(redis_url: str | None = None) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "nproc": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    if redis_url is not None:
+        with contextlib.suppress(Exception):
+            info["redis"] = redis_version(redis_url)
+    return info

@@ -1,0 +1,70 @@
+"""The benchmarks run end to end at smoke size and produce sane figures.
+
+Never a timed assertion: rates only have to be positive and every job done. Each benchmark runs in
+its own ``python -m bench.run`` process (they configure logging and event loops process-wide), on a
+private redis-server.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.redis]
+
+
+def run_bench(own_redis: str, tmp_path: Path, *args: str, timeout_s: float = 110) -> dict[str, Any]:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--redis-url", own_redis, "--json", str(out), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "VERDICT" in proc.stdout
+    doc = json.loads(out.read_text())
+    assert doc["environment"]["nproc"] >= 1
+    (result,) = doc["results"]
+    assert result["verdict"].startswith(("MET", "MISSED")), result["verdict"]
+    return dict(result["figures"])
+
+
+def test_overhead_smoke(own_redis: str, tmp_path: Path) -> None:
+    figures = run_bench(own_redis, tmp_path, "--smoke", "--only", "overhead")
+    assert figures["jobs"] == 200
+    variants = figures["variants"]
+    assert {"raw arq (noop)", "flexq flow off"} <= set(variants)
+    for name, row in variants.items():
+        assert row["all_done"], name
+        assert row["done"] == 200, name
+        assert row["worker_jobs_per_s"] > 0 and row["enqueue_jobs_per_s"] > 0, name
+        assert row["arq_job_runs"] >= 200, name
+    assert all(ratio > 0 for ratio in figures["ratio_to_raw_arq"].values())
+
+
+def test_enqueue_smoke(own_redis: str, tmp_path: Path) -> None:
+    figures = run_bench(own_redis, tmp_path, "--smoke", "--only", "enqueue")
+    assert figures["jobs"] == 1000
+    for name, row in figures["shapes"].items():
+        assert row["all_created_and_queued"], name
+        assert row["jobs_per_s"] > 0, name
+        assert row["validate_us_per_job"] > 0 and row["redis_write_us_per_job"] > 0, name
+
+
+def test_concurrency_tiny(own_redis: str, tmp_path: Path) -> None:
+    """200 calls of 2 s through one real worker process, the SDK and the simulator process."""
+    from bench import concurrency
+
+    result = concurrency.run(own_redis, calls=200, latency_s=2.0, flows=(False,))
+    row = result.figures["variants"]["flow off"]
+    assert row["succeeded"] == 200 and row["failed"] == 0
+    assert row["peak_in_flight"] > 0
+    assert row["rss_peak_mb"] > 0
+    assert row["lag_ms"]["n"] > 0 and row["lag_ms"]["p99"] >= 0
+    assert result.verdict.startswith(("MET", "MISSED"))
