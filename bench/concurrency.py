@@ -98,7 +98,7 @@ class Watch:
 def worker_env(redis_url: str, sim_url: str, flow: bool, calls: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEXQ_", "GEMINI_", "GOOGLE_"))}
     env.update(
-        REDIS_URL=redis_url, GEMINI_API_KEY="bench", GEMINI_BASE_URL=sim_url, FLEXQ_QUEUE=QUEUE,
+        REDIS_URL=redis_url, GEMINI_API_KEY="bench-api-key", GEMINI_BASE_URL=sim_url, FLEXQ_QUEUE=QUEUE,
         FLEXQ_LOG_FORMAT="json", NO_PROXY="127.0.0.1,localhost", PYTHONUNBUFFERED="1",
         FLEXQ_FLOW="1" if flow else "0",
     )
@@ -160,7 +160,9 @@ def phase_lag(lag: list[list[float]], start: float | None, end: float | None) ->
     return summarize([v for t, v in lag if start <= t < end])
 
 
-def run_variant(redis_url: str, calls: int, latency_s: float, flow: bool, tmp: Path) -> dict[str, Any]:
+def run_variant(
+    redis_url: str, calls: int, latency_s: float, flow: bool, tmp: Path, worker_args: tuple[str, ...] = ()
+) -> dict[str, Any]:
     flush(redis_url)
     sim_port = free_port()
     sim_url = f"http://127.0.0.1:{sim_port}"
@@ -178,7 +180,7 @@ def run_variant(redis_url: str, calls: int, latency_s: float, flow: bool, tmp: P
         enqueue_s = time.perf_counter() - started
         proc = subprocess.Popen(  # noqa: S603 - our own module
             [sys.executable, "-m", "bench.concurrency_worker", "--report", str(report_path),
-             "--concurrency", str(calls)],
+             "--concurrency", str(calls), *worker_args],
             cwd=ROOT, env=worker_env(redis_url, sim_url, flow, calls), stdout=worker_log, stderr=subprocess.STDOUT,
         )
         try:
@@ -266,7 +268,8 @@ def verdict_of(row: dict[str, Any]) -> tuple[bool, str]:
 
 
 def run(redis_url: str, *, smoke: bool = False, calls: int | None = None, latency_s: float | None = None,
-        flows: tuple[bool, ...] | None = None, keep: str | None = None) -> BenchResult:
+        flows: tuple[bool, ...] | None = None, keep: str | None = None, worker_args: tuple[str, ...] = ()
+        ) -> BenchResult:
     calls = calls or (CALLS_SMOKE if smoke else CALLS_FULL)
     latency_s = latency_s or (LATENCY_SMOKE if smoke else LATENCY_FULL)
     flows = flows if flows is not None else ((False,) if smoke else (False, True))
@@ -278,7 +281,7 @@ def run(redis_url: str, *, smoke: bool = False, calls: int | None = None, latenc
         where = Path(keep or tmp)
         where.mkdir(parents=True, exist_ok=True)
         for flow in flows:
-            row = run_variant(redis_url, calls, latency_s, flow, where)
+            row = run_variant(redis_url, calls, latency_s, flow, where, worker_args)
             figures["variants"][f"flow {row['flow']}"] = row
             met, text = verdict_of(row)
             met_all = met_all and met
@@ -305,10 +308,14 @@ def main(argv: list[str] | None = None) -> BenchResult:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--redis-url")
     parser.add_argument("--keep", metavar="DIR", help="keep the worker's and simulator's logs and report in DIR")
+    parser.add_argument("--gc-freeze", action="store_true", help="experiment: worker calls gc.freeze() after start-up")
+    parser.add_argument("--census", action="store_true", help="diagnosis: gc-tracked objects by type at full load")
     args = parser.parse_args(argv)
     flows = {"off": (False,), "on": (True,), "both": (False, True), None: None}[args.flow]
     with bench_redis(args.redis_url) as url:
-        result = run(url, smoke=args.smoke, calls=args.calls, latency_s=args.latency_s, flows=flows, keep=args.keep)
+        extra = tuple(flag for flag, on in (("--gc-freeze", args.gc_freeze), ("--census", args.census)) if on)
+        result = run(url, smoke=args.smoke, calls=args.calls, latency_s=args.latency_s, flows=flows, keep=args.keep,
+                     worker_args=extra)
     print_result(result)
     return result
 

@@ -64,7 +64,28 @@ class Probe:
                     self.rss.append((time.time(), rss))
 
 
-def write_report(path: str, probe: Probe, worker: Any, started: float, error: str | None) -> None:
+async def take_census(worker: Any, concurrency: int, out: dict[str, Any]) -> None:
+    """Once 99% of the calls are in flight: gc-tracked objects by type (the cost of a full collection)."""
+    while True:
+        if len(worker.job_tasks) >= 0.99 * concurrency:
+            break
+        await asyncio.sleep(0.5)
+    await asyncio.sleep(2)
+    counts: dict[str, int] = {}
+    objects = gc.get_objects()
+    for obj in objects:
+        name = f"{type(obj).__module__}.{type(obj).__qualname__}"
+        counts[name] = counts.get(name, 0) + 1
+    out.update(
+        at_s=time.time(), in_flight=len(worker.job_tasks), tracked=len(objects),
+        frozen=gc.get_freeze_count(), top=sorted(counts.items(), key=lambda kv: -kv[1])[:25],
+    )
+    del objects
+
+
+def write_report(
+    path: str, probe: Probe, worker: Any, started: float, error: str | None, census: dict[str, Any] | None = None
+) -> None:
     doc = {
         "pid": os.getpid(),
         "started_s": started,
@@ -78,6 +99,7 @@ def write_report(path: str, probe: Probe, worker: Any, started: float, error: st
         "jobs_failed": getattr(worker, "jobs_failed", None),
         "jobs_retried": getattr(worker, "jobs_retried", None),
         "error": error,
+        "census": census or None,
     }
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as out:
@@ -90,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", required=True, help="where to write the JSON report")
     parser.add_argument("--concurrency", type=int, required=True)
     parser.add_argument("--no-burst", action="store_true", help="run until SIGTERM instead of until the queue is empty")
+    parser.add_argument("--gc-freeze", action="store_true",
+                        help="experiment: gc.freeze() right after the worker's start-up (not what flexq does)")
+    parser.add_argument("--census", action="store_true",
+                        help="diagnosis: gc-tracked objects by type once all calls are in flight (one long pause)")
     args = parser.parse_args(argv)
     raise_nofile_limit()
     started = time.time()
@@ -105,6 +131,19 @@ def main(argv: list[str] | None = None) -> int:
     probe = Probe()
     gc.callbacks.append(probe.gc)
     probe_task = loop.create_task(probe.run())
+    if args.gc_freeze:
+        startup = worker.on_startup
+
+        async def startup_then_freeze(ctx: dict[str, Any]) -> None:
+            if startup is not None:
+                await startup(ctx)
+            gc.collect()
+            gc.freeze()
+
+        worker.on_startup = startup_then_freeze
+    census: dict[str, Any] = {}
+    if args.census:
+        census_task = loop.create_task(take_census(worker, args.concurrency, census))
     error = None
     try:
         worker.run()
@@ -115,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         probe_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, RuntimeError):
             loop.run_until_complete(probe_task)
-        write_report(args.report, probe, worker, started, error)
+        if args.census:
+            census_task.cancel()
+        write_report(args.report, probe, worker, started, error, census)
         loop.close()
     return 0
 

@@ -131,6 +131,17 @@ def test_estimate_tokens(request_data: dict[str, Any], expected: int) -> None:
 
 # -- AIMD ------------------------------------------------------------------------------------------
 
+#: The AIMD rows are about the rules, not the tuning: their own beta and decrease interval.
+AIMD_CFG = FlowConfig(initial_limit=8.0, decrease_factor=0.7, decrease_interval_s=2.0)
+
+
+def test_flow_config_defaults() -> None:
+    """The shipped tuning (FLEXQ_FLOW_* defaults map onto it): pinned, so a change is deliberate."""
+    cfg = FlowConfig()
+    assert (cfg.initial_limit, cfg.min_limit, cfg.max_limit) == (32.0, 1.0, 1000.0)
+    assert (cfg.decrease_factor, cfg.decrease_interval_s) == (0.9, 0.5)
+    assert (cfg.poll_min_s, cfg.poll_max_s, cfg.waiter_timeout_s) == (0.2, 1.0, 10.0)
+
 
 @pytest.mark.parametrize(
     ("state", "event", "now_s", "started_s", "in_flight", "expected"),
@@ -140,18 +151,25 @@ def test_estimate_tokens(request_data: dict[str, Any], expected: int) -> None:
         # congestion avoidance: +1/limit per success, i.e. +1 per window of successes
         (AimdState(10.0, 10.0, 50.0), "ok", 100.0, 99.0, 10, AimdState(10.1, 10.0, 50.0)),
         (AimdState(10.0, 10.0, 50.0), "ok", 100.0, 99.0, 5, AimdState(10.1, 10.0, 50.0)),
-        # app-limited (in_flight < limit/2): the window is not the bottleneck, no growth
+        # app-limited (in_flight < limit/2, nobody waiting): the window is not the bottleneck, no growth
         (AimdState(10.0, 10.0, 50.0), "ok", 100.0, 99.0, 4, AimdState(10.0, 10.0, 50.0)),
+        (AimdState(8.0), "ok", 100.0, 99.0, 3, AimdState(8.0)),
         # capped at max_limit
         (AimdState(1000.0), "ok", 100.0, 99.0, 1000, AimdState(1000.0)),
         (AimdState(999.5), "ok", 100.0, 99.0, 1000, AimdState(1000.0)),
         # a stale limit above max_limit is clamped first
         (AimdState(5000.0), "ok", 100.0, 99.0, 1, AimdState(1000.0)),
-        # 503: x0.7, ssthresh follows, the decrease time is remembered
+        # 503: x0.7 (this config's beta), ssthresh follows, the decrease time is remembered
         (AimdState(20.0), "overloaded", 100.0, 99.0, 20, AimdState(14.0, 14.0, 100.0)),
         (AimdState(20.0, 25.0, 97.9), "overloaded", 100.0, 99.0, 20, AimdState(14.0, 14.0, 100.0)),
-        # ...at most once per decrease_interval_s (2 s)
+        # ...from what was really in flight (TCP: cwnd = min(cwnd, flight) x beta)
+        (AimdState(40.0), "overloaded", 100.0, 99.0, 10, AimdState(7.0, 7.0, 100.0)),
+        (AimdState(40.0, 40.0, 50.0), "overloaded", 100.0, 99.0, 1, AimdState(1.0, 1.0, 100.0)),
+        # ...but never from more than the limit (lapsed permits still answering count in flight)
+        (AimdState(10.0), "overloaded", 100.0, 99.0, 12, AimdState(7.0, 7.0, 100.0)),
+        # ...at most once per decrease_interval_s (2 s here)
         (AimdState(14.0, 14.0, 99.0), "overloaded", 100.0, 99.5, 14, AimdState(14.0, 14.0, 99.0)),
+        (AimdState(14.0, 14.0, 98.0), "overloaded", 100.0, 99.5, 14, AimdState(9.8, 9.8, 100.0)),
         # ...and never for a request admitted before the last decrease (same overload event)
         (AimdState(14.0, 14.0, 90.0), "overloaded", 100.0, 89.0, 14, AimdState(14.0, 14.0, 90.0)),
         (AimdState(14.0, 14.0, 90.0), "overloaded", 100.0, 90.0, 14, AimdState(9.8, 9.8, 100.0)),
@@ -162,30 +180,60 @@ def test_estimate_tokens(request_data: dict[str, Any], expected: int) -> None:
 def test_aimd_next(
     state: AimdState, event: Any, now_s: float, started_s: float, in_flight: int, expected: AimdState
 ) -> None:
-    got = aimd_next(state, event, now_s=now_s, started_s=started_s, in_flight=in_flight, cfg=CFG)
+    got = aimd_next(state, event, now_s=now_s, started_s=started_s, in_flight=in_flight, cfg=AIMD_CFG)
+    assert got.limit == pytest.approx(expected.limit)
+    assert (got.ssthresh, got.last_decrease_s) == pytest.approx((expected.ssthresh, expected.last_decrease_s))
+
+
+@pytest.mark.parametrize(
+    ("state", "event", "in_flight", "waiting", "expected"),
+    [
+        # jobs in line for a permit are demand: grow even when few permits are held
+        (AimdState(10.0, 10.0, 50.0), "ok", 4, 1, AimdState(10.1, 10.0, 50.0)),
+        (AimdState(10.0, 10.0, 50.0), "ok", 1, 30, AimdState(10.1, 10.0, 50.0)),  # +1/limit, however many
+        (AimdState(8.0), "ok", 1, 3, AimdState(9.0)),  # slow start: +1
+        (AimdState(8.0), "ok", 1, 0, AimdState(8.0)),  # the same without waiters: app-limited
+        (AimdState(1000.0), "ok", 1, 5, AimdState(1000.0)),  # still capped
+        # waiters never soften a decrease
+        (AimdState(20.0), "overloaded", 20, 50, AimdState(14.0, 14.0, 100.0)),
+        (AimdState(14.0, 14.0, 99.0), "overloaded", 14, 50, AimdState(14.0, 14.0, 99.0)),
+    ],
+)
+def test_aimd_next_grows_while_jobs_wait(
+    state: AimdState, event: Any, in_flight: int, waiting: int, expected: AimdState
+) -> None:
+    got = aimd_next(state, event, now_s=100.0, started_s=99.5, in_flight=in_flight, waiting=waiting, cfg=AIMD_CFG)
     assert got.limit == pytest.approx(expected.limit)
     assert (got.ssthresh, got.last_decrease_s) == pytest.approx((expected.ssthresh, expected.last_decrease_s))
 
 
 def test_aimd_burst_of_503s_decreases_once() -> None:
+    cfg = FlowConfig(initial_limit=30.0, decrease_factor=0.7, decrease_interval_s=0.5)
     state = AimdState(30.0)
-    for i in range(30):  # one overload event: 30 requests sent at t=10 all answer 503 within 0.3 s
-        state = aimd_next(state, "overloaded", now_s=10.0 + i * 0.01, started_s=10.0, in_flight=30 - i, cfg=CFG)
-    assert state.limit == pytest.approx(21.0)
+    # one overload event: 30 requests sent at t=10 all answer 503 over 1.5 s (longer than the
+    # decrease interval): the first decreases, the rest were sent before that decrease
+    for i in range(30):
+        state = aimd_next(state, "overloaded", now_s=10.2 + i * 0.05, started_s=10.0, in_flight=30 - i, cfg=cfg)
+    assert (state.limit, state.last_decrease_s) == pytest.approx((21.0, 10.2))
+    # a request sent after the decrease, answered after the interval: the next event, from its flight
+    state = aimd_next(state, "overloaded", now_s=12.0, started_s=11.0, in_flight=10, cfg=cfg)
+    assert (state.limit, state.ssthresh) == pytest.approx((7.0, 7.0))
 
 
 def test_only_503_and_ok_move_the_window() -> None:
     assert dict(AIMD_EVENTS) == {Outcome.OK: "ok", Outcome.OVERLOADED: "overloaded"}
 
 
-def simulate_capacity(capacity: int, *, seconds: float, dt_s: float = 0.05, latency_s: float = 1.0) -> dict[str, Any]:
+def simulate_capacity(
+    capacity: int, *, seconds: float, cfg: FlowConfig, dt_s: float = 0.05, latency_s: float = 1.0
+) -> dict[str, Any]:
     """A server that answers ``capacity`` concurrent requests (latency_s each) and 503s the rest at once;
-    a client that keeps as many requests in flight as the AIMD limit allows. Simulated time."""
-    cfg = FlowConfig(initial_limit=4.0)
+    a client that keeps as many requests in flight as the AIMD limit allows. Simulated time.
+    ``samples``: (time, limit, permits the limit grants: floor(limit))."""
     state = AimdState(cfg.initial_limit)
     ends: list[tuple[float, int, str, float]] = []  # (end, seq, outcome, started)
     serving, seq, now = 0, 0, 0.0
-    samples: list[tuple[float, float]] = []
+    samples: list[tuple[float, float, int]] = []
     counts = {"ok": 0, "overloaded": 0, "decreases": 0}
     while now < seconds:
         while ends and ends[0][0] <= now:
@@ -202,21 +250,49 @@ def simulate_capacity(capacity: int, *, seconds: float, dt_s: float = 0.05, late
                 heapq.heappush(ends, (now + latency_s, seq, "ok", now))
             else:
                 heapq.heappush(ends, (now + dt_s, seq, "overloaded", now))
-        samples.append((now, state.limit))
+        samples.append((now, state.limit, math.floor(cfg.clamp(state.limit))))
         now = round(now + dt_s, 6)
     return {"samples": samples, **counts}
 
 
+#: The shipped beta and interval (gentle: 0.9 every 0.5 s), and the classic harsher ones (0.7 every 2 s).
+SIM_CONFIGS = {
+    "default": FlowConfig(initial_limit=4.0),
+    "harsh": FlowConfig(initial_limit=4.0, decrease_factor=0.7, decrease_interval_s=2.0),
+}
+
+
+@pytest.mark.parametrize("tuning", sorted(SIM_CONFIGS))
 @pytest.mark.parametrize("capacity", [5, 20, 120])
-def test_aimd_converges_to_the_capacity_of_the_server(capacity: int) -> None:
-    run = simulate_capacity(capacity, seconds=240.0)
-    late = [limit for t, limit in run["samples"] if t >= 120.0]
-    assert min(late) >= 0.6 * capacity  # never collapses
-    assert max(late) <= capacity + 2  # never runs away: a 503 follows each probe above capacity
-    mean = sum(late) / len(late)
+def test_aimd_converges_to_the_capacity_of_the_server(capacity: int, tuning: str) -> None:
+    run = simulate_capacity(capacity, seconds=240.0, cfg=SIM_CONFIGS[tuning])
+    late = [(limit, permits) for t, limit, permits in run["samples"] if t >= 120.0]
+    assert min(limit for limit, _ in late) >= 0.6 * capacity  # never collapses
+    assert max(limit for limit, _ in late) <= capacity + 2  # never runs away: a 503 follows each probe above capacity
+    # the permits the limit grants (floor(limit): a limit of 5.7 runs 5 at once) average out near the capacity
+    mean = sum(permits for _, permits in late) / len(late)
     assert 0.75 * capacity <= mean <= 1.05 * capacity, mean
     assert run["decreases"] >= 2  # it keeps probing: the limit oscillates around the capacity
     assert run["overloaded"] <= 0.15 * run["ok"]  # the price of probing: ~1 fast 503 per sawtooth
+
+
+@pytest.mark.parametrize("capacity", [5, 20, 120])
+def test_aimd_gentle_default_beta_stays_close_to_the_capacity(capacity: int) -> None:
+    """0.9 from what is in flight: the sawtooth stays within ~10% of the capacity."""
+    run = simulate_capacity(capacity, seconds=240.0, cfg=SIM_CONFIGS["default"])
+    late = [permits for t, _, permits in run["samples"] if t >= 120.0]
+    assert min(late) >= math.floor(0.88 * capacity)
+    assert sum(late) / len(late) >= 0.9 * capacity
+
+
+def test_aimd_from_the_default_initial_limit_comes_down_to_a_small_capacity() -> None:
+    """The default start (32) above a server of capacity 5: one decrease per interval, each from
+    what is in flight, brings the limit down within seconds, and it stays there."""
+    run = simulate_capacity(5, seconds=60.0, cfg=FlowConfig())
+    assert run["samples"][0][1] == 32.0
+    settled_s = next(t for t, limit, _ in run["samples"] if limit < 7)
+    assert settled_s <= 12.0, settled_s
+    assert max(limit for t, limit, _ in run["samples"] if t >= settled_s) <= 7
 
 
 # -- sliding windows -------------------------------------------------------------------------------
@@ -271,7 +347,57 @@ def test_window_wait_s(cur: float, prev: float, weight: float, limit: float, cos
     ],
 )
 def test_breaker_event(outcome: Outcome | None, event: str) -> None:
-    assert breaker_event(outcome) == event
+    assert breaker_event(outcome) == event  # without the limit: a 503 is a failure
+
+
+@pytest.mark.parametrize(
+    ("outcome", "limit", "min_limit", "event"),
+    [
+        # a 503 is a capacity signal while AIMD can still shrink the limit: no verdict on the service
+        (Outcome.OVERLOADED, 14.0, 1.0, "neutral"),
+        (Outcome.OVERLOADED, 1.01, 1.0, "neutral"),
+        # ...and a failure once the limit (after this outcome's AIMD step) is at its floor
+        (Outcome.OVERLOADED, 1.0, 1.0, "failure"),
+        (Outcome.OVERLOADED, 4.0, 4.0, "failure"),
+        (Outcome.OVERLOADED, 4.5, 4.0, "neutral"),
+        # the other failures count whatever the limit
+        (Outcome.SERVER_ERROR, 14.0, 1.0, "failure"),
+        (Outcome.TIMEOUT, 14.0, 1.0, "failure"),
+        (Outcome.CONNECTION_ERROR, 14.0, 1.0, "failure"),
+        (Outcome.OK, 1.0, 1.0, "success"),
+        (Outcome.CLIENT_ERROR, 14.0, 1.0, "success"),
+        (Outcome.RATE_LIMITED, 1.0, 1.0, "neutral"),
+        (None, 1.0, 1.0, "neutral"),
+    ],
+)
+def test_breaker_event_with_the_limit(outcome: Outcome | None, limit: float, min_limit: float, event: str) -> None:
+    assert breaker_event(outcome, limit=limit, min_limit=min_limit) == event
+
+
+def test_a_burst_of_503s_above_the_floor_shrinks_the_limit_and_leaves_the_breaker_closed() -> None:
+    """The AIMD and breaker reactions to one outcome, in the order the store applies them."""
+    cfg = FlowConfig(initial_limit=40.0, breaker_min_failures=20)
+    aimd, breaker = AimdState(cfg.initial_limit), BreakerState()
+    for i in range(100):  # 100 x 503 over 10 s, a new overload event every 0.5 s
+        now_s = 100.0 + i * 0.1
+        aimd = aimd_next(aimd, "overloaded", now_s=now_s, started_s=now_s - 0.1, in_flight=40, cfg=cfg)
+        event = breaker_event(Outcome.OVERLOADED, limit=aimd.limit, min_limit=cfg.min_limit)
+        breaker = breaker_next(breaker, event, probe=False, now_s=now_s, cfg=cfg)
+    assert aimd.limit == pytest.approx(40.0 * 0.9**20)  # 20 decreases: 40 -> 4.86
+    assert breaker == BreakerState()  # not even counted
+
+
+def test_503s_open_the_breaker_once_the_limit_is_at_its_floor() -> None:
+    cfg = FlowConfig(initial_limit=1.0, min_limit=1.0, max_limit=10.0, breaker_min_failures=20)
+    aimd, breaker = AimdState(cfg.initial_limit), BreakerState()
+    for i in range(20):
+        now_s = 100.0 + i * 0.1
+        aimd = aimd_next(aimd, "overloaded", now_s=now_s, started_s=now_s - 0.1, in_flight=1, cfg=cfg)
+        event = breaker_event(Outcome.OVERLOADED, limit=aimd.limit, min_limit=cfg.min_limit)
+        assert event == "failure"
+        breaker = breaker_next(breaker, event, probe=False, now_s=now_s, cfg=cfg)
+    assert aimd.limit == 1.0
+    assert (breaker.state, breaker.opens) == (Breaker.OPEN, 1)
 
 
 def run_events(state: BreakerState, events: list[tuple[str, float]], *, probe: bool = False) -> BreakerState:
@@ -431,14 +557,27 @@ def test_admit_as_probe_claims_the_probe_slot() -> None:
 @pytest.mark.parametrize(
     ("admission", "r", "expected"),
     [
-        (Admission(False, "no_permit"), 0.0, 0.2),
-        (Admission(False, "no_permit"), 1.0, 1.0),
+        # no permit: the job waits in line and a release wakes it; this is only the fallback
+        (Admission(False, "no_permit"), 0.0, 10.0),
+        (Admission(False, "no_permit"), 0.5, 10.5),
+        (Admission(False, "no_permit"), 1.0, 11.0),
+        # the half-open probe slot is busy: poll, uniform in [poll_min_s, poll_max_s]
+        (Admission(False, "probe_busy"), 0.0, 0.2),
         (Admission(False, "probe_busy"), 0.5, 0.6),
+        (Admission(False, "probe_busy"), 1.0, 1.0),
+        # a known wait: it, + up to 10%, + the poll jitter
         (Admission(False, "paused", 60.0), 0.0, 60.2),
         (Admission(False, "paused", 60.0), 1.0, 60.0 * 1.1 + 1.0),
         (Admission(False, "circuit_open", 10.0), 0.5, 10.5 + 0.6),
         (Admission(False, "rpm", 0.25), 0.0, 0.45),
+        (Admission(False, "tpm", 2.0), 0.5, 2.1 + 0.6),
     ],
 )
 def test_defer_s(admission: Admission, r: float, expected: float) -> None:
-    assert defer_s(admission, CFG, lambda: r) == pytest.approx(expected)
+    cfg = FlowConfig(poll_min_s=0.2, poll_max_s=1.0, waiter_timeout_s=10.0)
+    assert defer_s(admission, cfg, lambda: r) == pytest.approx(expected)
+
+
+def test_defer_s_no_permit_follows_waiter_timeout() -> None:
+    cfg = FlowConfig(waiter_timeout_s=3.0, poll_min_s=0.0, poll_max_s=0.0)
+    assert defer_s(Admission(False, "no_permit"), cfg, lambda: 0.25) == pytest.approx(3.075)

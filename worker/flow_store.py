@@ -138,14 +138,22 @@ if rpm > 0 or tpm > 0 then
     if w > 0 then return reply(0, 'tpm', w, 0, in_flight) end
   end
 end
-redis.call('HDEL', KEYS[8], job)  -- a wake before this attempt is spent
-if in_flight >= math.floor(limit) then
+-- Ack clocking: while others wait in line, a free permit belongs to a woken job (or, for a waiter
+-- back on its own after waiter_timeout_s, to one of the first `free` in line), not to a newcomer
+-- or to a job just shed with a 503 and retrying: that keeps in-flight at what the pool serves.
+local was_woken = redis.call('HDEL', KEYS[8], job) == 1
+local free = math.floor(limit) - in_flight
+local in_line = false
+if not was_woken and free > 0 and redis.call('ZCARD', KEYS[7]) > 0 then
+  local rank = redis.call('ZRANK', KEYS[7], job)
+  in_line = rank == false or rank >= free
+end
+if free <= 0 or in_line then
   redis.call('ZADD', KEYS[7], 'NX', num(now), job)
   redis.call('EXPIRE', KEYS[7], STATE_TTL)
   return reply(0, 'no_permit', 0, 0, in_flight)
 end
 redis.call('ZREM', KEYS[7], job)
-redis.call('HDEL', KEYS[8], job)
 redis.call('ZADD', KEYS[2], num(now + ttl), job)
 if probe == 1 then redis.call('HSET', KEYS[1], 'probe', job, 'probe_until_s', num(now + ttl)) end
 if win then
@@ -173,6 +181,7 @@ local s = redis.call('HMGET', KEYS[1], 'limit', 'ssthresh', 'last_decrease_s', '
   'failed', 'prev_ok', 'prev_failed', 'probe')
 -- worker.flow.aimd_next
 local limit = clamp(tonumber(s[1]) or initial, lo, hi)
+local limit_before = limit
 local ssthresh, last_dec = tonumber(s[2]) or math.huge, tonumber(s[3]) or 0
 if aimd == 'ok' and (in_flight >= limit * APP_LIMITED or redis.call('ZCARD', KEYS[7]) > 0) then
   local step = 1
@@ -221,13 +230,22 @@ redis.call('EXPIRE', KEYS[1], STATE_TTL)
 -- (not after a 503: the pool is full, and a woken waiter would only be shed in turn). A waiter
 -- whose arq run is still finishing would lose the wake to arq's re-scoring: the woken hash lets
 -- the worker's after-job hook (``settle_wake``) re-apply it.
+-- Ack clocking: one waiter replaces the request that ended, plus one per whole permit the limit
+-- grew; waiters whose arq job is gone (cancelled, finished) are skipped.
 local free = math.floor(limit) - redis.call('ZCARD', KEYS[2])
-if free > 0 and aimd ~= 'overloaded' and (tonumber(redis.call('HGET', KEYS[3], 'until_s')) or 0) <= now then
-  local woken = redis.call('ZPOPMIN', KEYS[7], free)
+local wake = math.min(free, 1 + math.max(0, math.floor(limit) - math.floor(limit_before)))
+if wake > 0 and aimd ~= 'overloaded' and (tonumber(redis.call('HGET', KEYS[3], 'until_s')) or 0) <= now then
   local now_ms = math.floor(now * 1000)
-  for i = 1, #woken, 2 do
-    redis.call('ZADD', KEYS[8], 'XX', now_ms, woken[i])
-    redis.call('HSET', KEYS[9], woken[i], now_ms)
+  local tries = 0
+  while wake > 0 and tries < 64 do
+    tries = tries + 1
+    local head = redis.call('ZPOPMIN', KEYS[7], 1)
+    if #head == 0 then break end
+    if redis.call('ZSCORE', KEYS[8], head[1]) then
+      redis.call('ZADD', KEYS[8], 'XX', now_ms, head[1])
+      redis.call('HSET', KEYS[9], head[1], now_ms)
+      wake = wake - 1
+    end
   end
 end
 -- 429: pause the model for every worker; per-day and billing quotas raise an alert
@@ -273,9 +291,9 @@ return num(limit)
 # KEYS: woken hash, arq queue; ARGV: job
 _SETTLE = """
 local at = redis.call('HGET', KEYS[1], ARGV[1])
-if not at then return 0 end
-redis.call('HDEL', KEYS[1], ARGV[1])
-return redis.call('ZADD', KEYS[2], 'XX', at, ARGV[1])
+if not at or not redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[2], 'XX', at, ARGV[1])  -- the wake stays in the hash until acquire spends it
+return 1
 """
 
 _RELEASE = (
