@@ -93,7 +93,8 @@ def flush(url: str) -> None:
 def redis_version(url: str) -> str:
     client = sync_redis.Redis.from_url(url)
     try:
-        return str(client.info("server").get("redis_version", "?"))
+        info: dict[str, Any] = client.info("server")  # type: ignore[assignment]
+        return str(info.get("redis_version", "?"))
     finally:
         client.close()
 

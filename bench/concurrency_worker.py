@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import cProfile
 import gc
 import json
 import os
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="experiment: gc.freeze() right after the worker's start-up (not what flexq does)")
     parser.add_argument("--census", action="store_true",
                         help="diagnosis: gc-tracked objects by type once all calls are in flight (one long pause)")
+    parser.add_argument("--profile", metavar="PATH", help="diagnosis: cProfile the worker, dump the stats to PATH")
     args = parser.parse_args(argv)
     raise_nofile_limit()
     started = time.time()
@@ -145,12 +147,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.census:
         census_task = loop.create_task(take_census(worker, args.concurrency, census))
     error = None
+    profiler = cProfile.Profile() if args.profile else None
     try:
+        if profiler is not None:
+            profiler.enable()
         worker.run()
     except BaseException as err:  # report whatever happened, then re-raise
         error = f"{type(err).__name__}: {err}"
         raise
     finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(args.profile)
         probe_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, RuntimeError):
             loop.run_until_complete(probe_task)

@@ -138,7 +138,8 @@ class Result:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "name": self.name, "drain_s": round(self.drain_s, 2), "oracle_multiple": round(self.drain_s / self.oracle_s, 3),
+            "name": self.name, "drain_s": round(self.drain_s, 2),
+            "oracle_multiple": round(self.drain_s / self.oracle_s, 3),
             "calls_per_success": round(self.calls / max(1, self.succeeded), 3),
             "flex_share": round(self.flex_ok / max(1, self.succeeded), 4), "succeeded": self.succeeded,
             "jobs": self.jobs,
@@ -164,7 +165,7 @@ async def run_flexq(jobs: int, sim_url: str, redis_url: str, workers: int, oracl
     logs = [tempfile.TemporaryFile() for _ in range(workers)]  # noqa: SIM115 - closed below
     started = time.monotonic()
     procs = [
-        subprocess.Popen(  # noqa: S603 - our own CLI
+        subprocess.Popen(  # noqa: ASYNC220 - started, not waited on
             [sys.executable, "-m", "worker.cli", "worker"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
         )
         for log in logs
@@ -182,7 +183,8 @@ async def run_flexq(jobs: int, sim_url: str, redis_url: str, workers: int, oracl
                 last_trace = time.monotonic()
                 snap = await probe.snapshot()
                 for scope in snap.get("scopes", []):
-                    print(f"  t={last_trace - started:5.1f}s limit={scope.get('limit')} in_flight={scope.get('in_flight')} "
+                    print(f"  t={last_trace - started:5.1f}s limit={scope.get('limit')} "
+                          f"in_flight={scope.get('in_flight')} "
                           f"sim={sim_stats(sim_url)['in_flight_flex']}", flush=True)
             counts = await queue.store.counts()
             if counts["succeeded"] + counts["failed"] + counts["cancelled"] >= jobs:
@@ -268,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--service-s", type=float, default=1.0, help="mean service time of the simulator")
     parser.add_argument("--dist", default="const", help="service-time distribution: const|exp|uniform|lognormal")
     parser.add_argument("--workers", type=int, default=1, help="flexq worker processes")
-    parser.add_argument("--slots", type=int, default=100, help="slots of the blocking loop (flexq's default concurrency)")
+    parser.add_argument("--slots", type=int, default=100, help="slots of the blocking loop (flexq default)")
     parser.add_argument("--flexq-only", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="200 jobs, 0.5 s service")
     parser.add_argument("--json", action="store_true")

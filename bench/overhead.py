@@ -15,7 +15,7 @@ Worker throughput = N / (first job start -> last job end), from arq's ``on_job_s
 Logging is configured as a worker's (JSON, INFO) and written to /dev/null in both cases.
 
 Variants of flexq: flow control off (``FLEXQ_FLOW=0``), on with default settings (cold start: the
-AIMD limit starts at 8 and the rest of the first 100 jobs are deferred), and on with
+AIMD limit starts at ``FLEXQ_FLOW_INITIAL``, below ``max_jobs``, and grows as calls succeed), and on with
 ``flow_initial=100`` ("warm": the limit already at ``max_jobs``, so only the per-job Lua cost shows).
 
     python -m bench.overhead [--jobs 2000] [--repeats 3] [--smoke] [--redis-url URL]
@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import redis as sync_redis
 from arq.connections import RedisSettings, create_pool
 from arq.worker import Worker, func
 
@@ -109,6 +110,7 @@ class Run:
     job_runs: int  # arq job executions (deferrals by flow control count too)
     done: int
     cpu_s: float  # CPU time of this process (worker + its Redis client) while busy
+    redis_commands_per_job: float = 0.0  # during the worker run (polls included)
 
     @property
     def rate(self) -> float:
@@ -121,7 +123,22 @@ class Run:
             "worker_jobs_per_s": round(self.rate, 1), "busy_s": round(self.busy_s, 3),
             "worker_wall_s": round(self.wall_s, 3), "arq_job_runs": self.job_runs,
             "cpu_ms_per_job": round(1000 * self.cpu_s / self.jobs, 3),
+            "redis_commands_per_job": round(self.redis_commands_per_job, 1),
         }
+
+
+def command_calls(redis_url: str) -> dict[str, int]:
+    """Redis's own count of commands run, by command (INFO commandstats; Lua's inner calls count too)."""
+    client = sync_redis.Redis.from_url(redis_url)
+    try:
+        stats: dict[str, Any] = client.info("commandstats")  # type: ignore[assignment]
+    finally:
+        client.close()
+    return {name.removeprefix("cmdstat_"): int(row["calls"]) for name, row in stats.items()}
+
+
+def commands_per_job(before: dict[str, int], after: dict[str, int], jobs: int) -> float:
+    return round(sum(after.values()) - sum(before.values()), 0) / jobs
 
 
 async def noop(ctx: dict[str, Any]) -> None:
@@ -146,12 +163,15 @@ async def run_raw_arq(redis_url: str, jobs: int) -> Run:
         max_jobs=MAX_JOBS, poll_delay=POLL_DELAY_S, handle_signals=False,
         on_job_start=clock.on_start, after_job_end=clock.after_end,
     )
+    before = command_calls(redis_url)
     started = time.perf_counter()
     await worker.main()
     wall_s = time.perf_counter() - started
+    after = command_calls(redis_url)
     done = worker.jobs_complete
     await worker.close()
-    return Run("raw arq (noop)", jobs, enqueue_s, clock.busy_s, wall_s, clock.ends, done, clock.cpu_s)
+    return Run("raw arq (noop)", jobs, enqueue_s, clock.busy_s, wall_s, clock.ends, done, clock.cpu_s,
+               commands_per_job(before, after, jobs))
 
 
 def flexq_settings(redis_url: str, **update: Any) -> FlexqSettings:
@@ -175,14 +195,17 @@ async def run_flexq(redis_url: str, jobs: int, variant: str, settings: FlexqSett
             ctx={"flexq_gemini_factory": InstantGemini, "flexq_configure_logs": False},
             handle_signals=False, on_job_start=clock.on_start, after_job_end=clock.after_end,
         )
+        before = command_calls(redis_url)
         started = time.perf_counter()
         await worker.main()
         wall_s = time.perf_counter() - started
+        after = command_calls(redis_url)
         await worker.close()
         counts = await queue.store.counts()
     finally:
         await queue.close()
-    return Run(variant, jobs, enqueue_s, clock.busy_s, wall_s, clock.ends, counts["succeeded"], clock.cpu_s)
+    return Run(variant, jobs, enqueue_s, clock.busy_s, wall_s, clock.ends, counts["succeeded"], clock.cpu_s,
+               commands_per_job(before, after, jobs))
 
 
 Variant = tuple[str, Callable[[str, int], Any]]
@@ -251,7 +274,7 @@ def result_from(runs: dict[str, list[Run]], jobs: int, repeats: int) -> BenchRes
         if deferred > 0:
             notes.append(
                 f"{name}: {deferred:.0f} extra arq job runs - flow control refused and deferred them "
-                "(the AIMD limit starts at FLEXQ_FLOW_INITIAL=8)."
+                f"(the AIMD limit starts at FLEXQ_FLOW_INITIAL={FlexqSettings.model_fields['flow_initial'].default:g})."
             )
     return BenchResult("overhead", figures, f">= {TARGET_RATIO} x raw arq jobs/s", met, verdict, notes)
 

@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
                 result = BenchResult(name, {}, "", None, f"CRASHED: {type(err).__name__}: {err}")
             result.figures.setdefault("bench_seconds", round(time.monotonic() - started, 1))
+            if args.smoke and result.met is not None:
+                result.verdict += " [smoke size: indicative only, see docs/benchmarks.md]"
             print_result(result)
             results.append(result)
     print("\nsummary:")

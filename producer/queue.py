@@ -131,7 +131,9 @@ class FlexQueue:
     ) -> Enqueued:
         """Validate and enqueue one job. An existing ``job_id`` is not enqueued again."""
         spec = JobSpec(request, job_id=job_id, deadline_s=deadline_s, fallback=fallback, tags=tags or {})
-        return (await self.enqueue_many([spec]))[0]
+        record = self._prepare(spec)  # a single request's error names the field without an [index]
+        existing = (await self.store.create([record]))[0]
+        return Enqueued(record=existing or record, created=existing is None)
 
     async def enqueue_many(self, specs: Iterable[JobSpec], *, chunk: int = 1000) -> list[Enqueued]:
         """Validate every spec first (nothing is enqueued if one is invalid), then pipeline them.

@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -64,6 +65,10 @@ def main(argv: Sequence[str]) -> int:
     except FlexqError as err:
         print(f"flexq: {err}", file=sys.stderr)
         return 1
+    except ValidationError as err:
+        first = err.errors()[0]
+        print(f"flexq: bad configuration: {'.'.join(map(str, first['loc']))}: {first['msg']}", file=sys.stderr)
+        return 2
     except OSError as err:
         print(f"flexq: {err}", file=sys.stderr)
         return 1

@@ -222,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
 
     sub.add_parser("simulate", help="run the Gemini simulator (flexq simulate --help)", add_help=False)
+    sub.add_parser("batch", help="run a JSONL file of requests to a JSONL of answers (flexq batch --help)",
+                   add_help=False)
+    sub.add_parser("demo", help="run ~200 prompts against a peak-hour simulator (flexq demo --help)", add_help=False)
     return parser
 
 

@@ -84,7 +84,7 @@ local function extend_pause(key, until_s, reason, now)
 end
 """.replace("LOG_LAST", str(LOG_ENTRIES - 1))
 
-# KEYS: state, permits, pause, rate, scopes, log, waiters, woken
+# KEYS: state, permits, pause, rate, scopes, log, waiters, woken, arq queue
 # ARGV: job, now, est tokens, model, tier, rpm (0: none), tpm (0: none), initial, min, max, permit ttl s, worker
 # A job refused for want of a permit joins the waiters (FIFO); a release wakes as many as it frees.
 _ACQUIRE = """
@@ -99,6 +99,8 @@ local in_flight = redis.call('ZCARD', KEYS[2])
 local function reply(ok, reason, wait, probe, held)
   return {ok, reason, num(wait), probe, num(now), num(limit), held}
 end
+-- a wake is spent by this attempt, whatever answers it (a paused job must not re-run at once)
+local was_woken = redis.call('HDEL', KEYS[8], job) == 1
 local paused_until = tonumber(redis.call('HGET', KEYS[3], 'until_s')) or 0
 if paused_until > now then return reply(0, 'paused', paused_until - now, 0, in_flight) end
 if redis.call('ZSCORE', KEYS[2], job) then  -- a repeated acquire: keep the permit, count nothing twice
@@ -141,7 +143,6 @@ end
 -- Ack clocking: while others wait in line, a free permit belongs to a woken job (or, for a waiter
 -- back on its own after waiter_timeout_s, to one of the first `free` in line), not to a newcomer
 -- or to a job just shed with a 503 and retrying: that keeps in-flight at what the pool serves.
-local was_woken = redis.call('HDEL', KEYS[8], job) == 1
 local free = math.floor(limit) - in_flight
 local in_line = false
 if not was_woken and free > 0 and redis.call('ZCARD', KEYS[7]) > 0 then
@@ -234,7 +235,8 @@ redis.call('EXPIRE', KEYS[1], STATE_TTL)
 -- grew; waiters whose arq job is gone (cancelled, finished) are skipped.
 local free = math.floor(limit) - redis.call('ZCARD', KEYS[2])
 local wake = math.min(free, 1 + math.max(0, math.floor(limit) - math.floor(limit_before)))
-if wake > 0 and aimd ~= 'overloaded' and (tonumber(redis.call('HGET', KEYS[3], 'until_s')) or 0) <= now then
+local paused = (tonumber(redis.call('HGET', KEYS[3], 'until_s')) or 0) > now
+if wake > 0 and aimd ~= 'overloaded' and ARGV[8] == '' and not paused then
   local now_ms = math.floor(now * 1000)
   local tries = 0
   while wake > 0 and tries < 64 do
@@ -381,7 +383,7 @@ class FlowControl:
         cfg = self.cfg
         reply = await self._acquire(
             keys=[state, permits, pause, rate, self.keys.flow("scopes"), self.keys.flow("log"),
-                  self._waiters(model, tier), self.keys.flow("woken")],
+                  self._waiters(model, tier), self.keys.flow("woken"), self.keys.arq_queue],
             args=[
                 job_id, _arg(now_s), max(0, est_tokens), model, tier,
                 (limits.rpm or 0) if limits else 0, (limits.tpm or 0) if limits else 0,

@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from producer.models import JobRecord
@@ -16,10 +17,11 @@ def _t(moment: datetime | None) -> str:
 
 
 def _short(text: str | None, width: int = 60) -> str:
+    """One line, cut to ``width``, with rich markup escaped (prompts may hold ``[[...]]``)."""
     if not text:
         return ""
     text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return escape(text if len(text) <= width else text[: width - 1] + "…")
 
 
 def status(console: Console, record: JobRecord) -> None:
@@ -32,11 +34,11 @@ def status(console: Console, record: JobRecord) -> None:
     head.add_row("deadline", _t(record.deadline_at))
     head.add_row("fallback", record.fallback)
     if record.tags:
-        head.add_row("tags", ", ".join(f"{k}={v}" for k, v in record.tags.items()))
+        head.add_row("tags", escape(", ".join(f"{k}={v}" for k, v in record.tags.items())))
     if record.cost_usd is not None:
         head.add_row("cost", f"${record.cost_usd:.6f} (standard would be ${record.standard_cost_usd or 0:.6f})")
     if record.error:
-        head.add_row("error", f"{record.error.kind}: {record.error.message}")
+        head.add_row("error", escape(f"{record.error.kind}: {record.error.message}"))
     if record.result:
         head.add_row("finish", f"{record.result.finish_reason} on {record.result.tier}")
         head.add_row("text", _short(record.result.text, 200))
