@@ -69,7 +69,8 @@ class Runtime:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         for worker in self.workers:
-            with contextlib.suppress(Exception):
+            # arq's close() gathers the run_job tasks handle_sig just cancelled
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await worker.close()
         self.workers.clear()
         self._tasks.clear()
