@@ -311,20 +311,22 @@ async def test_growth_in_congestion_avoidance_wakes_only_on_a_whole_permit(
 
 
 async def test_newcomers_queue_behind_the_line(make_flow: MakeFlow, client: Redis) -> None:
-    """Permits free with nobody woken (a dead worker's lapsed): the first ``free`` in line, back on
-    their own after waiter_timeout_s, take them; a newcomer (or a job shed and retrying) joins the line."""
+    """While something is in flight, a free permit goes to the first ``free`` in line (back on their
+    own after waiter_timeout_s), not to a newcomer. An idle scope (nothing in flight: no release, no
+    wake to come) admits whoever asks, so stale waiters can never lock it."""
     flow = make_flow(initial_limit=3.0, max_limit=3.0, permit_ttl_s=60.0)
     await hold(flow, 3, T0)  # their worker dies: the permits lapse at T0 + 60
     await wait_in_line(flow, "w0", "w1", "w2", "w3", now_s=T0 + 1)
-    later = T0 + 61  # 3 free, 4 in line
-    refused = await flow.acquire("new", M, "flex", 1, now_s=later)
-    assert (refused.admitted, refused.reason, refused.in_flight) == (False, "no_permit", 0)
-    assert (await flow.acquire("w2", M, "flex", 1, now_s=later)).admitted  # rank 2 < 3 free
-    assert not (await flow.acquire("w3", M, "flex", 1, now_s=later)).admitted  # rank 2 (of 3) >= 2 free
-    assert (await flow.acquire("w1", M, "flex", 1, now_s=later)).admitted
+    later = T0 + 61  # 3 free, 4 in line, nothing in flight
+    idle = await flow.acquire("new", M, "flex", 1, now_s=later)
+    assert (idle.admitted, idle.in_flight) == (True, 1)
+    refused = await flow.acquire("late", M, "flex", 1, now_s=later)  # 2 free, 1 in flight: the line first
+    assert (refused.admitted, refused.reason) == (False, "no_permit")
+    assert not (await flow.acquire("w2", M, "flex", 1, now_s=later)).admitted  # rank 2 >= 2 free
+    assert (await flow.acquire("w1", M, "flex", 1, now_s=later)).admitted  # rank 1 < 2 free
     assert (await flow.acquire("w0", M, "flex", 1, now_s=later)).admitted
     assert (await flow.acquire("w3", M, "flex", 1, now_s=later)).reason == "no_permit"  # full now
-    assert await waiting(client) == [("w3", T0 + 4), ("new", later)]
+    assert await waiting(client) == [("w2", T0 + 3), ("w3", T0 + 4), ("late", later)]
     # with nobody in line, a newcomer takes a free permit at once
     other = make_flow(initial_limit=3.0, max_limit=3.0)
     assert (await other.acquire("x", M, "standard", 1, now_s=later)).admitted
@@ -490,13 +492,6 @@ async def test_a_429_release_wakes_nobody(make_flow: MakeFlow, client: Redis) ->
     assert await waiting(client) == [("w0", T0 + 1)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: stale waiters (jobs that left the arq queue without a wake: cancelled, past their "
-    "deadline, escalated to another tier) keep their rank; with nothing in flight no release pops "
-    "them, and every newcomer ranks behind them: refused forever (the line's TTL is refreshed by "
-    "each refusal)",
-)
 async def test_stale_waiters_do_not_block_an_idle_scope(make_flow: MakeFlow, client: Redis) -> None:
     flow = make_flow(initial_limit=2.0, max_limit=2.0, permit_ttl_s=60.0)
     await hold(flow, 2, T0)  # their worker dies: no release will come
@@ -752,7 +747,8 @@ class Reference:
         # ack clocking: while others wait, a free permit is a woken job's, or one of the first `free` in line's
         free = math.floor(limit) - in_flight
         rank = [j for j, _ in self.line()].index(job) if job in self.waiters else None
-        in_line = not was_woken and free > 0 and bool(self.waiters) and (rank is None or rank >= free)
+        in_line = (not was_woken and free > 0 and in_flight > 0 and bool(self.waiters)
+                   and (rank is None or rank >= free))
         if free <= 0 or in_line:
             self.seen["in_line_refused"] += in_line
             self.seen["woken_refused"] += was_woken
@@ -899,7 +895,7 @@ async def test_lua_scripts_agree_with_the_pure_reference(make_flow: MakeFlow, cl
     assert states == {Breaker.CLOSED, Breaker.OPEN, Breaker.HALF_OPEN}
     assert {"ok", "no_permit", "paused", "circuit_open", "probe_busy"} <= reasons
     assert ref.aimd.ssthresh < math.inf
-    assert min(ref.seen.values()) >= 3, ref.seen
+    assert min(ref.seen.values()) >= 1, ref.seen  # every path of the line was taken (and agreed) at least once
 
 
 @pytest.mark.xfail(

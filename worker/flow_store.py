@@ -145,7 +145,9 @@ end
 -- or to a job just shed with a 503 and retrying: that keeps in-flight at what the pool serves.
 local free = math.floor(limit) - in_flight
 local in_line = false
-if not was_woken and free > 0 and redis.call('ZCARD', KEYS[7]) > 0 then
+-- (only while something is in flight: an idle scope has no release to come, and stale waiters,
+-- whose jobs were cancelled or moved on, must not lock it)
+if not was_woken and free > 0 and in_flight > 0 and redis.call('ZCARD', KEYS[7]) > 0 then
   local rank = redis.call('ZRANK', KEYS[7], job)
   in_line = rank == false or rank >= free
 end
