@@ -68,3 +68,18 @@ def test_concurrency_tiny(own_redis: str, tmp_path: Path) -> None:
     assert row["rss_peak_mb"] > 0
     assert row["lag_ms"]["n"] > 0 and row["lag_ms"]["p99"] >= 0
     assert result.verdict.startswith(("MET", "MISSED"))
+
+
+def test_goodput_smoke(tmp_path: Path) -> None:
+    """Benchmark 1 at smoke size: both contenders drain every job (its own Redis and simulator)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.goodput", "--smoke", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=110, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [row["name"] for row in rows] == ["flexq (default settings)", "blocking sleep loop"]
+    for row in rows:
+        assert row["succeeded"] == row["jobs"] == 200
+        assert row["calls_per_success"] >= 1.0 and row["oracle_multiple"] > 0
+    assert rows[0]["flex_share"] == 1.0  # the deadline allows it: flexq never pays the standard price
