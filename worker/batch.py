@@ -177,7 +177,7 @@ class BatchJob:
                 self.on_progress(progress)
                 if not pending:
                     return final
-                await asyncio.sleep(POLL_S)
+                await asyncio.sleep(POLL_S)  # progress polling of the output, not a retry backoff
 
     def _count(self, progress: Progress, final: dict[str, JobRecord], active: list[JobRecord]) -> None:
         fresh_ok = sum(r.status == Status.SUCCEEDED for r in final.values())
