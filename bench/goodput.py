@@ -1,19 +1,29 @@
-"""Benchmark 1, goodput vs the limit: drain N jobs through a capacity-limited simulator.
+"""Benchmark 1, goodput against the bound: drain N jobs through a simulated flex pool.
 
-flexq (real ``flexq worker`` processes, default settings, a private Redis) against the blocking
-retry loop the flex documentation recommends (exponential backoff, up to 3 retries, then the
-standard tier) at the same number of slots, in the same run, on the same simulator settings.
+Each scenario starts a private Redis and its own simulator process, enqueues N jobs, then runs one
+real ``flexq worker --concurrency 200`` process with project defaults (or a baseline's settings)
+until every job has ended. Scenarios, side by side in one run:
 
-Figures: drain time as a multiple of the oracle bound (N x mean service time / capacity), API
-calls per success, and the share served on flex.
+- shared pool: 30% of flex calls shed at random (other customers' load), capacity 20 -> 8 -> 30
+  (at 0 s, 20 s and 40 s), exponential service times;
+- 45% random shed at a fixed capacity of 20, exponential service;
+- capacity only (every 503 means "full"): capacity 50, constant service, 2,000 jobs;
+- baselines: flow control off at a fixed concurrency of 20 with per-job backoff, and the blocking
+  retry loop the flex documentation describes (capacity-only scenario).
 
-    python -m bench.goodput [--jobs 2000] [--capacity 50] [--service-s 1.0] [--workers 1]
+Figures: drain time (from the moment the worker is up, when the simulator's schedule restarts and all
+N jobs are enqueued, to the last job's end) as a
+multiple of the oracle bound (the least time to serve N x mean service time through the capacity
+over time), API calls per success, the share served on flex, and in-flight over time.
+
+    python -m bench.goodput [--only shared] [--smoke] [--json] [--trace]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -26,13 +36,82 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "gemini-2.5-flash"
 API_KEY = "bench-key"
+#: A baseline that has not drained by this multiple of the bound (and a minute) is stopped and reported.
+GIVE_UP_MULTIPLE = 4.0
+GIVE_UP_MIN_S = 60.0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    jobs: int
+    service_s: float
+    schedule: tuple[tuple[float, int], ...]  # (from second, capacity)
+    rate_503: float = 0.0
+    rate_429: float = 0.0
+    dist: str = "exp"
+    flow: bool = True
+    concurrency: int = 200
+    max_multiple: float | None = None  # the target, when the scenario has one
+    max_calls_per_success: float | None = None
+    blocking_loop: bool = False  # the documented sleep loop instead of flexq
+
+    def sim_args(self) -> list[str]:
+        schedule = ",".join(f"{start:g}:{cap}" for start, cap in self.schedule)
+        return ["--capacity-schedule", schedule, "--rate-503", str(self.rate_503), "--rate-429", str(self.rate_429),
+                "--latency-s", str(self.service_s), "--latency-dist", self.dist]
+
+    def capacity_at(self, t_s: float) -> int:
+        capacity = self.schedule[0][1]
+        for start_s, cap in self.schedule:
+            if t_s >= start_s:
+                capacity = cap
+        return capacity
+
+    def bound_s(self) -> float:
+        """The least time to serve jobs x mean service time through the capacity over time."""
+        work, served = self.jobs * self.service_s, 0.0
+        points = [*self.schedule, (float("inf"), 0)]
+        for (start_s, cap), (end_s, _) in itertools.pairwise(points):
+            if served + cap * (end_s - start_s) >= work:
+                return start_s + (work - served) / cap
+            served += cap * (end_s - start_s)
+        raise AssertionError("unreachable: the last capacity lasts forever")
+
+
+SHARED = Scenario("shared pool", 800, 1.0, ((0, 20), (20, 8), (40, 30)), rate_503=0.30,
+                  max_multiple=1.25, max_calls_per_success=1.6)
+SCENARIOS: dict[str, list[Scenario]] = {
+    "shared": [
+        SHARED,
+        replace(SHARED, name="shared pool, fixed concurrency 20 (flow off)", flow=False, concurrency=20,
+                max_multiple=None, max_calls_per_success=None),
+    ],
+    "random45": [
+        Scenario("45% random shed, capacity 20", 800, 1.0, ((0, 20),), rate_503=0.45,
+                 max_multiple=1.3, max_calls_per_success=2.0),
+        Scenario("45% random shed, fixed concurrency 20 (flow off)", 800, 1.0, ((0, 20),), rate_503=0.45,
+                 flow=False, concurrency=20),
+    ],
+    "capacity": [
+        Scenario("capacity only, 2,000 jobs", 2000, 1.0, ((0, 50),), dist="const", max_multiple=1.15),
+        Scenario("capacity only, blocking sleep loop (100 slots)", 2000, 1.0, ((0, 50),), dist="const",
+                 concurrency=100, blocking_loop=True),
+    ],
+}
+
+
+def smoke(scenario: Scenario) -> Scenario:
+    """A small, quick version with the same shape: 150 jobs of 0.25 s, the schedule 4x faster."""
+    return replace(scenario, jobs=150, service_s=0.25,
+                   schedule=tuple((start / 4, cap) for start, cap in scenario.schedule))
 
 
 def free_port() -> int:
@@ -80,11 +159,10 @@ def redis_server() -> Iterator[str]:
 
 
 @contextmanager
-def simulator(capacity: int, service_s: float, dist: str) -> Iterator[str]:
+def simulator(args: list[str]) -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen(  # noqa: S603 - our own module
-        [sys.executable, "-m", "simulator", "--port", str(port), "--capacity", str(capacity),
-         "--latency-s", str(service_s), "--latency-dist", dist, "--seed", "1"],
+        [sys.executable, "-m", "simulator", "--port", str(port), "--seed", "1", *args],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
@@ -117,100 +195,128 @@ def sim_reset(url: str) -> None:
 
 @dataclass
 class Result:
-    name: str
+    scenario: Scenario
     drain_s: float
-    jobs: int
     succeeded: int
     calls: int
     flex_ok: int
-    oracle_s: float
-    first_to_last_s: float | None = None  # first call to last answer: the drain without process start-up
+    finished: bool = True
+    sheds: dict[str, int] = field(default_factory=dict)  # the simulator's 503s by cause
+    #: one row a second: (t_s, capacity, flex calls in service at the simulator, the shared limit)
+    trace: list[tuple[float, int, int, float | None]] = field(default_factory=list)
+
+    @property
+    def multiple(self) -> float:
+        return self.drain_s / self.scenario.bound_s()
+
+    @property
+    def calls_per_success(self) -> float:
+        return self.calls / max(1, self.succeeded)
+
+    def verdict(self) -> str:
+        s = self.scenario
+        if s.max_multiple is None:
+            return "baseline"
+        met = self.finished and self.multiple <= s.max_multiple and (
+            s.max_calls_per_success is None or self.calls_per_success <= s.max_calls_per_success)
+        target = f"<= {s.max_multiple} x" + (
+            f", <= {s.max_calls_per_success} calls/success" if s.max_calls_per_success else "")
+        return f"{'MET' if met else 'MISSED'} ({target})"
 
     def line(self) -> str:
-        warm = "" if self.first_to_last_s is None else (
-            f" (first call to last answer {self.first_to_last_s:.2f} s = {self.first_to_last_s / self.oracle_s:4.2f} x)"
-        )
+        done = "" if self.finished else f" (STOPPED after {self.drain_s:.0f} s)"
         return (
-            f"{self.name:<28} drain {self.drain_s:7.2f} s = {self.drain_s / self.oracle_s:5.2f} x oracle | "
-            f"calls/success {self.calls / max(1, self.succeeded):5.2f} | on flex "
-            f"{100 * self.flex_ok / max(1, self.succeeded):5.1f}% | succeeded {self.succeeded}/{self.jobs}{warm}"
+            f"{self.scenario.name:<50} drain {self.drain_s:6.1f} s = {self.multiple:4.2f} x bound "
+            f"{self.scenario.bound_s():5.1f} s | calls/success {self.calls_per_success:4.2f} | on flex "
+            f"{100 * self.flex_ok / max(1, self.succeeded):5.1f}% | {self.succeeded}/{self.scenario.jobs}{done} "
+            f"| 503s {self.sheds.get('capacity', 0)} capacity, {self.sheds.get('random', 0)} random "
+            f"| {self.verdict()}"
         )
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "name": self.name, "drain_s": round(self.drain_s, 2),
-            "oracle_multiple": round(self.drain_s / self.oracle_s, 3),
-            "calls_per_success": round(self.calls / max(1, self.succeeded), 3),
-            "flex_share": round(self.flex_ok / max(1, self.succeeded), 4), "succeeded": self.succeeded,
-            "jobs": self.jobs,
-            "first_to_last_multiple": None if self.first_to_last_s is None else round(
-                self.first_to_last_s / self.oracle_s, 3),
+            "name": self.scenario.name, "jobs": self.scenario.jobs, "succeeded": self.succeeded,
+            "drain_s": round(self.drain_s, 2), "bound_s": round(self.scenario.bound_s(), 2),
+            "oracle_multiple": round(self.multiple, 3), "calls_per_success": round(self.calls_per_success, 3),
+            "flex_share": round(self.flex_ok / max(1, self.succeeded), 4), "finished": self.finished,
+            "verdict": self.verdict(), "sheds": self.sheds, "trace": self.trace,
         }
 
 
-async def run_flexq(jobs: int, sim_url: str, redis_url: str, workers: int, oracle_s: float) -> Result:
+def worker_env(redis_url: str, sim_url: str, scenario: Scenario) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEXQ_", "GEMINI_", "GOOGLE_"))}
+    env.update(REDIS_URL=redis_url, GEMINI_API_KEY=API_KEY, GEMINI_BASE_URL=sim_url, FLEXQ_QUEUE="bench",
+               NO_PROXY="127.0.0.1,localhost", FLEXQ_LOG_FORMAT="json", FLEXQ_FLOW="1" if scenario.flow else "0")
+    return env
+
+
+async def run_flexq(scenario: Scenario, sim_url: str, redis_url: str) -> Result:
     sys.path.insert(0, str(ROOT))
     from producer.queue import FlexQueue, JobSpec
     from producer.settings import FlexqSettings
+    from worker.flow import config_from_settings
+    from worker.flow_store import FlowControl
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEXQ_", "GEMINI_", "GOOGLE_"))}
-    env.update(REDIS_URL=redis_url, GEMINI_API_KEY=API_KEY, GEMINI_BASE_URL=sim_url, FLEXQ_QUEUE="bench",
-               NO_PROXY="127.0.0.1,localhost", FLEXQ_LOG_FORMAT="json")
     settings = FlexqSettings(redis_url=redis_url, queue="bench")  # type: ignore[arg-type]
     queue = await FlexQueue.connect(settings)
     await queue.redis.flushdb()
-    specs = [JobSpec({"model": MODEL, "prompt": f"bench job {i}"}, job_id=f"g{i}") for i in range(jobs)]
-    await queue.enqueue_many(specs)
+    specs = [JobSpec({"model": MODEL, "prompt": f"bench job {i}"}, job_id=f"g{i}") for i in range(scenario.jobs)]
+    flow = FlowControl(queue.redis, queue.store.keys, config_from_settings(settings))
+    log = tempfile.NamedTemporaryFile(prefix="flexq-bench-worker-", suffix=".log")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(  # noqa: ASYNC220, S603 - our own worker, started, not waited on
+        [sys.executable, "-m", "worker.cli", "worker", "--concurrency", str(scenario.concurrency)],
+        env=worker_env(redis_url, sim_url, scenario), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+    )
+    # The clock starts once the worker is up (process start-up is not the queue's drain time): the
+    # simulator's capacity schedule restarts, and every job is enqueued at once.
+    while b"worker_started" not in _read(log.name):
+        if proc.poll() is not None:
+            raise RuntimeError("the worker exited at start-up: " + _read(log.name).decode(errors="replace")[-2000:])
+        await asyncio.sleep(0.05)
     sim_reset(sim_url)
-    logs = [tempfile.TemporaryFile() for _ in range(workers)]  # noqa: SIM115 - closed below
     started = time.monotonic()
-    procs = [
-        subprocess.Popen(  # noqa: ASYNC220 - started, not waited on
-            [sys.executable, "-m", "worker.cli", "worker"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
-        )
-        for log in logs
-    ]
-    probe = None
-    if os.environ.get("BENCH_TRACE"):
-        from worker.flow import config_from_settings
-        from worker.flow_store import FlowControl
-
-        probe = FlowControl(queue.redis, queue.store.keys, config_from_settings(settings))
-    last_trace = 0.0
+    await queue.enqueue_many(specs)
+    give_up = started + max(GIVE_UP_MULTIPLE * scenario.bound_s(), GIVE_UP_MIN_S)
+    trace: list[tuple[float, int, int, float | None]] = []
+    finished = True
     try:
+        next_row = started
         while True:
-            if probe is not None and time.monotonic() - last_trace >= 1.0:
-                last_trace = time.monotonic()
-                snap = await probe.snapshot()
-                for scope in snap.get("scopes", []):
-                    print(f"  t={last_trace - started:5.1f}s limit={scope.get('limit')} "
-                          f"in_flight={scope.get('in_flight')} "
-                          f"sim={sim_stats(sim_url)['in_flight_flex']}", flush=True)
+            now = time.monotonic()
+            if now >= next_row:
+                next_row += 1.0
+                trace.append(await _trace_row(now - started, scenario, sim_url, flow))
             counts = await queue.store.counts()
-            if counts["succeeded"] + counts["failed"] + counts["cancelled"] >= jobs:
+            if counts["succeeded"] + counts["failed"] + counts["cancelled"] >= scenario.jobs:
+                break
+            if now > give_up:
+                finished = False
                 break
             await asyncio.sleep(0.05)
         drain_s = time.monotonic() - started
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(20)
-        for log in logs:
-            log.close()
+        proc.terminate()
+        proc.wait(30)
+        log.close()
     stats = sim_stats(sim_url)
     counts = await queue.store.counts()
-    records = [r for r in await queue.store.get_many([s.job_id or "" for s in specs]) if r and r.attempts]
-    first = min(r.attempts[0].started_at for r in records)
-    last = max(r.attempts[-1].finished_at or r.attempts[-1].started_at for r in records)
     await queue.close()
-    result = Result("flexq (default settings)", drain_s, jobs, counts["succeeded"], stats["requests"],
-                    stats["ok_by_tier"].get("flex", 0), oracle_s)
-    result.first_to_last_s = (last - first).total_seconds()
-    return result
+    return Result(scenario, drain_s, counts["succeeded"], stats["requests"], stats["ok_by_tier"].get("flex", 0),
+                  finished, stats["sheds"], trace)
 
 
-async def run_blocking_loop(jobs: int, sim_url: str, slots: int, oracle_s: float) -> Result:
+def _read(path: str) -> bytes:
+    return Path(path).read_bytes()
+
+
+async def _trace_row(t_s: float, scenario: Scenario, sim_url: str, flow: Any) -> tuple[float, int, int, float | None]:
+    in_service = int(sim_stats(sim_url)["in_flight_flex"])
+    snapshot = await flow.snapshot()
+    limit = next((s["limit"] for s in snapshot["scopes"] if s["tier"] == "flex"), None) if scenario.flow else None
+    return (round(t_s, 1), scenario.capacity_at(t_s), in_service, limit)
+
+
+async def run_blocking_loop(scenario: Scenario, sim_url: str) -> Result:
     """The documented pattern: try flex, sleep with exponential backoff, up to 3 retries, then standard."""
     from google import genai
     from google.genai import errors, types
@@ -221,7 +327,7 @@ async def run_blocking_loop(jobs: int, sim_url: str, slots: int, oracle_s: float
                                        retry_options=types.HttpRetryOptions(attempts=1), timeout=900_000),
     )
     sim_reset(sim_url)
-    gate = asyncio.Semaphore(slots)
+    gate = asyncio.Semaphore(scenario.concurrency)
     succeeded = 0
     rng = random.Random(1)
 
@@ -245,47 +351,56 @@ async def run_blocking_loop(jobs: int, sim_url: str, slots: int, oracle_s: float
             succeeded += 1
 
     started = time.monotonic()
-    await asyncio.gather(*(one(i) for i in range(jobs)))
+    await asyncio.gather(*(one(i) for i in range(scenario.jobs)))
     drain_s = time.monotonic() - started
     await client.aio.aclose()
     stats = sim_stats(sim_url)
-    return Result("blocking sleep loop", drain_s, jobs, succeeded, stats["requests"],
-                  stats["ok_by_tier"].get("flex", 0), oracle_s)
+    return Result(scenario, drain_s, succeeded, stats["requests"], stats["ok_by_tier"].get("flex", 0),
+                  sheds=stats["sheds"])
 
 
-async def main_async(args: argparse.Namespace) -> list[Result]:
-    oracle_s = args.jobs * args.service_s / args.capacity
-    results = []
-    with redis_server() as redis_url, simulator(args.capacity, args.service_s, args.dist) as sim_url:
-        results.append(await run_flexq(args.jobs, sim_url, redis_url, args.workers, oracle_s))
-        if not args.flexq_only:
-            results.append(await run_blocking_loop(args.jobs, sim_url, args.slots, oracle_s))
-    return results
+async def run_scenario(scenario: Scenario) -> Result:
+    with simulator(scenario.sim_args()) as sim_url:
+        if scenario.blocking_loop:
+            return await run_blocking_loop(scenario, sim_url)
+        with redis_server() as redis_url:
+            return await run_flexq(scenario, sim_url, redis_url)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.goodput", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--jobs", type=int, default=2000)
-    parser.add_argument("--capacity", type=int, default=50)
-    parser.add_argument("--service-s", type=float, default=1.0, help="mean service time of the simulator")
-    parser.add_argument("--dist", default="const", help="service-time distribution: const|exp|uniform|lognormal")
-    parser.add_argument("--workers", type=int, default=1, help="flexq worker processes")
-    parser.add_argument("--slots", type=int, default=100, help="slots of the blocking loop (flexq default)")
-    parser.add_argument("--flexq-only", action="store_true")
-    parser.add_argument("--smoke", action="store_true", help="200 jobs, 0.5 s service")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--only", choices=sorted(SCENARIOS), action="append", help="one group (repeatable)")
+    parser.add_argument("--no-baselines", action="store_true", help="only flexq with project defaults")
+    parser.add_argument("--smoke", action="store_true", help="150 jobs of 0.25 s per scenario")
+    parser.add_argument("--trace", action="store_true", help="print in-flight over time for each scenario")
+    parser.add_argument("--json", action="store_true", help="print the results as one JSON line at the end")
     return parser
+
+
+def print_trace(result: Result, every_s: float = 2.0) -> None:
+    print(f"  in flight over time, {result.scenario.name}: t s | capacity | in service | limit")
+    last = -every_s
+    for t_s, capacity, in_service, limit in result.trace:
+        if t_s - last >= every_s:
+            last = t_s
+            print(f"    {t_s:5.0f} | {capacity:3d} | {in_service:3d} | {'-' if limit is None else f'{limit:.1f}'}")
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = build_parser().parse_args(argv)
+    groups = args.only or list(SCENARIOS)
+    scenarios = [s for group in groups for s in SCENARIOS[group]]
+    if args.no_baselines:
+        scenarios = [s for s in scenarios if s.max_multiple is not None]
     if args.smoke:
-        args.jobs, args.service_s = 200, 0.5
-    results = asyncio.run(main_async(args))
-    print(f"goodput: {args.jobs} jobs, capacity {args.capacity}, {args.dist} service {args.service_s}s, "
-          f"oracle {args.jobs * args.service_s / args.capacity:.1f}s")
-    for result in results:
-        print("  " + result.line())
+        scenarios = [smoke(s) for s in scenarios]
+    results = []
+    for scenario in scenarios:
+        result = asyncio.run(run_scenario(scenario))
+        print("  " + result.line(), flush=True)
+        if args.trace:
+            print_trace(result)
+        results.append(result)
     if args.json:
         print(json.dumps([r.as_dict() for r in results]))
     return [r.as_dict() for r in results]

@@ -66,9 +66,9 @@ class FlexqSettings(BaseSettings):
     max_interrupts: int = Field(
         default=5, ge=1, validation_alias=AliasChoices("FLEXQ_MAX_INTERRUPTS", "max_interrupts")
     )
-    # Flow control shared by all workers (worker/flow.py): AIMD concurrency, breaker, 429 pauses, limits.
+    # Flow control shared by all workers (worker/flow.py): shed-aware concurrency, breaker, 429 pauses, limits.
     flow: bool = Field(default=True, validation_alias=AliasChoices("FLEXQ_FLOW", "flow"))
-    flow_initial: float = Field(default=32.0, ge=1, validation_alias=AliasChoices("FLEXQ_FLOW_INITIAL", "flow_initial"))
+    flow_initial: float = Field(default=8.0, ge=1, validation_alias=AliasChoices("FLEXQ_FLOW_INITIAL", "flow_initial"))
     flow_min: float = Field(default=1.0, ge=1, validation_alias=AliasChoices("FLEXQ_FLOW_MIN", "flow_min"))
     flow_max: float = Field(default=1000.0, ge=1, validation_alias=AliasChoices("FLEXQ_FLOW_MAX", "flow_max"))
     flow_decrease: float = Field(
@@ -78,7 +78,7 @@ class FlexqSettings(BaseSettings):
         default=20, ge=1, validation_alias=AliasChoices("FLEXQ_BREAKER_MIN_FAILURES", "breaker_min_failures")
     )
     breaker_failure_ratio: float = Field(
-        default=0.5, gt=0, le=1, validation_alias=AliasChoices("FLEXQ_BREAKER_FAILURE_RATIO", "breaker_failure_ratio")
+        default=0.75, gt=0, le=1, validation_alias=AliasChoices("FLEXQ_BREAKER_FAILURE_RATIO", "breaker_failure_ratio")
     )
     breaker_cool_down_s: float = Field(
         default=10.0, gt=0, validation_alias=AliasChoices("FLEXQ_BREAKER_COOL_DOWN_S", "breaker_cool_down_s")

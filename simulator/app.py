@@ -92,6 +92,7 @@ class Simulator:
         self.stats.reset()
         self._rpm_windows.clear()
         self._overload_turn = 0
+        self._started_s = time.monotonic()  # capacity schedules and load profiles start over
 
     def begin_shutdown(self) -> None:
         """Wake every sleeping or hanging request so that it drops its connection at once."""
@@ -108,7 +109,7 @@ class Simulator:
         return web.json_response(self.stats.to_json())
 
     async def _post_reset(self, _request: web.Request) -> web.Response:
-        self.reset()
+        self.reset()  # also restarts the clock of capacity_schedule and the load profile
         return web.json_response(self.stats.to_json())
 
     async def _get_config(self, _request: web.Request) -> web.Response:
@@ -260,6 +261,7 @@ class Simulator:
         rate_503 = cfg.effective_rate_503(elapsed_s)
         full = capacity is not None and self.stats.in_flight_flex >= capacity
         if full or (rate_503 > 0 and self._rng.random() < rate_503):
+            self.stats.count_shed("capacity" if full else "random")
             await self._sleep(cfg.shed_latency_s)
             return self._overloaded()
         self.stats.flex_started()

@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--profile-period-s", type=float, default=defaults.profile_period_s)
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--shed-latency-s", type=float, default=defaults.shed_latency_s, help="time a 503 takes")
+    p.add_argument("--capacity-schedule", default=defaults.capacity_schedule,
+                   help="capacity over time, SECONDS:CAPACITY,... e.g. 0:20,20:8,40:30 (overrides --capacity)")
     return p
 
 

@@ -30,6 +30,9 @@ class SimConfig:
     profile_period_s: float = 60.0
     seed: int | None = None
     shed_latency_s: float = 0.0  # how long a 503 takes to come back
+    #: Capacity over time, "0:20,20:8,40:30": from 0 s on 20 flex calls in service, from 20 s on 8,
+    #: from 40 s on 30 (seconds since start or the last reset). Overrides ``capacity`` when set.
+    capacity_schedule: str = ""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -55,6 +58,7 @@ class SimConfig:
             raise ValueError(f"latency_dist must be one of {choices}, got {self.latency_dist!r}")
         if self.profile not in PROFILES:
             raise ValueError(f"profile must be one of {', '.join(PROFILES)}, got {self.profile!r}")
+        parse_schedule(self.capacity_schedule)
 
     def updated(self, changes: dict[str, Any]) -> SimConfig:
         """A validated copy with `changes` applied; unknown field names raise ValueError."""
@@ -80,14 +84,35 @@ class SimConfig:
         return 1.0, 1.0
 
     def effective_capacity(self, elapsed_s: float) -> int | None:
-        if self.capacity is None:
+        capacity = self.capacity
+        for start_s, scheduled in parse_schedule(self.capacity_schedule):
+            if elapsed_s >= start_s:
+                capacity = scheduled
+        if capacity is None:
             return None
         cap_mult, _ = self.profile_multipliers(elapsed_s)
-        return max(1, math.floor(self.capacity * cap_mult + 0.5))
+        return max(1, math.floor(capacity * cap_mult + 0.5))
 
     def effective_rate_503(self, elapsed_s: float) -> float:
         _, shed_mult = self.profile_multipliers(elapsed_s)
         return min(1.0, self.rate_503 * shed_mult)
+
+
+def parse_schedule(text: str) -> list[tuple[float, int]]:
+    """``"0:20,20:8"`` -> [(0.0, 20), (20.0, 8)], in time order; ValueError naming the bad part."""
+    out: list[tuple[float, int]] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        at, sep, cap = item.partition(":")
+        try:
+            start_s, capacity = float(at), int(cap)
+        except ValueError:
+            start_s, capacity = math.nan, 0
+        if not sep or not math.isfinite(start_s) or start_s < 0 or capacity < 1:
+            raise ValueError(f"capacity_schedule: {item!r} is not SECONDS:CAPACITY (e.g. '0:20,20:8')")
+        out.append((start_s, capacity))
+    return sorted(out)
 
 
 @dataclass
@@ -104,6 +129,11 @@ class SimStats:
     server_timeout_headers: list[str] = field(default_factory=list)
     calls_by_directive_key: dict[str, int] = field(default_factory=dict)
     connection_resets: int = 0
+    #: flex 503s by cause: "capacity" (the pool was full) or "random" (shed whatever the load)
+    sheds: dict[str, int] = field(default_factory=dict)
+
+    def count_shed(self, cause: str) -> None:
+        self.sheds[cause] = self.sheds.get(cause, 0) + 1
 
     def count_status(self, status: int) -> None:
         self.by_status[status] = self.by_status.get(status, 0) + 1

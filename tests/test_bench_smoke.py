@@ -71,15 +71,19 @@ def test_concurrency_tiny(own_redis: str, tmp_path: Path) -> None:
 
 
 def test_goodput_smoke(tmp_path: Path) -> None:
-    """Benchmark 1 at smoke size: both contenders drain every job (its own Redis and simulator)."""
+    """Benchmark 1 at smoke size, the shared-pool group: flexq with project defaults and the
+    fixed-concurrency baseline both drain every job (each on its own Redis and simulator)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.goodput", "--smoke", "--json"],
+        [sys.executable, "-m", "bench.goodput", "--smoke", "--only", "shared", "--json"],
         cwd=ROOT, capture_output=True, text=True, timeout=110, check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert [row["name"] for row in rows] == ["flexq (default settings)", "blocking sleep loop"]
+    assert [row["name"] for row in rows] == ["shared pool", "shared pool, fixed concurrency 20 (flow off)"]
     for row in rows:
-        assert row["succeeded"] == row["jobs"] == 200
+        assert row["finished"] and row["succeeded"] == row["jobs"] == 150
         assert row["calls_per_success"] >= 1.0 and row["oracle_multiple"] > 0
+        assert row["trace"], row["name"]  # in flight over time, a row a second
+        assert set(row["sheds"]) <= {"capacity", "random"} and row["sheds"].get("random", 0) > 0
     assert rows[0]["flex_share"] == 1.0  # the deadline allows it: flexq never pays the standard price
+    assert rows[0]["verdict"].startswith(("MET", "MISSED")) and rows[1]["verdict"] == "baseline"

@@ -27,11 +27,12 @@ from worker.batch import Progress as BatchProgress
 from worker.embedded import open_runtime
 
 PLAIN_EVERY_S = 5.0
-#: The demo's simulator: a peak hour. The flex pool serves 24 calls at once and sheds the rest with an
-#: immediate 503 (how flex sheds: by capacity); 10% more are shed at random, 1% get a 429 with
-#: RetryInfo, and answers take seconds. A client that ignores capacity sees about half its calls shed.
+#: The demo's simulator: a peak hour on a shared flex pool. It serves 24 of our calls at once and
+#: sheds the rest with an immediate 503 (capacity); besides, 30% of calls are shed whatever our load
+#: (other customers' demand), 2% get a 429 with RetryInfo, and answers take seconds. Shared flow
+#: control learns the capacity and keeps it full without treating the random 503s as a full pool.
 DEMO_SIM = SimConfig(
-    latency_s=1.5, latency_dist="exp", capacity=24, rate_503=0.10, rate_429=0.01, retry_delay_s=1.0, seed=2026
+    latency_s=1.5, latency_dist="exp", capacity=24, rate_503=0.30, rate_429=0.02, retry_delay_s=1.0, seed=2026
 )
 DEMO_KNOBS = {"retry_base_s": 0.5, "retry_max_s": 4.0}
 

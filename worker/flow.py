@@ -1,24 +1,20 @@
-"""Pure flow control: how many flex calls may be in flight, and whether this one may start now.
+"""Flow control: its knobs and the pure pieces around the Lua scripts that implement it.
 
-No I/O, no clock, no global randomness (the style of ``worker.policy``): every function is a
-truth table in tests/test_flow.py. ``worker.flow_store`` keeps the state in Redis and re-implements
-``admit``, ``aimd_next`` and ``breaker_next`` in Lua (one script per attempt start, one per end);
-these functions are the documented reference, and tests/test_flow_store.py checks that both agree.
+The rules that decide admission and learn the limit are the Lua scripts in ``worker/lua/`` (one
+call per attempt start, one per end, run atomically in Redis and shared by every worker); they are
+the only implementation. ``tests/flow_oracle.py`` models them in Python, and the tests check the
+scripts against it. This module holds what the runner computes before and after a call: the
+``FLEXQ_LIMITS`` parser, the token estimate, the pause a 429 asks for, the deferral of a refused job.
 
-Per (model, tier), shared by every worker:
-- AIMD concurrency limit (TCP Reno): slow start (+1 per success) until the first 503, then +1/limit
-  per success (+1 per window of successes), x``decrease_factor`` on a 503; at most one decrease per
-  ``decrease_interval_s``, and never for a request admitted before the last decrease (it was sent
-  under the old limit: one overload event shrinks the window once). No growth while the window is
-  not the bottleneck (``in_flight < limit/2``, as Netflix concurrency-limits' AIMDLimit), so an idle
-  queue does not wander up to ``max_limit`` and then burst.
-- Circuit breaker: closed -> open when, over a sliding ``breaker_window_s`` (two fixed windows,
-  the older weighted by how much of it still overlaps), failures >= ``breaker_min_failures`` and
-  >= ``breaker_failure_ratio`` of outcomes. Open for ``breaker_cool_down_s`` x 2^(opens-1) (capped),
-  then half-open: one probe at a time; its success closes, its failure re-opens for longer.
-Per model (quotas are per project and model, whatever the tier): a pause after a 429 (RetryInfo, or
-long for per-day and billing quotas, which also raise a quota alert), and optional RPM/TPM limits
-(``FLEXQ_LIMITS``) over a sliding 60 s window.
+Per (model, tier), shared by every worker (docs/flow-control.md explains the why and the figures):
+- a concurrency limit that tells **capacity shedding** (503s become more frequent above some
+  in-flight level) from **load-independent shedding** (a steady share of calls shed whatever the
+  load, as when the shared pool is busy with other customers). Only the first shrinks the limit;
+  the second costs the shed call and nothing else: its permit goes to the next job in line.
+- a circuit breaker: open when failures (5xx, timeouts, connection errors, load-independent 503s)
+  are many and most of what happened lately; half-open after a cool-down, with one probe.
+Per model (quotas are per project and model): a pause after a 429 (RetryInfo, or long for per-day
+and billing quotas, which also raise a quota alert), and optional RPM/TPM limits (``FLEXQ_LIMITS``).
 """
 
 from __future__ import annotations
@@ -26,8 +22,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
-from enum import StrEnum
+from dataclasses import dataclass, field
 from typing import Literal
 
 from producer.errors import ConfigError
@@ -37,13 +32,10 @@ from worker.policy import DAILY_QUOTA_MIN_DELAY_S, RETRY_INFO_MARGIN_S, QuotaKin
 
 #: RPM/TPM quotas are per minute.
 RATE_WINDOW_S = 60.0
-#: Grow only while in_flight >= limit * this (the window is the bottleneck).
-APP_LIMITED_RATIO = 0.5
 
-AimdEvent = Literal["ok", "overloaded"]
 BreakerEvent = Literal["success", "failure", "neutral"]
-#: Only a 503 shrinks the window; only an answer grows it. Others leave it alone.
-AIMD_EVENTS: Mapping[str, AimdEvent] = {Outcome.OK: "ok", Outcome.OVERLOADED: "overloaded"}
+#: The outcomes the limit learns from: answers and 503s. Others leave it alone.
+LIMIT_OUTCOMES = frozenset({Outcome.OK, Outcome.OVERLOADED})
 #: The service answered: it is up (a 4xx or a safety block proves that too).
 BREAKER_SUCCESS = frozenset({Outcome.OK, Outcome.CLIENT_ERROR, Outcome.BLOCKED})
 BREAKER_FAILURE = frozenset({Outcome.OVERLOADED, Outcome.SERVER_ERROR, Outcome.TIMEOUT, Outcome.CONNECTION_ERROR})
@@ -65,19 +57,18 @@ class Limits:
 class FlowConfig:
     """Every knob, with its unit (``FLEXQ_FLOW_*`` settings map onto these one to one)."""
 
-    initial_limit: float = 32.0  # permits per (model, tier) before anything is learned; slow start from here
+    initial_limit: float = 8.0  # permits per (model, tier) before anything is learned; slow start from here
     min_limit: float = 1.0  # never starve: one request always goes
     max_limit: float = 1000.0  # global cap per (model, tier), all workers together
-    decrease_factor: float = 0.9  # multiplicative decrease on a 503 (gentle: a shed 503 costs a call, idle costs time)
-    decrease_interval_s: float = 0.5  # at most one decrease per interval (and one per overload event)
+    decrease_factor: float = 0.9  # decrease when the 503 rate jumps with nothing below to locate the step
     permit_ttl_s: float = 60.0  # a dead worker's permit frees itself after this; renew() every third
     permit_max_hold_s: float = 960.0  # renew() gives up on a permit this old (a release that never came)
     poll_min_s: float = 0.2  # deferral when the half-open probe slot is busy: uniform in [min, max]
     poll_max_s: float = 1.0
-    waiter_timeout_s: float = 10.0  # no permit: wait in line; a release wakes the job, or this passes
+    waiter_timeout_s: float = 30.0  # no permit: wait in line; a release wakes the job, or this passes (a fallback)
     breaker_window_s: float = 10.0  # sliding window of outcomes the breaker looks at
     breaker_min_failures: int = 20  # ...needs at least this many failures in it (a few errors never trip it)
-    breaker_failure_ratio: float = 0.5  # ...making up at least this share (AIMD's edge 503s stay far below)
+    breaker_failure_ratio: float = 0.75  # ...making up at least this share (peak flex sheds ~45% at random)
     breaker_cool_down_s: float = 10.0  # open this long, doubled on each re-open without a close
     breaker_cool_down_max_s: float = 300.0
     pause_default_s: float = 10.0  # a 429 without RetryInfo
@@ -85,6 +76,24 @@ class FlowConfig:
     billing_pause_s: float = 600.0  # a 429 without details (credits depleted): FLEXQ_RETRY_MAX_S
     output_tokens_default: int = 1024  # TPM estimate when the request sets no max_output_tokens
     limits: Mapping[str, Limits] = field(default_factory=dict)  # FLEXQ_LIMITS, by model
+    # How a 503 is told apart (worker/lua/release.lua; docs/flow-control.md)
+    level_half_life_s: float = 3.0  # per in-flight level counts of calls and 503s halve this often
+    step_min_gap: float = 0.25  # a capacity step: the 503 rate above it exceeds the rate below by this...
+    step_min_llr: float = 14.0  # ...with a log-likelihood ratio (step vs one rate) of at least this
+    step_min_n: float = 2.0  # ...and at least this many (decayed) calls on each side
+    baseline_window: int = 200  # the load-independent 503 rate: a running mean over this many outcomes
+    baseline_prior_n: int = 50  # ...starting from 0% worth this many outcomes (a cold start's 503s are suspect)
+    excess_window: int = 16  # the recent 503 rate: a running mean over this many outcomes
+    excess_z: float = 3.0  # a jump of the recent rate is this many standard deviations (and the gap)
+    blind_n: float = 5.0  # ...and counts only with fewer answers than this seen below the 503's level
+    raise_min_n: float = 5.0  # answers above the believed capacity (at about the usual 503 rate) that raise it
+    probe_gain: float = 0.5  # at a known step the limit grows by this / limit per answer (a probe a level up)
+    replace_ratio: float = 1.5  # a load-independent 503's permit goes to the next job: each answer
+    replace_burst: float = 10.0  # ...pays for this many such hand-overs, up to this many in store
+    shed_backoff_base_s: float = 0.5  # a shed job's own jittered backoff before it asks again: full jitter
+    shed_backoff_max_s: float = 2.0  # ...from this base, doubling per 503 in a row, up to this
+    state_ttl_s: int = 7 * 24 * 3600  # learned state outlives a quiet week, not forever
+    quota_ttl_s: int = 2 * 24 * 3600
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_limit <= self.initial_limit <= self.max_limit:
@@ -144,138 +153,15 @@ def estimate_tokens(request: GenerateRequest, *, output_tokens_default: int) -> 
     return math.ceil(chars / 4) + out_tokens
 
 
-# -- AIMD ------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AimdState:
-    limit: float
-    ssthresh: float = math.inf  # slow start below it; set by the first decrease
-    last_decrease_s: float = 0.0
-
-
-def aimd_next(
-    state: AimdState, event: AimdEvent, *, now_s: float, started_s: float, in_flight: int, cfg: FlowConfig,
-    waiting: int = 0,
-) -> AimdState:
-    """The limit after one outcome; ``in_flight`` counts permits held, this request's included, and
-    ``waiting`` the jobs in line for a permit (demand: the limit is the bottleneck, grow it)."""
-    limit = cfg.clamp(state.limit)
-    if event == "ok":
-        if in_flight < limit * APP_LIMITED_RATIO and waiting == 0:
-            return replace(state, limit=limit)
-        step = 1.0 if limit < state.ssthresh else 1.0 / limit
-        return replace(state, limit=min(cfg.max_limit, limit + step))
-    if started_s < state.last_decrease_s or now_s - state.last_decrease_s < cfg.decrease_interval_s:
-        return replace(state, limit=limit)  # the same overload event: already decreased for it
-    # From what was really in flight (TCP: cwnd = min(cwnd, flight) x beta): a slow start that
-    # doubled past the capacity lands just under it in one step, not after many.
-    limit = max(cfg.min_limit, min(limit, in_flight) * cfg.decrease_factor)
-    return AimdState(limit=limit, ssthresh=limit, last_decrease_s=now_s)
-
-
-# -- sliding windows -------------------------------------------------------------------------------
-
-
-def slide(
-    index: int, cur: tuple[float, float], prev: tuple[float, float], now_s: float, window_s: float
-) -> tuple[int, tuple[float, float], tuple[float, float], float]:
-    """Move two-window counters to ``now_s``: (window index, current, previous, previous's weight)."""
-    idx = max(index, math.floor(now_s / window_s))
-    if idx == index + 1:
-        cur, prev = (0.0, 0.0), cur
-    elif idx > index + 1:
-        cur, prev = (0.0, 0.0), (0.0, 0.0)
-    weight = min(1.0, max(0.0, 1 - (now_s - idx * window_s) / window_s))
-    return idx, cur, prev, weight
-
-
-def window_wait_s(cur: float, prev: float, weight: float, *, limit: float, cost: float, window_s: float) -> float:
-    """0 if ``cost`` fits under ``limit`` now, else how long until it does (counters already slid)."""
-    cost = min(cost, limit)  # one request above the whole limit still runs, alone
-    if prev * weight + cur + cost <= limit:
-        return 0.0
-    if cur + cost <= limit:  # the previous window's share slides out during this one
-        return max(0.0, (weight - (limit - cur - cost) / prev) * window_s)
-    return weight * window_s + (1 - (limit - cost) / cur) * window_s  # into the next window
-
-
 # -- circuit breaker -------------------------------------------------------------------------------
 
 
-class Breaker(StrEnum):
-    CLOSED = "closed"
-    OPEN = "open"
-    HALF_OPEN = "half_open"
-
-
-@dataclass(frozen=True)
-class BreakerState:
-    state: Breaker = Breaker.CLOSED
-    since_s: float = 0.0  # time of the last transition
-    open_until_s: float = 0.0
-    opens: int = 0  # consecutive opens without a close: the cool-down doubles with each
-    window: int = 0  # index of the current window: floor(now_s / breaker_window_s)
-    ok: float = 0.0
-    failed: float = 0.0
-    prev_ok: float = 0.0
-    prev_failed: float = 0.0
-    probe_until_s: float = 0.0  # half-open: the probe's lease; 0 = no probe out
-
-
-def breaker_event(outcome: str | None, *, limit: float | None = None, min_limit: float = 1.0) -> BreakerEvent:
-    """What an outcome tells the breaker. A 503 is first a capacity signal for AIMD: while the limit
-    (after this outcome) can still shrink it is neutral here, and it counts as a failure only once
-    the limit is at its floor: the pool refuses even that much. (Without ``limit``: a failure.)"""
+def breaker_event(outcome: str | None) -> BreakerEvent:
+    """What an outcome tells the breaker. For a 503 this is only the default: release.lua makes one
+    the limit handles (a capacity 503, above the floor) neutral."""
     if outcome in BREAKER_SUCCESS:
         return "success"
-    if outcome == Outcome.OVERLOADED and limit is not None and limit > min_limit:
-        return "neutral"
     return "failure" if outcome in BREAKER_FAILURE else "neutral"
-
-
-def breaker_gate(state: BreakerState, now_s: float) -> tuple[BreakerState, str, float]:
-    """At admission: ("pass" | "probe" | "circuit_open" | "probe_busy", wait_s). Open ends lazily."""
-    if state.state == Breaker.OPEN:
-        if now_s < state.open_until_s:
-            return state, "circuit_open", state.open_until_s - now_s
-        state = replace(state, state=Breaker.HALF_OPEN, since_s=now_s, probe_until_s=0.0)
-    if state.state == Breaker.HALF_OPEN:
-        return state, ("probe_busy" if state.probe_until_s > now_s else "probe"), 0.0
-    return state, "pass", 0.0
-
-
-def breaker_next(
-    state: BreakerState, event: BreakerEvent, *, probe: bool, now_s: float, cfg: FlowConfig
-) -> BreakerState:
-    """The breaker after one outcome. While open, and in half-open except for the probe, outcomes
-    of requests sent earlier are ignored."""
-    if state.state == Breaker.CLOSED and event != "neutral":
-        idx, (ok, failed), (prev_ok, prev_failed), weight = slide(
-            state.window, (state.ok, state.failed), (state.prev_ok, state.prev_failed), now_s, cfg.breaker_window_s
-        )
-        ok, failed = (ok + 1, failed) if event == "success" else (ok, failed + 1)
-        recent_failed, recent_ok = failed + prev_failed * weight, ok + prev_ok * weight
-        if (
-            event == "failure"
-            and recent_failed >= cfg.breaker_min_failures
-            and recent_failed >= cfg.breaker_failure_ratio * (recent_failed + recent_ok)
-        ):
-            return _open(state, now_s, cfg)
-        return replace(state, window=idx, ok=ok, failed=failed, prev_ok=prev_ok, prev_failed=prev_failed)
-    if state.state == Breaker.HALF_OPEN and probe:
-        if event == "success":
-            return BreakerState(Breaker.CLOSED, since_s=now_s)
-        if event == "failure":
-            return _open(state, now_s, cfg)
-        return replace(state, probe_until_s=0.0)  # no verdict: let another request probe
-    return state
-
-
-def _open(state: BreakerState, now_s: float, cfg: FlowConfig) -> BreakerState:
-    opens = state.opens + 1
-    cool_down_s = min(cfg.breaker_cool_down_max_s, cfg.breaker_cool_down_s * 2.0 ** (opens - 1))
-    return BreakerState(Breaker.OPEN, since_s=now_s, open_until_s=now_s + cool_down_s, opens=opens)
 
 
 # -- 429 pauses ------------------------------------------------------------------------------------
@@ -305,6 +191,7 @@ class Permit:
     tier: str
     est_tokens: int
     started_s: float  # admission time on the store's clock
+    level: int = 1  # permits held once this one was taken: the in-flight level the call ran at
 
 
 @dataclass(frozen=True)
@@ -318,27 +205,13 @@ class Admission:
     permit: Permit | None = None
 
 
-def admit(
-    *, now_s: float, paused_until_s: float, breaker: BreakerState, rpm_wait_s: float, tpm_wait_s: float,
-    in_flight: int, limit: float, cfg: FlowConfig,
-) -> tuple[Admission, BreakerState]:
-    """The admission decision, checks in order: pause, breaker, RPM, TPM, concurrency permit."""
-    limit = cfg.clamp(limit)
-    if paused_until_s > now_s:
-        return Admission(False, "paused", paused_until_s - now_s, limit=limit, in_flight=in_flight), breaker
-    breaker, gate, wait_s = breaker_gate(breaker, now_s)
-    refusal = (
-        (gate, wait_s) if gate in ("circuit_open", "probe_busy")
-        else ("rpm", rpm_wait_s) if rpm_wait_s > 0
-        else ("tpm", tpm_wait_s) if tpm_wait_s > 0
-        else ("no_permit", 0.0) if in_flight >= math.floor(limit)
-        else None
-    )
-    if refusal is not None:
-        return Admission(False, refusal[0], refusal[1], limit=limit, in_flight=in_flight), breaker
-    if gate == "probe":
-        breaker = replace(breaker, probe_until_s=now_s + cfg.permit_ttl_s)
-    return Admission(True, "ok", probe=gate == "probe", limit=limit, in_flight=in_flight + 1), breaker
+@dataclass(frozen=True)
+class Release:
+    """What ``FlowControl.release`` learned: the limit after the outcome and, for a 503, its verdict
+    ('capacity' | 'excess' | 'random'; see worker/lua/release.lua)."""
+
+    limit: float
+    verdict: str = ""
 
 
 def defer_s(admission: Admission, cfg: FlowConfig, rand: Callable[[], float]) -> float:

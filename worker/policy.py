@@ -235,8 +235,10 @@ class RetryBudget:
     cap_s: float
     margin_s: float = DEADLINE_MARGIN_S
     #: With shared flow control on, a 503 is handled by the shared limit: the job itself only needs
-    #: a short jittered pause (this base), not the full backoff. None: the full backoff.
+    #: a short jittered pause (this base, growing to at most ``overload_cap_s``), not the full
+    #: backoff, which at a 45% shed rate would strand a few unlucky jobs for minutes. None: the full backoff.
     overload_base_s: float | None = None
+    overload_cap_s: float | None = None
 
 
 def decide(classified: Classified, budget: RetryBudget, rand: Callable[[], float]) -> Decision:
@@ -259,10 +261,11 @@ def decide(classified: Classified, budget: RetryBudget, rand: Callable[[], float
         return Decision(
             Action.RETRY, 0.0, Tier.STANDARD, reason=f"{budget.flex_attempts} flex attempts: escalating to standard"
         )
-    base_s = budget.base_s
+    base_s, cap_s = budget.base_s, budget.cap_s
     if outcome == Outcome.OVERLOADED and budget.overload_base_s is not None:
         base_s = min(base_s, budget.overload_base_s)
-    delay_s = next_delay_s(classified, max(1, budget.tier_failures), base_s=base_s, cap_s=budget.cap_s, rand=rand)
+        cap_s = min(cap_s, budget.overload_cap_s if budget.overload_cap_s is not None else cap_s)
+    delay_s = next_delay_s(classified, max(1, budget.tier_failures), base_s=base_s, cap_s=cap_s, rand=rand)
     if budget.now_s + delay_s + budget.margin_s < budget.deadline_s:
         return Decision(Action.RETRY, delay_s, budget.tier, reason=f"{outcome}: retry in {delay_s:g}s")
     if can_escalate:

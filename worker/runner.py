@@ -21,7 +21,7 @@ from producer.pricing import cost_usd
 from producer.settings import FlexqSettings
 from producer.store import JobStore
 from worker import policy
-from worker.flow import Admission, Permit, defer_s, estimate_tokens
+from worker.flow import Admission, Permit, Release, defer_s, estimate_tokens
 from worker.flow_store import FlowControl
 from worker.gemini import Answer
 from worker.logs import get_logger, redact
@@ -90,16 +90,18 @@ class Runner:
         ):
             return None
         est = estimate_tokens(record.request, output_tokens_default=self.flow.cfg.output_tokens_default)
-        return await self.flow.acquire(job_id, record.request.model, str(record.next_tier), est)
+        return await self.flow.acquire(
+            job_id, record.request.model, str(record.next_tier), est, since_s=record.created_at.timestamp()
+        )
 
     async def _release(
         self, permit: Permit | None, outcome: Outcome | None, classified: policy.Classified | None = None,
         answer: Answer | None = None,
-    ) -> None:
+    ) -> Release | None:
         if self.flow is None or permit is None:
-            return
+            return None
         try:
-            await self.flow.release(
+            return await self.flow.release(
                 permit, str(outcome) if outcome is not None else None,
                 retry_after_s=classified.retry_after_s if classified else None,
                 quota=str(classified.quota) if classified and classified.quota else None,
@@ -108,6 +110,7 @@ class Runner:
             )
         except Exception as err:  # the permit lapses by TTL; the attempt itself must still be recorded
             log.warning("flow_release_failed", job_id=permit.job_id, error=f"{type(err).__name__}: {err}")
+            return None
 
     # -- begin ----------------------------------------------------------------------------------
 
@@ -166,8 +169,8 @@ class Runner:
                 classified.outcome, classified.http_status, redact(classified.message)[:1000],
                 classified.retry_after_s, classified.quota, classified.quota_id,
             )
-        await self._release(permit, classified.outcome, classified, answer)
-        return await self._finish(record.id, number, tier, classified, answer)
+        learned = await self._release(permit, classified.outcome, classified, answer)
+        return await self._finish(record.id, number, tier, classified, answer, learned.verdict if learned else None)
 
     def _budget(self, record: JobRecord, tier: Tier, now_s: float) -> policy.RetryBudget:
         on_tier = [a for a in record.attempts if a.tier == tier and a.outcome in policy.RETRYABLE]
@@ -182,11 +185,13 @@ class Runner:
             max_flex_attempts=self.settings.max_flex_attempts,
             base_s=self.settings.retry_base_s,
             cap_s=self.settings.retry_max_s,
-            overload_base_s=self.flow.cfg.poll_max_s if self.flow is not None else None,
+            overload_base_s=self.flow.cfg.shed_backoff_base_s if self.flow is not None else None,
+            overload_cap_s=self.flow.cfg.shed_backoff_max_s if self.flow is not None else None,
         )
 
     async def _finish(
-        self, job_id: str, number: int, tier: Tier, classified: policy.Classified, answer: Answer | None
+        self, job_id: str, number: int, tier: Tier, classified: policy.Classified, answer: Answer | None,
+        verdict: str | None = None,
     ) -> float | None:
         now = utcnow()
         decision_box: list[policy.Decision] = []
@@ -236,7 +241,7 @@ class Runner:
             log.warning("lease_lost", job_id=job_id, attempt=number, detail="result discarded; newer attempt owns job")
             return None
         decision = decision_box[0]
-        self._log_attempt(record, classified, decision)
+        self._log_attempt(record, classified, decision, verdict)
         if record.terminal:
             self._log_terminal(record)
         return decision.delay_s if decision.action == policy.Action.RETRY else None
@@ -269,7 +274,9 @@ class Runner:
 
     # -- logging --------------------------------------------------------------------------------
 
-    def _log_attempt(self, record: JobRecord, classified: policy.Classified, decision: policy.Decision) -> None:
+    def _log_attempt(
+        self, record: JobRecord, classified: policy.Classified, decision: policy.Decision, verdict: str | None
+    ) -> None:
         attempt = record.attempts[-1]
         usage = attempt.usage
         assert record.request is not None
@@ -286,6 +293,7 @@ class Runner:
             retry_in_s=attempt.retry_in_s,
             next_tier=str(decision.tier) if decision.action == policy.Action.RETRY else None,
             quota=str(classified.quota) if classified.quota else None,
+            shed=verdict or None,  # what the shared limit took a 503 for: capacity | excess | random
             prompt_tokens=usage.prompt_tokens if usage else None,
             output_tokens=usage.output_tokens if usage else None,
             thoughts_tokens=usage.thoughts_tokens if usage else None,

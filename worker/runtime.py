@@ -52,7 +52,12 @@ setattr(arq_worker, "log_redis_info", _log_redis_info)  # noqa: B010 - see _log_
 #: arq counts each Retry as a try; the deadline bounds retries, so this only stops runaway loops.
 UNBOUNDED_TRIES = 1_000_000_000
 #: How often arq looks for due jobs: the latency of a woken waiter (see worker.flow_store).
-POLL_DELAY_S = 0.05
+POLL_DELAY_S = 0.02
+#: Due jobs arq takes per poll, beyond those it runs already (arq always reads the oldest due
+#: entries, and a running job stays on its queue: the read must reach past them). arq's default
+#: (5 x max_jobs) lets one poll walk a backlog of thousands of jobs, each only joining the
+#: flow-control line, before it looks again and sees a job a release has woken.
+QUEUE_READ_EXTRA = 50
 
 
 async def run_generation(ctx: dict[str, Any], job_id: str, *_: Any, **__: Any) -> dict[str, Any] | None:
@@ -136,6 +141,7 @@ def worker_kwargs(settings: FlexqSettings, *, concurrency: int | None = None, bu
         "on_shutdown": shutdown,
         "after_job_end": after_job,
         "poll_delay": POLL_DELAY_S,
+        "queue_read_limit": (concurrency or settings.concurrency) + QUEUE_READ_EXTRA,
         "health_check_interval": 30,
         "burst": burst,
         "log_results": False,
@@ -172,5 +178,6 @@ class WorkerSettings:
     on_shutdown = staticmethod(shutdown)
     after_job_end = staticmethod(after_job)
     poll_delay = POLL_DELAY_S
+    queue_read_limit = _kw["queue_read_limit"]
     health_check_interval = 30
     log_results = False

@@ -1,0 +1,259 @@
+-- release: return one permit and learn from the attempt's outcome.
+--
+-- KEYS[1] state    hash  {queue}:flow:state:{model}:{tier}
+-- KEYS[2] permits  zset  {queue}:flow:permits:{model}:{tier}
+-- KEYS[3] pause    hash  {queue}:flow:pause:{model}
+-- KEYS[4] quota    hash  {queue}:flow:quota:{model}  quota alert: kind, reason, since_s, last_s, count
+-- KEYS[5] rate     hash  {queue}:flow:rate:{model}
+-- KEYS[6] log      list  {queue}:flow:log
+-- KEYS[7] waiters  zset  {queue}:flow:waiters:{model}:{tier}
+-- KEYS[8] arq queue zset {queue}:arq  job -> due time (ms)
+-- KEYS[9] woken    hash  {queue}:flow:woken
+-- KEYS[10] levels  hash  {queue}:flow:levels:{model}:{tier}  in-flight level -> "calls sheds t" (decayed)
+-- ARGV[1] JSON {job, now, started, level, model, tier, outcome, breaker, pause_s, alert, reason,
+--               rq_delta, tk_delta, worker}
+--   outcome: 'ok' | 'overloaded' (503) | another outcome | '' (the call was never made: a refund)
+--   breaker: what the outcome tells the breaker when it is not a 503: success | failure | neutral
+--   pause_s: a 429's pause of the model (null: none); alert: '' | per_day | billing
+-- ARGV[2] JSON config (worker/flow_store.py: FlowControl._release_cfg)
+-- Reply: {limit after this outcome, verdict} where verdict, for a 503, says what it was taken for:
+--   'capacity' (above the learned capacity step), 'excess' (the shed rate jumped and no answer below
+--   this level was seen lately), 'random' (load-independent shedding); '' for other outcomes.
+--
+-- The limit (see docs/flow-control.md). Each 503 and each answer is counted at the in-flight level
+-- its call was admitted at, with exponential decay over time. A 503 shrinks the limit only when the
+-- counts show a capacity step below its level (levels above the step are shed more often, by at
+-- least step_min_gap, with a log-likelihood ratio of at least step_min_llr), or when the recent
+-- shed rate jumps above the learned load-independent rate with nothing seen below. A
+-- load-independent 503 changes nothing but the baseline rate, and its permit goes to the next job in
+-- line, paid for from a budget that answers refill (so mistaken verdicts cannot churn). Answers
+-- grow the limit: +1 each while no step is known (slow start), else +probe_gain/limit (one level
+-- above the step is tried about once per round trip).
+
+local a, cfg = cjson.decode(ARGV[1]), cjson.decode(ARGV[2])
+local job, now, started, model, tier = a.job, clock(a.now), tonumber(a.started), a.model, a.tier
+local outcome, event = a.outcome, a.breaker
+local APP_LIMITED = 0.5
+-- variance factor of an exponentially weighted mean over `excess_window` outcomes
+local alpha = 1 / cfg.excess_window
+local EWMA_VAR = alpha / (2 - alpha)
+
+local function record(key, level, shed)
+  local raw = redis.call('HGET', key, level)
+  local n, s = 0, 0
+  if raw then
+    local rn, rs, rt = string.match(raw, '^(%S+) (%S+) (%S+)$')
+    local f = 0.5 ^ ((now - tonumber(rt)) / cfg.level_half_life_s)
+    n, s = tonumber(rn) * f, tonumber(rs) * f
+  end
+  redis.call('HSET', key, level, num(n + 1) .. ' ' .. num(s + shed) .. ' ' .. num(now))
+end
+
+local function loglik(s, n)
+  local out = 0
+  if s > 0 then out = out + s * math.log(s / n) end
+  if n - s > 0 then out = out + (n - s) * math.log(1 - s / n) end
+  return out
+end
+
+-- The capacity step: the highest level below the best significant rise of the shed rate (nil: none),
+-- the decayed number of answers seen below `level`, and the decayed calls and 503s above `cap` (when
+-- given). Levels whose counts decayed away are dropped.
+local function fit(key, level, cap)
+  local raw = redis.call('HGETALL', key)
+  local levels, stale = {}, {}
+  for i = 1, #raw, 2 do
+    local rn, rs, rt = string.match(raw[i + 1], '^(%S+) (%S+) (%S+)$')
+    local f = 0.5 ^ ((now - tonumber(rt)) / cfg.level_half_life_s)
+    local n = tonumber(rn) * f
+    if n < 0.01 then stale[#stale + 1] = raw[i]
+    else levels[#levels + 1] = {tonumber(raw[i]), n, tonumber(rs) * f} end
+  end
+  if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
+  table.sort(levels, function(x, y) return x[1] < y[1] end)
+  local n_all, s_all, n_below, n_up, s_up = 0, 0, 0, 0, 0
+  for _, l in ipairs(levels) do
+    n_all, s_all = n_all + l[2], s_all + l[3]
+    if l[1] < level then n_below = n_below + l[2] - l[3] end
+    if cap and l[1] > cap then n_up, s_up = n_up + l[2], s_up + l[3] end
+  end
+  local base, best, step, nl, sl = loglik(s_all, n_all), 0, nil, 0, 0
+  for i = 1, #levels - 1 do
+    nl, sl = nl + levels[i][2], sl + levels[i][3]
+    local nr, sr = n_all - nl, s_all - sl
+    if nl >= cfg.step_min_n and nr >= cfg.step_min_n and sr / nr - sl / nl >= cfg.step_min_gap then
+      local g = 2 * (loglik(sl, nl) + loglik(sr, nr) - base)
+      if g >= cfg.step_min_llr and g > best then best, step = g, levels[i + 1][1] - 1 end
+    end
+  end
+  return step, n_below, n_up, s_up
+end
+
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', num(now))
+local in_flight = redis.call('ZCARD', KEYS[2])  -- permits held, this one included
+if redis.call('ZREM', KEYS[2], job) == 0 then in_flight = in_flight + 1 end  -- lease lapsed, still ran
+local s = redis.call('HMGET', KEYS[1], 'limit', 'cap', 'p_hat', 'p_n', 'short', 'tokens', 'last_decrease_s',
+  'state', 'opens', 'win', 'ok', 'failed', 'prev_ok', 'prev_failed', 'probe')
+local limit = clamp(tonumber(s[1]) or cfg.initial, cfg.min, cfg.max)
+local limit_before = limit
+local replace, verdict = 1, ''
+if outcome == 'ok' or outcome == 'overloaded' then
+  local cap = tonumber(s[2])
+  local p_hat, p_n, short = tonumber(s[3]) or 0, tonumber(s[4]) or cfg.baseline_prior_n, tonumber(s[5]) or 0
+  local tokens, last_dec = tonumber(s[6]) or cfg.replace_burst, tonumber(s[7]) or 0
+  local level = math.max(1, math.floor(tonumber(a.level) or in_flight))
+  local shed = outcome == 'overloaded' and 1 or 0
+  local function baseline(x)
+    p_n = math.min(cfg.baseline_window, p_n + 1)
+    p_hat = p_hat + (x - p_hat) / p_n
+  end
+  record(KEYS[10], level, shed)
+  redis.call('EXPIRE', KEYS[10], cfg.state_ttl_s)
+  short = short + (shed - short) / cfg.excess_window
+  if shed == 0 then
+    tokens = math.min(cfg.replace_burst, tokens + cfg.replace_ratio)
+    if not cap or level <= cap then baseline(0) end
+    local grow = in_flight >= limit * APP_LIMITED or redis.call('ZCARD', KEYS[7]) > 0
+    if cap and level > cap then
+      local _, _, n_up, s_up = fit(KEYS[10], level, cap)
+      if n_up >= cfg.raise_min_n and s_up / n_up <= p_hat + cfg.step_min_gap then
+        -- answers above the capacity we believed in, several and about as often as below (calls
+        -- still on their way blur the step by a level now and then, not like this): the pool grew.
+        -- Forget the old capacity and slow-start again until a 503 says where the pool stops.
+        cap = nil
+        limit = math.min(cfg.max, math.max(limit, level + 1))
+      else
+        limit = math.min(cfg.max, math.max(limit, math.min(level + 1, cap + 2)))  -- look one further
+      end
+    elseif grow then
+      limit = math.min(cfg.max, limit + (cap and cfg.probe_gain / limit or 1))
+    end
+  else
+    local step, n_below = fit(KEYS[10], level)
+    local jump = math.max(cfg.step_min_gap, cfg.excess_z * math.sqrt(math.max(p_hat * (1 - p_hat), 0.01) * EWMA_VAR))
+    replace = 0
+    if step and level > step then
+      verdict, cap = 'capacity', step
+      limit = math.max(cfg.min, math.min(limit, step))
+    elseif cap and level > cap then
+      verdict = 'capacity'
+      limit = math.max(cfg.min, math.min(limit, cap))
+    elseif n_below < cfg.blind_n and short - p_hat >= jump then
+      verdict = 'excess'
+      if started >= last_dec then  -- one decrease per overload event, from what was really in flight
+        limit = math.max(cfg.min, math.min(limit, in_flight) * cfg.decrease)
+        last_dec = now
+      end
+    else
+      verdict = 'random'
+      baseline(1)
+      if tokens >= 1 then tokens, replace = tokens - 1, 1 end
+    end
+    -- a 503 the limit handles is neutral for the breaker until the limit is at its floor
+    event = (verdict == 'random' or limit <= cfg.min) and 'failure' or 'neutral'
+  end
+  redis.call('HSET', KEYS[1], 'limit', num(limit), 'cap', cap and num(cap) or '',
+    'p_hat', num(p_hat), 'p_n', num(p_n), 'short', num(short), 'tokens', num(tokens),
+    'last_decrease_s', num(last_dec))
+end
+-- the breaker: closed -> open on enough failures making up enough of the recent outcomes and of
+-- the calls in flight; half-open
+-- lets one probe through, whose success closes it and whose failure re-opens it for longer
+local state = s[8] or 'closed'
+local function transition(to, why)
+  local opens, open_until = 0, 0
+  if to == 'open' then
+    opens = (tonumber(s[9]) or 0) + 1
+    open_until = now + math.min(cfg.cool_down_max_s, cfg.cool_down_s * 2 ^ (opens - 1))
+  end
+  redis.call('HSET', KEYS[1], 'state', to, 'since_s', num(now), 'open_until_s', num(open_until),
+    'opens', opens, 'win', 0, 'ok', 0, 'failed', 0, 'prev_ok', 0, 'prev_failed', 0, 'probe', '',
+    'probe_until_s', 0)
+  log(KEYS[6], {t = now, model = model, tier = tier, from = state, to = to, why = why, worker = a.worker})
+end
+if state == 'closed' and event ~= 'neutral' then
+  local idx, ok, failed, pok, pfailed, weight = slide(tonumber(s[10]) or 0, tonumber(s[11]) or 0,
+    tonumber(s[12]) or 0, tonumber(s[13]) or 0, tonumber(s[14]) or 0, now, cfg.breaker_window_s)
+  if event == 'success' then ok = ok + 1 else failed = failed + 1 end
+  -- calls still in flight count as not failed: a burst of fast 503s must not outvote the answers
+  -- still on their way (a shed comes back at once, an answer after its service time)
+  local rf, ro = failed + pfailed * weight, ok + pok * weight + redis.call('ZCARD', KEYS[2])
+  if event == 'failure' and rf >= cfg.breaker_min_failures and rf >= cfg.breaker_failure_ratio * (rf + ro) then
+    transition('open', string.format('%.1f failures, %d%% of outcomes in %gs', rf,
+      math.floor(100 * rf / (rf + ro)), cfg.breaker_window_s))
+  else
+    redis.call('HSET', KEYS[1], 'win', num(idx), 'ok', num(ok), 'failed', num(failed), 'prev_ok', num(pok),
+      'prev_failed', num(pfailed))
+  end
+elseif state == 'half_open' and s[15] == job then
+  if event == 'success' then transition('closed', 'probe succeeded')
+  elseif event == 'failure' then transition('open', 'probe failed')
+  else redis.call('HSET', KEYS[1], 'probe', '', 'probe_until_s', 0) end
+end
+redis.call('EXPIRE', KEYS[1], cfg.state_ttl_s)
+-- Wake waiters into the permits this release freed: their arq jobs become due now (ZADD XX: only
+-- jobs still queued) instead of every waiter polling. One replaces the call that ended (not after
+-- a 503 taken for capacity, nor past the replacement budget), plus one per whole permit the limit
+-- grew. The woken hash lets the worker's after-job hook re-apply a wake that arq's own re-scoring
+-- of a finishing run overwrote (settle.lua).
+local pause_s = tonumber(a.pause_s)
+local free = math.floor(limit) - redis.call('ZCARD', KEYS[2])
+local wake = math.min(free, replace + math.max(0, math.floor(limit) - math.floor(limit_before)))
+local paused = (tonumber(redis.call('HGET', KEYS[3], 'until_s')) or 0) > now
+if wake > 0 and not pause_s and not paused then
+  -- a woken job goes ahead of jobs that are due but were never tried (a backlog would otherwise
+  -- hold it up: arq takes due jobs oldest first, and each of those would only join the line)
+  local now_ms = math.floor(now * 1000)
+  local oldest = redis.call('ZRANGE', KEYS[8], 0, 0, 'WITHSCORES')
+  if #oldest == 2 and tonumber(oldest[2]) <= now_ms then now_ms = math.max(1, tonumber(oldest[2]) - 1) end
+  local tries = 0
+  while wake > 0 and tries < 64 do
+    tries = tries + 1
+    local head = redis.call('ZPOPMIN', KEYS[7], 1)
+    if #head == 0 then break end
+    if redis.call('ZSCORE', KEYS[8], head[1]) then
+      redis.call('ZADD', KEYS[8], 'XX', now_ms, head[1])
+      redis.call('HSET', KEYS[9], head[1], now_ms)
+      wake = wake - 1
+    end
+  end
+end
+-- 429: pause the model for every worker; per-day and billing quotas raise an alert
+if pause_s then
+  extend_pause(KEYS[3], now + pause_s, a.reason, now)
+  if a.alert ~= '' then
+    if redis.call('HGET', KEYS[4], 'kind') == a.alert then
+      redis.call('HINCRBY', KEYS[4], 'count', 1)
+      redis.call('HSET', KEYS[4], 'last_s', num(now), 'reason', a.reason)
+    else
+      redis.call('DEL', KEYS[4])
+      redis.call('HSET', KEYS[4], 'kind', a.alert, 'reason', a.reason, 'since_s', num(now), 'last_s', num(now),
+        'count', 1)
+      log(KEYS[6], {t = now, model = model, tier = tier, from = 'quota_ok', to = 'quota_' .. a.alert,
+        why = a.reason, worker = a.worker})
+    end
+    redis.call('EXPIRE', KEYS[4], cfg.quota_ttl_s)
+  end
+elseif outcome == 'ok' then  -- an answer to a request sent after the alert: the quota is back
+  local since = tonumber(redis.call('HGET', KEYS[4], 'since_s'))
+  if since and started >= since then
+    local kind = redis.call('HGET', KEYS[4], 'kind')
+    redis.call('DEL', KEYS[4])
+    log(KEYS[6], {t = now, model = model, tier = tier, from = 'quota_' .. kind, to = 'quota_ok',
+      why = 'a request succeeded', worker = a.worker})
+  end
+end
+-- RPM/TPM: refund or correct the window the request was counted in
+local drq, dtk = tonumber(a.rq_delta) or 0, tonumber(a.tk_delta) or 0
+if drq ~= 0 or dtk ~= 0 then
+  local r = redis.call('HMGET', KEYS[5], 'win', 'rq', 'tk', 'prev_rq', 'prev_tk')
+  local win, at = tonumber(r[1]), math.floor(started / cfg.rate_window_s)
+  local rq, tk = 'rq', 'tk'
+  if win and at == win - 1 then rq, tk = 'prev_rq', 'prev_tk' end
+  if win and at >= win - 1 and at <= win then
+    local i = (rq == 'rq') and 2 or 4
+    redis.call('HSET', KEYS[5], rq, num(math.max(0, (tonumber(r[i]) or 0) + drq)),
+      tk, num(math.max(0, (tonumber(r[i + 1]) or 0) + dtk)))
+  end
+end
+return {num(limit), verdict}
