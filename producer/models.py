@@ -10,8 +10,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from google.genai import types as genai_types
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from producer.errors import InvalidRequestError
 
@@ -88,42 +87,50 @@ class GenerateRequest(BaseModel):
             raise ValueError("must not be empty")
         return value
 
+    # The SDK's own models check contents and config at enqueue. A stored record was checked when it
+    # was enqueued: reading it back (``JobRecord.from_json``) skips them, and so never imports the SDK.
+
     @field_validator("contents")
     @classmethod
-    def _contents(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    def _contents(cls, value: list[dict[str, Any]] | None, info: ValidationInfo) -> list[dict[str, Any]] | None:
         if value is None:
             return None
         if not value:
             raise ValueError("must hold at least one Content")
-        for index, item in enumerate(value):
-            try:
-                genai_types.Content.model_validate(item)
-            except ValidationError as err:
-                raise ValueError(f"item {index} is not a Gemini Content: {_first_error(err)}") from None
+        if not _stored(info):
+            sdk = _sdk_types()
+            for index, item in enumerate(value):
+                try:
+                    sdk.Content.model_validate(item)
+                except ValidationError as err:
+                    raise ValueError(f"item {index} is not a Gemini Content: {_first_error(err)}") from None
         return value
 
     @field_validator("system_instruction")
     @classmethod
-    def _system_instruction(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
-        if isinstance(value, dict):
+    def _system_instruction(
+        cls, value: str | dict[str, Any] | None, info: ValidationInfo
+    ) -> str | dict[str, Any] | None:
+        if isinstance(value, dict) and not _stored(info):
             try:
-                genai_types.Content.model_validate(value)
+                _sdk_types().Content.model_validate(value)
             except ValidationError as err:
                 raise ValueError(f"is not a Gemini Content: {_first_error(err)}") from None
         return value
 
     @field_validator("config")
     @classmethod
-    def _config(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+    def _config(cls, value: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
         if value is None:
             return None
         for key, why in QUEUE_OWNED_CONFIG_FIELDS.items():
             if key in value:
                 raise ValueError(f"{key!r} may not be set: {why}")
-        try:
-            genai_types.GenerateContentConfig.model_validate(value)
-        except ValidationError as err:
-            raise ValueError(f"is not a GenerateContentConfig: {_first_error(err)}") from None
+        if not _stored(info):
+            try:
+                _sdk_types().GenerateContentConfig.model_validate(value)
+            except ValidationError as err:
+                raise ValueError(f"is not a GenerateContentConfig: {_first_error(err)}") from None
         return value
 
     @model_validator(mode="after")
@@ -142,6 +149,21 @@ class GenerateRequest(BaseModel):
             for part in content.get("parts", []) or []
             if isinstance(part, dict) and isinstance(part.get("text"), str)
         )
+
+
+#: Validation context of a record read back from the store: its request was checked at enqueue.
+STORED = {"stored": True}
+
+
+def _stored(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get("stored"))
+
+
+def _sdk_types() -> Any:
+    """google.genai.types, imported on first use (about 0.7 s): only enqueue and the worker need it."""
+    from google.genai import types
+
+    return types
 
 
 def _first_error(err: ValidationError) -> str:
@@ -259,4 +281,4 @@ class JobRecord(BaseModel):
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> JobRecord:
-        return cls.model_validate_json(raw)
+        return cls.model_validate_json(raw, context=STORED)

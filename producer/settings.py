@@ -68,7 +68,7 @@ class FlexqSettings(BaseSettings):
     )
     # Flow control shared by all workers (worker/flow.py): shed-aware concurrency, breaker, 429 pauses, limits.
     flow: bool = Field(default=True, validation_alias=AliasChoices("FLEXQ_FLOW", "flow"))
-    flow_initial: float = Field(default=8.0, ge=1, validation_alias=AliasChoices("FLEXQ_FLOW_INITIAL", "flow_initial"))
+    flow_initial: float = Field(default=32.0, ge=1, validation_alias=AliasChoices("FLEXQ_FLOW_INITIAL", "flow_initial"))
     flow_min: float = Field(default=1.0, ge=1, validation_alias=AliasChoices("FLEXQ_FLOW_MIN", "flow_min"))
     flow_max: float = Field(default=1000.0, ge=1, validation_alias=AliasChoices("FLEXQ_FLOW_MAX", "flow_max"))
     flow_decrease: float = Field(

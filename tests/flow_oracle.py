@@ -146,15 +146,15 @@ def loglik(s: float, n: float) -> float:
     return out
 
 
-def fit(levels: Levels, level: int, now_s: float, cfg: FlowConfig) -> tuple[int | None, float, Levels]:
+def fit(levels: Levels, now_s: float, cfg: FlowConfig) -> tuple[int | None, float, Levels]:
     """The capacity step: the highest level below the best significant rise of the 503 rate (None:
-    no step), the decayed answers seen below ``level``, and the counts with faded levels dropped."""
-    step, n_below, kept, _ = fit_above(levels, level, now_s, cfg, cap=None)
-    return step, n_below, kept
+    no step), the decayed answers at any level, and the counts with faded levels dropped."""
+    step, answered, kept, _ = fit_above(levels, now_s, cfg, cap=None)
+    return step, answered, kept
 
 
 def fit_above(
-    levels: Levels, level: int, now_s: float, cfg: FlowConfig, *, cap: int | None
+    levels: Levels, now_s: float, cfg: FlowConfig, *, cap: int | None
 ) -> tuple[int | None, float, Levels, tuple[float, float]]:
     """``fit``, and the decayed calls and 503s at levels above ``cap``."""
     live: list[tuple[int, float, float]] = []
@@ -166,7 +166,7 @@ def fit_above(
             kept[k] = (n, s, t)
     live.sort()
     n_all, s_all = sum(n for _, n, _ in live), sum(s for _, _, s in live)
-    n_below = sum(n - s for k, n, s in live if k < level)
+    answered = sum(n - s for _, n, s in live)
     above = [(n, s) for k, n, s in live if cap is not None and k > cap]
     up = (sum(n for n, _ in above), sum(s for _, s in above))
     base, best, step, nl, sl = loglik(s_all, n_all), 0.0, None, 0.0, 0.0
@@ -177,7 +177,7 @@ def fit_above(
             g = 2 * (loglik(sl, nl) + loglik(sr, nr) - base)
             if g >= cfg.step_min_llr and g > best:
                 best, step = g, live[i + 1][0] - 1
-    return step, n_below, kept, up
+    return step, answered, kept, up
 
 
 @dataclass(frozen=True)
@@ -222,7 +222,7 @@ def learn(
             baseline(0.0)
         grow = in_flight >= limit * APP_LIMITED_RATIO or waiting > 0
         if cap is not None and level > cap:
-            _, _, levels, (n_up, s_up) = fit_above(levels, level, now_s, cfg, cap=cap)
+            _, _, levels, (n_up, s_up) = fit_above(levels, now_s, cfg, cap=cap)
             if n_up >= cfg.raise_min_n and s_up / n_up <= p_hat + cfg.step_min_gap:
                 cap = None
                 limit = min(cfg.max_limit, max(limit, level + 1))
@@ -231,7 +231,7 @@ def learn(
         elif grow:
             limit = min(cfg.max_limit, limit + (cfg.probe_gain / limit if cap is not None else 1.0))
     else:
-        step, n_below, levels = fit(levels, level, now_s, cfg)
+        step, answered, levels = fit(levels, now_s, cfg)
         alpha = 1 / cfg.excess_window
         jump = max(cfg.step_min_gap, cfg.excess_z * math.sqrt(max(p_hat * (1 - p_hat), 0.01) * alpha / (2 - alpha)))
         replace_it = 0
@@ -241,7 +241,7 @@ def learn(
         elif cap is not None and level > cap:
             verdict = "capacity"
             limit = max(cfg.min_limit, min(limit, cap))
-        elif n_below < cfg.blind_n and short - p_hat >= jump:
+        elif answered < cfg.blind_n and short - p_hat >= jump:
             verdict = "excess"
             if started_s >= last_dec:
                 limit = max(cfg.min_limit, min(limit, in_flight) * cfg.decrease_factor)

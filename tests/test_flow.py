@@ -146,7 +146,7 @@ def test_estimate_tokens(request_data: dict[str, Any], expected: int) -> None:
 def test_flow_config_defaults() -> None:
     """The shipped tuning (FLEXQ_FLOW_* settings map onto part of it): pinned, so a change is deliberate."""
     cfg = FlowConfig()
-    assert (cfg.initial_limit, cfg.min_limit, cfg.max_limit, cfg.decrease_factor) == (8.0, 1.0, 1000.0, 0.9)
+    assert (cfg.initial_limit, cfg.min_limit, cfg.max_limit, cfg.decrease_factor) == (32.0, 1.0, 1000.0, 0.9)
     assert (cfg.poll_min_s, cfg.poll_max_s, cfg.waiter_timeout_s) == (0.2, 1.0, 30.0)
     assert (cfg.level_half_life_s, cfg.step_min_gap, cfg.step_min_llr, cfg.step_min_n) == (3.0, 0.25, 14.0, 2.0)
     assert (cfg.baseline_window, cfg.baseline_prior_n, cfg.excess_window, cfg.excess_z, cfg.blind_n) == (
@@ -185,16 +185,16 @@ STEP = {**FLAT, 21: (6.0, 6.0), 22: (4.0, 4.0)}
     ],
 )
 def test_fit_finds_the_capacity_step(rows: dict[int, tuple[float, float]], level: int, step: int | None) -> None:
-    assert fit(counts(rows), level, 100.0, CFG)[0] == step
+    assert fit(counts(rows), 100.0, CFG)[0] == step
 
 
 def test_fit_forgets_with_time() -> None:
     levels = counts(STEP, now_s=100.0)
-    assert fit(levels, 21, 100.0, CFG)[0] == 20
+    assert fit(levels, 100.0, CFG)[0] == 20
     later = 100.0 + 3 * CFG.level_half_life_s  # every count at 1/8: the step is no longer significant
-    assert fit(levels, 21, later, CFG)[0] is None
-    step, below, kept = fit(levels, 21, 100.0 + 30 * CFG.level_half_life_s, CFG)
-    assert (step, below, kept) == (None, 0.0, {})  # faded levels are dropped
+    assert fit(levels, later, CFG)[0] is None
+    step, answered, kept = fit(levels, 100.0 + 30 * CFG.level_half_life_s, CFG)
+    assert (step, answered, kept) == (None, 0.0, {})  # faded levels are dropped
 
 
 def test_record_decays_the_level_before_counting() -> None:
@@ -269,7 +269,7 @@ def test_a_load_independent_503_leaves_the_limit_and_hands_its_permit_on() -> No
     assert (verdict, replace_it, dry.limit) == ("random", 0, 20.0)  # no hand-over left: the permit waits
 
 
-def test_a_jump_of_the_503_rate_with_nothing_seen_below_decreases_once() -> None:
+def test_a_jump_of_the_503_rate_with_hardly_an_answer_decreases_once() -> None:
     """A cold start above a small pool: 503s pour in at the top levels before any answer is back."""
     state = limit_state(limit=32.0, short=0.6, last_decrease_s=50.0)
     new, verdict, replace_it = step_of(state, True, level=30, in_flight=30, started_s=99.0)
@@ -277,9 +277,10 @@ def test_a_jump_of_the_503_rate_with_nothing_seen_below_decreases_once() -> None
     # a call sent before that decrease comes back shed too: the same overload event, no second decrease
     again, verdict, _ = learn(new, True, level=29, now_s=100.1, started_s=99.5, in_flight=29, waiting=5, cfg=CFG)
     assert (verdict, again.limit) == ("excess", pytest.approx(27.0))
-    # with calls seen below, the same rates are no jump but load-independent shedding
+    # with answers seen lately, the same rates are no jump but load-independent shedding
     seen = replace(state, levels=counts({k: (1.0, 0.0) for k in range(1, 11)}))
     assert step_of(seen, True, level=30)[1] == "random"
+    assert step_of(seen, True, level=3)[1] == "random"
 
 
 def test_the_baseline_starts_from_a_prior() -> None:
@@ -366,8 +367,8 @@ def mean_in_service(run: dict[str, Any], start_s: float, end_s: float) -> float:
         (8, 0.3, 1.65),
         (20, 0.3, 1.6),
         (60, 0.3, 1.65),
-        (8, 0.45, 2.15),
-        (20, 0.45, 2.1),
+        (8, 0.45, 2.25),
+        (20, 0.45, 2.15),
         # a large pool at peak shedding: calls still on their way blur the step over a few levels, and
         # 45% random 503s hide it more; it is found and held, at more 503s (docs/flow-control.md)
         (60, 0.45, 2.5),

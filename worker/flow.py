@@ -57,7 +57,7 @@ class Limits:
 class FlowConfig:
     """Every knob, with its unit (``FLEXQ_FLOW_*`` settings map onto these one to one)."""
 
-    initial_limit: float = 8.0  # permits per (model, tier) before anything is learned; slow start from here
+    initial_limit: float = 32.0  # permits per (model, tier) before anything is learned; slow start from here
     min_limit: float = 1.0  # never starve: one request always goes
     max_limit: float = 1000.0  # global cap per (model, tier), all workers together
     decrease_factor: float = 0.9  # decrease when the 503 rate jumps with nothing below to locate the step
@@ -85,7 +85,7 @@ class FlowConfig:
     baseline_prior_n: int = 50  # ...starting from 0% worth this many outcomes (a cold start's 503s are suspect)
     excess_window: int = 16  # the recent 503 rate: a running mean over this many outcomes
     excess_z: float = 3.0  # a jump of the recent rate is this many standard deviations (and the gap)
-    blind_n: float = 5.0  # ...and counts only with fewer answers than this seen below the 503's level
+    blind_n: float = 5.0  # ...and counts only while fewer calls than this were answered lately (at any level)
     raise_min_n: float = 5.0  # answers above the believed capacity (at about the usual 503 rate) that raise it
     probe_gain: float = 0.5  # at a known step the limit grows by this / limit per answer (a probe a level up)
     replace_ratio: float = 1.5  # a load-independent 503's permit goes to the next job: each answer

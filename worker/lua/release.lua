@@ -17,8 +17,8 @@
 --   pause_s: a 429's pause of the model (null: none); alert: '' | per_day | billing
 -- ARGV[2] JSON config (worker/flow_store.py: FlowControl._release_cfg)
 -- Reply: {limit after this outcome, verdict} where verdict, for a 503, says what it was taken for:
---   'capacity' (above the learned capacity step), 'excess' (the shed rate jumped and no answer below
---   this level was seen lately), 'random' (load-independent shedding); '' for other outcomes.
+--   'capacity' (above the learned capacity step), 'excess' (the shed rate jumped and hardly any call
+--   was answered lately: a cold start, an outage), 'random' (load-independent shedding); '' for other outcomes.
 --
 -- The limit (see docs/flow-control.md). Each 503 and each answer is counted at the in-flight level
 -- its call was admitted at, with exponential decay over time. A 503 shrinks the limit only when the
@@ -57,9 +57,9 @@ local function loglik(s, n)
 end
 
 -- The capacity step: the highest level below the best significant rise of the shed rate (nil: none),
--- the decayed number of answers seen below `level`, and the decayed calls and 503s above `cap` (when
+-- the decayed number of answers at any level, and the decayed calls and 503s above `cap` (when
 -- given). Levels whose counts decayed away are dropped.
-local function fit(key, level, cap)
+local function fit(key, cap)
   local raw = redis.call('HGETALL', key)
   local levels, stale = {}, {}
   for i = 1, #raw, 2 do
@@ -71,10 +71,10 @@ local function fit(key, level, cap)
   end
   if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
   table.sort(levels, function(x, y) return x[1] < y[1] end)
-  local n_all, s_all, n_below, n_up, s_up = 0, 0, 0, 0, 0
+  local n_all, s_all, answered, n_up, s_up = 0, 0, 0, 0, 0
   for _, l in ipairs(levels) do
     n_all, s_all = n_all + l[2], s_all + l[3]
-    if l[1] < level then n_below = n_below + l[2] - l[3] end
+    answered = answered + l[2] - l[3]
     if cap and l[1] > cap then n_up, s_up = n_up + l[2], s_up + l[3] end
   end
   local base, best, step, nl, sl = loglik(s_all, n_all), 0, nil, 0, 0
@@ -86,7 +86,7 @@ local function fit(key, level, cap)
       if g >= cfg.step_min_llr and g > best then best, step = g, levels[i + 1][1] - 1 end
     end
   end
-  return step, n_below, n_up, s_up
+  return step, answered, n_up, s_up
 end
 
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', num(now))
@@ -115,7 +115,7 @@ if outcome == 'ok' or outcome == 'overloaded' then
     if not cap or level <= cap then baseline(0) end
     local grow = in_flight >= limit * APP_LIMITED or redis.call('ZCARD', KEYS[7]) > 0
     if cap and level > cap then
-      local _, _, n_up, s_up = fit(KEYS[10], level, cap)
+      local _, _, n_up, s_up = fit(KEYS[10], cap)
       if n_up >= cfg.raise_min_n and s_up / n_up <= p_hat + cfg.step_min_gap then
         -- answers above the capacity we believed in, several and about as often as below (calls
         -- still on their way blur the step by a level now and then, not like this): the pool grew.
@@ -129,7 +129,7 @@ if outcome == 'ok' or outcome == 'overloaded' then
       limit = math.min(cfg.max, limit + (cap and cfg.probe_gain / limit or 1))
     end
   else
-    local step, n_below = fit(KEYS[10], level)
+    local step, answered = fit(KEYS[10])
     local jump = math.max(cfg.step_min_gap, cfg.excess_z * math.sqrt(math.max(p_hat * (1 - p_hat), 0.01) * EWMA_VAR))
     replace = 0
     if step and level > step then
@@ -138,7 +138,7 @@ if outcome == 'ok' or outcome == 'overloaded' then
     elseif cap and level > cap then
       verdict = 'capacity'
       limit = math.max(cfg.min, math.min(limit, cap))
-    elseif n_below < cfg.blind_n and short - p_hat >= jump then
+    elseif answered < cfg.blind_n and short - p_hat >= jump then
       verdict = 'excess'
       if started >= last_dec then  -- one decrease per overload event, from what was really in flight
         limit = math.max(cfg.min, math.min(limit, in_flight) * cfg.decrease)
