@@ -21,6 +21,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 # Then the project itself (setuptools needs the packages present to build it).
 COPY producer/ producer/
 COPY worker/ worker/
+COPY flexq/ flexq/
 COPY simulator/ simulator/
 RUN pip install --no-cache-dir . \
     && rm -rf build ./*.egg-info

@@ -42,7 +42,7 @@ from bench.common import (
     summarize,
 )
 from producer.queue import FlexQueue, JobSpec
-from producer.settings import FlexqSettings
+from worker.config import WorkerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 CALLS_FULL, LATENCY_FULL = 5000, 60.0
@@ -108,7 +108,7 @@ def worker_env(redis_url: str, sim_url: str, flow: bool, calls: int) -> dict[str
 
 
 async def enqueue(redis_url: str, calls: int) -> None:
-    settings = FlexqSettings(redis_url=redis_url, queue=QUEUE)  # type: ignore[arg-type]
+    settings = WorkerConfig(redis_url=redis_url, queue=QUEUE)  # type: ignore[arg-type]
     queue = await FlexQueue.connect(settings)
     try:
         await queue.enqueue_many(
@@ -119,7 +119,7 @@ async def enqueue(redis_url: str, calls: int) -> None:
 
 
 async def final_counts(redis_url: str) -> dict[str, int]:
-    settings = FlexqSettings(redis_url=redis_url, queue=QUEUE)  # type: ignore[arg-type]
+    settings = WorkerConfig(redis_url=redis_url, queue=QUEUE)  # type: ignore[arg-type]
     queue = await FlexQueue.connect(settings)
     try:
         return await queue.store.counts()

@@ -1,7 +1,7 @@
 """A flexq worker process with a probe: what ``flexq worker`` runs, plus event-loop lag and RSS samples.
 
 Builds the arq Worker exactly as ``flexq worker`` does (``worker.runtime.create_worker`` from the
-environment's ``FlexqSettings``, ``logs.configure``), in burst mode, and runs beside it, on the same
+environment's ``WorkerConfig``, ``logs.configure``), in burst mode, and runs beside it, on the same
 event loop, a probe task: ``t = loop.time(); await asyncio.sleep(0.05); lag = loop.time() - t - 0.05``.
 Every second it also samples its own VmRSS. On exit (the queue drained, or SIGTERM/SIGINT) it writes
 a JSON report: lag samples ``[[epoch_s, lag_ms], ...]``, RSS samples ``[[epoch_s, kB], ...]``,
@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from bench.common import proc_status_kb, raise_nofile_limit
-from producer.settings import FlexqSettings
+from worker.config import WorkerConfig
 
 PROBE_INTERVAL_S = 0.05
 RSS_EVERY_S = 1.0
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     from worker import logs
     from worker.runtime import create_worker
 
-    settings = FlexqSettings().model_copy(update={"concurrency": args.concurrency})
+    settings = WorkerConfig().model_copy(update={"concurrency": args.concurrency})
     logs.configure(settings.log_format)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)

@@ -25,7 +25,7 @@ from typing import Any
 
 from bench.common import MODEL, BenchResult, bench_redis, flush
 from producer.queue import FlexQueue, JobSpec
-from producer.settings import FlexqSettings
+from worker.config import WorkerConfig
 
 JOBS_FULL = 10_000
 JOBS_SMOKE = 1_000
@@ -61,7 +61,7 @@ def specs_for(shape: str, jobs: int, tag: str) -> list[JobSpec]:
 
 async def one_run(redis_url: str, shape: str, jobs: int) -> dict[str, float]:
     flush(redis_url)
-    settings = FlexqSettings(redis_url=redis_url, queue="bench-enqueue")  # type: ignore[arg-type]
+    settings = WorkerConfig(redis_url=redis_url, queue="bench-enqueue")  # type: ignore[arg-type]
     queue = await FlexQueue.connect(settings)
     try:
         specs = specs_for(shape, jobs, "e")
@@ -90,7 +90,7 @@ async def one_run(redis_url: str, shape: str, jobs: int) -> dict[str, float]:
 async def profile_run(redis_url: str, shape: str, jobs: int, top: int = 12) -> dict[str, Any]:
     """cProfile one enqueue_many: the share of time per bucket and the top functions by own time."""
     flush(redis_url)
-    settings = FlexqSettings(redis_url=redis_url, queue="bench-enqueue")  # type: ignore[arg-type]
+    settings = WorkerConfig(redis_url=redis_url, queue="bench-enqueue")  # type: ignore[arg-type]
     queue = await FlexQueue.connect(settings)
     specs = specs_for(shape, jobs, "p")
     profiler = cProfile.Profile()

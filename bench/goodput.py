@@ -253,18 +253,18 @@ def worker_env(redis_url: str, sim_url: str, scenario: Scenario) -> dict[str, st
 async def run_flexq(scenario: Scenario, sim_url: str, redis_url: str) -> Result:
     sys.path.insert(0, str(ROOT))
     from producer.queue import FlexQueue, JobSpec
-    from producer.settings import FlexqSettings
+    from worker.config import WorkerConfig
     from worker.flow import config_from_settings
     from worker.flow_store import FlowControl
 
-    settings = FlexqSettings(redis_url=redis_url, queue="bench")  # type: ignore[arg-type]
+    settings = WorkerConfig(redis_url=redis_url, queue="bench")  # type: ignore[arg-type]
     queue = await FlexQueue.connect(settings)
     await queue.redis.flushdb()
     specs = [JobSpec({"model": MODEL, "prompt": f"bench job {i}"}, job_id=f"g{i}") for i in range(scenario.jobs)]
     flow = FlowControl(queue.redis, queue.store.keys, config_from_settings(settings))
     log = tempfile.NamedTemporaryFile(prefix="flexq-bench-worker-", suffix=".log")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(  # noqa: ASYNC220, S603 - our own worker, started, not waited on
-        [sys.executable, "-m", "worker.cli", "worker", "--concurrency", str(scenario.concurrency)],
+        [sys.executable, "-m", "flexq", "worker", "--concurrency", str(scenario.concurrency)],
         env=worker_env(redis_url, sim_url, scenario), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
     )
     # The clock starts once the worker is up (process start-up is not the queue's drain time): the

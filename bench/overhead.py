@@ -36,9 +36,10 @@ from arq.connections import RedisSettings, create_pool
 from arq.worker import Worker, func
 
 from bench.common import MODEL, BenchResult, bench_redis, flush, quiet_logging
-from producer.models import Tier, Usage
+from producer.models import Usage
 from producer.queue import FlexQueue, JobSpec
-from producer.settings import FlexqSettings
+from producer.status import Tier
+from worker.config import WorkerConfig
 from worker.gemini import Answer
 from worker.runtime import POLL_DELAY_S, create_worker
 
@@ -56,7 +57,7 @@ ANSWER = Answer(
 class InstantGemini:
     """The Gemini seam answering at once: what is left is the queue's own cost."""
 
-    def __init__(self, settings: FlexqSettings) -> None:
+    def __init__(self, settings: WorkerConfig) -> None:
         self.calls = 0
 
     async def generate(self, request: Any, *, tier: Tier, timeout_s: float) -> Answer:
@@ -174,14 +175,14 @@ async def run_raw_arq(redis_url: str, jobs: int) -> Run:
                commands_per_job(before, after, jobs))
 
 
-def flexq_settings(redis_url: str, **update: Any) -> FlexqSettings:
-    base = FlexqSettings(
+def flexq_settings(redis_url: str, **update: Any) -> WorkerConfig:
+    base = WorkerConfig(
         redis_url=redis_url, gemini_api_key="bench", queue="bench-overhead", concurrency=MAX_JOBS,  # type: ignore[arg-type]
     )
     return base.model_copy(update=update)
 
 
-async def run_flexq(redis_url: str, jobs: int, variant: str, settings: FlexqSettings) -> Run:
+async def run_flexq(redis_url: str, jobs: int, variant: str, settings: WorkerConfig) -> Run:
     flush(redis_url)
     queue = await FlexQueue.connect(settings)
     try:
@@ -274,7 +275,7 @@ def result_from(runs: dict[str, list[Run]], jobs: int, repeats: int) -> BenchRes
         if deferred > 0:
             notes.append(
                 f"{name}: {deferred:.0f} extra arq job runs - flow control refused and deferred them "
-                f"(the AIMD limit starts at FLEXQ_FLOW_INITIAL={FlexqSettings.model_fields['flow_initial'].default:g})."
+                f"(the AIMD limit starts at FLEXQ_FLOW_INITIAL={WorkerConfig.model_fields['flow_initial'].default:g})."
             )
     return BenchResult("overhead", figures, f">= {TARGET_RATIO} x raw arq jobs/s", met, verdict, notes)
 

@@ -2,6 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+
+def first_error(err: Any) -> tuple[str, str, str]:
+    """The first error of a pydantic ``ValidationError``: (dotted location, message, error type)."""
+    first = err.errors()[0]
+    loc = ".".join(str(part) for part in first.get("loc", ()))
+    return loc, str(first["msg"]).removeprefix("Value error, "), str(first["type"])
+
+
+def one_line(err: Any) -> str:
+    """A pydantic ``ValidationError`` as one line: ``location: message`` (or just the message)."""
+    loc, message, _ = first_error(err)
+    return f"{loc}: {message}" if loc else message
+
 
 class FlexqError(Exception):
     """Root of every error flexq raises on purpose, so callers can catch flexq's and only flexq's."""

@@ -1,22 +1,14 @@
-"""Every Redis key flexq writes, named in one place.
+"""flexq's own Redis keys, named in one place: all under ``{queue}:``.
 
-flexq's own keys live under ``{queue}:``; arq's keys (``arq:job:``, ``arq:in-progress:``…) are
-arq's fixed global prefixes, so two flexq queues in one Redis database must not share job ids.
+arq's keys (its job envelope, in-progress lease, queue) are ``producer.arq_wire``'s to name.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from producer.models import Status
-
-ARQ_JOB_PREFIX = "arq:job:"
-ARQ_IN_PROGRESS_PREFIX = "arq:in-progress:"
-ARQ_RESULT_PREFIX = "arq:result:"
-ARQ_RETRY_PREFIX = "arq:retry:"
-ARQ_ABORT_SET = "arq:abort"
-#: The one arq function every flexq job runs.
-ARQ_FUNCTION = "run_generation"
+from producer import arq_wire
+from producer.status import Status
 
 
 @dataclass(frozen=True)
@@ -25,8 +17,8 @@ class Keys:
 
     @property
     def arq_queue(self) -> str:
-        """The arq queue (a sorted set of job ids scored by run time in ms)."""
-        return f"{self.queue}:arq"
+        """This queue's arq queue (``producer.arq_wire`` names it)."""
+        return arq_wire.queue_key(self.queue)
 
     def record(self, job_id: str) -> str:
         return f"{self.queue}:job:{job_id}"
@@ -53,19 +45,3 @@ class Keys:
     def flow(self, name: str) -> str:
         """Flow-control state shared by all workers (permits, pauses, breakers)."""
         return f"{self.queue}:flow:{name}"
-
-    @staticmethod
-    def arq_job(job_id: str) -> str:
-        return ARQ_JOB_PREFIX + job_id
-
-    @staticmethod
-    def arq_in_progress(job_id: str) -> str:
-        return ARQ_IN_PROGRESS_PREFIX + job_id
-
-    @staticmethod
-    def arq_result(job_id: str) -> str:
-        return ARQ_RESULT_PREFIX + job_id
-
-    @staticmethod
-    def arq_retry(job_id: str) -> str:
-        return ARQ_RETRY_PREFIX + job_id

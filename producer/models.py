@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from enum import StrEnum
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from producer.errors import InvalidRequestError
+from producer.errors import InvalidRequestError, first_error, one_line
+from producer.status import TERMINAL, Fallback, Outcome, Status, Tier
 
 JOB_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 MODEL_RE = re.compile(r"(?:models/|tunedModels/)?[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
@@ -23,39 +23,6 @@ QUEUE_OWNED_CONFIG_FIELDS = {
     "http_options": "the worker owns timeouts, retries and the endpoint",
     "httpOptions": "the worker owns timeouts, retries and the endpoint",
 }
-
-
-class Status(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    RETRYING = "retrying"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED})
-ACTIVE = frozenset({Status.QUEUED, Status.RUNNING, Status.RETRYING})
-
-
-class Outcome(StrEnum):
-    OK = "ok"
-    OVERLOADED = "overloaded"  # 503
-    RATE_LIMITED = "rate_limited"  # 429
-    SERVER_ERROR = "server_error"  # 500/502/504
-    TIMEOUT = "timeout"
-    CONNECTION_ERROR = "connection_error"
-    CLIENT_ERROR = "client_error"  # other 4xx
-    BLOCKED = "blocked"  # safety / prohibited content / prompt block
-    INTERRUPTED = "interrupted"  # worker died or shut down mid-attempt
-
-
-class Tier(StrEnum):
-    FLEX = "flex"
-    STANDARD = "standard"
-
-
-Fallback = Literal["none", "standard"]
 
 
 def utcnow() -> datetime:
@@ -103,7 +70,7 @@ class GenerateRequest(BaseModel):
                 try:
                     sdk.Content.model_validate(item)
                 except ValidationError as err:
-                    raise ValueError(f"item {index} is not a Gemini Content: {_first_error(err)}") from None
+                    raise ValueError(f"item {index} is not a Gemini Content: {one_line(err)}") from None
         return value
 
     @field_validator("system_instruction")
@@ -115,7 +82,7 @@ class GenerateRequest(BaseModel):
             try:
                 _sdk_types().Content.model_validate(value)
             except ValidationError as err:
-                raise ValueError(f"is not a Gemini Content: {_first_error(err)}") from None
+                raise ValueError(f"is not a Gemini Content: {one_line(err)}") from None
         return value
 
     @field_validator("config")
@@ -130,7 +97,7 @@ class GenerateRequest(BaseModel):
             try:
                 _sdk_types().GenerateContentConfig.model_validate(value)
             except ValidationError as err:
-                raise ValueError(f"is not a GenerateContentConfig: {_first_error(err)}") from None
+                raise ValueError(f"is not a GenerateContentConfig: {one_line(err)}") from None
         return value
 
     @model_validator(mode="after")
@@ -166,12 +133,6 @@ def _sdk_types() -> Any:
     return types
 
 
-def _first_error(err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first.get("loc", ()))
-    return f"{loc}: {first['msg']}" if loc else str(first["msg"])
-
-
 def parse_request(data: Any, *, max_bytes: int) -> GenerateRequest:
     """Validate a request (a dict or a ``GenerateRequest``); raise ``InvalidRequestError`` naming the field."""
     if isinstance(data, GenerateRequest):
@@ -182,12 +143,11 @@ def parse_request(data: Any, *, max_bytes: int) -> GenerateRequest:
         try:
             request = GenerateRequest.model_validate(data)
         except ValidationError as err:
-            first = err.errors()[0]
-            field = ".".join(str(p) for p in first.get("loc", ())) or None
-            message = str(first["msg"]).removeprefix("Value error, ")
-            if first["type"] == "extra_forbidden":
+            loc, message, kind = first_error(err)
+            field = loc or None
+            if kind == "extra_forbidden":
                 message = "unknown field (allowed: model, prompt, contents, system_instruction, config)"
-            if first["type"] == "missing":
+            if kind == "missing":
                 message = "is required"
             raise InvalidRequestError(f"{field}: {message}" if field else message, field=field) from None
     size = len(request.model_dump_json(exclude_none=True).encode())

@@ -1,14 +1,15 @@
 """Dated price table and the cost of one call. Unknown models cost ``None``: never a guess.
 
 Prices are USD per 1M tokens (input, output); thinking tokens bill at the output rate. Flex is
-half of standard. Sources and dates are from shared/GEMINI_WIRE.md (gathered 2026-11-21).
+half of standard. Sources and dates: docs/gemini-wire.md (gathered 2026-11-21).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from producer.models import Tier, Usage
+from producer.models import Usage
+from producer.status import Tier
 
 
 @dataclass(frozen=True)

@@ -19,24 +19,13 @@ from redis.exceptions import RedisError
 
 from producer import transitions
 from producer.errors import InvalidRequestError, JobStateError, StoreUnavailableError, WaitTimeoutError
-from producer.keys import ARQ_ABORT_SET
-from producer.models import (
-    ACTIVE,
-    TERMINAL,
-    Fallback,
-    GenerateRequest,
-    JobRecord,
-    Status,
-    check_job_id,
-    parse_request,
-    utcnow,
-)
-from producer.settings import FlexqSettings
+from producer.models import GenerateRequest, JobRecord, check_job_id, parse_request, utcnow
+from producer.settings import ProducerSettings
 from producer.stats import summarize
+from producer.status import ACTIVE, TERMINAL, Fallback, Status
 from producer.store import JobStore
 
-#: Longest deadline a job may have (30 days): past that, a record would outlive any sane retention.
-MAX_DEADLINE_S = 30 * 24 * 3600.0
+MAX_DEADLINE_S = transitions.MAX_DEADLINE_S  # (kept here too: the producer API's own vocabulary)
 
 
 @dataclass(frozen=True)
@@ -62,7 +51,7 @@ class Enqueued:
         return self.record.id
 
 
-async def connect_redis(settings: FlexqSettings) -> Redis:
+async def connect_redis(settings: ProducerSettings) -> Redis:
     """A Redis client for ``REDIS_URL``; fails with the URL redacted if Redis cannot be reached."""
     client: Redis = Redis.from_url(
         settings.redis_url.get_secret_value(), socket_connect_timeout=5, health_check_interval=30
@@ -80,15 +69,15 @@ async def connect_redis(settings: FlexqSettings) -> Redis:
 class FlexQueue:
     """Enqueue generation jobs and read, wait on, cancel, retry and list them."""
 
-    def __init__(self, redis: Redis, settings: FlexqSettings, *, owns_redis: bool = False) -> None:
+    def __init__(self, redis: Redis, settings: ProducerSettings, *, owns_redis: bool = False) -> None:
         self.redis = redis
         self.settings = settings
         self.store = JobStore(redis, queue=settings.queue, retention_s=settings.retention_s)
         self._owns_redis = owns_redis
 
     @classmethod
-    async def connect(cls, settings: FlexqSettings | None = None, *, redis: Redis | None = None) -> Self:
-        settings = settings or FlexqSettings()
+    async def connect(cls, settings: ProducerSettings | None = None, *, redis: Redis | None = None) -> Self:
+        settings = settings or ProducerSettings()
         if redis is not None:
             return cls(redis, settings)
         return cls(await connect_redis(settings), settings, owns_redis=True)
@@ -108,11 +97,7 @@ class FlexQueue:
     def _prepare(self, spec: JobSpec) -> JobRecord:
         request = parse_request(spec.request, max_bytes=self.settings.max_request_bytes)
         job_id = check_job_id(spec.job_id) if spec.job_id is not None else uuid.uuid4().hex
-        deadline_s = self.settings.default_deadline_s if spec.deadline_s is None else spec.deadline_s
-        if not (isinstance(deadline_s, int | float) and 0 < deadline_s <= MAX_DEADLINE_S):
-            raise InvalidRequestError(
-                f"deadline_s: must be a number of seconds in (0, {MAX_DEADLINE_S:g}]", field="deadline_s"
-            )
+        deadline_s = self.settings.deadline_s if spec.deadline_s is None else spec.deadline_s
         if spec.fallback not in ("none", "standard"):
             raise InvalidRequestError("fallback: must be 'none' or 'standard'", field="fallback")
         tags = {str(k): str(v) for k, v in spec.tags.items()}
@@ -186,39 +171,32 @@ class FlexQueue:
     async def cancel(self, job_id: str) -> JobRecord:
         """Cancel a job: a waiting one never runs again; a running one is aborted by its worker."""
 
-        def mutate(record: JobRecord) -> JobRecord | None:
+        def decide(record: JobRecord) -> transitions.Change[None]:
             if record.status in TERMINAL:
                 raise JobStateError(job_id, record.status, "only queued, retrying or running jobs can be cancelled")
             now = utcnow()
-            if record.status == Status.RUNNING:
-                return transitions.request_cancel(record, now=now)
-            return transitions.cancel(record, now=now)
+            if record.status == Status.RUNNING:  # its worker aborts the call (allow_abort_jobs=True)
+                return transitions.Change(transitions.request_cancel(record, now=now), abort=True)
+            return transitions.Change(transitions.cancel(record, now=now), drop_arq_job=True)
 
-        def on_commit(pipe: Any, old: JobRecord, new: JobRecord) -> None:
-            if new.status == Status.CANCELLED:
-                self.store.unschedule(pipe, job_id)
-            else:  # running: ask arq to abort the task (allow_abort_jobs=True on the worker)
-                pipe.zadd(ARQ_ABORT_SET, {job_id: int(time.time() * 1000)})
-
-        record, _ = await self.store.update(job_id, mutate, on_commit=on_commit)
-        return record
+        change = await self.store.update(job_id, decide)
+        assert change is not None
+        return change.record
 
     async def retry(self, job_id: str, *, deadline_s: float | None = None) -> JobRecord:
         """Run a failed or cancelled job again, keeping and extending its attempt history."""
-        deadline = self.settings.default_deadline_s if deadline_s is None else deadline_s
+        deadline = transitions.check_deadline_s(self.settings.deadline_s if deadline_s is None else deadline_s)
 
-        def mutate(record: JobRecord) -> JobRecord | None:
+        def decide(record: JobRecord) -> transitions.Change[None]:
             if record.status not in (Status.FAILED, Status.CANCELLED):
                 raise JobStateError(job_id, record.status, "only failed or cancelled jobs can be retried")
             if record.request is None:
                 raise JobStateError(job_id, record.status, "its record is unreadable (invalid_job)")
-            return transitions.requeue(record, now=utcnow(), deadline_s=deadline)
+            return transitions.Change(transitions.requeue(record, now=utcnow(), deadline_s=deadline), run_in_s=0.0)
 
-        def on_commit(pipe: Any, old: JobRecord, new: JobRecord) -> None:
-            self.store.schedule(pipe, new)
-
-        record, _ = await self.store.update(job_id, mutate, on_commit=on_commit)
-        return record
+        change = await self.store.update(job_id, decide)
+        assert change is not None
+        return change.record
 
     async def active_count(self) -> int:
         counts = await self.store.counts()

@@ -1,91 +1,49 @@
-"""One settings class: every tunable named once, with its unit and default.
+"""What a producer needs to know: where Redis is, which queue, and the limits of a request.
 
-Precedence: explicit argument > environment variable > default. Secrets are ``SecretStr`` so
-that a repr, a log line or an exception never shows them.
+Precedence: explicit argument > environment variable > default. Environment variables are the field
+names in capitals behind ``FLEXQ_`` (``FLEXQ_QUEUE``), except ``REDIS_URL``. Secrets are
+``SecretStr``, so a repr, a log line or an exception never shows them. The worker's settings
+(``worker.config.WorkerConfig``) extend these; docs/configuration.md lists both, generated from
+the models.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import re
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from producer.errors import first_error
+
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+ENV_PREFIX = "FLEXQ_"
 
 
-class FlexqSettings(BaseSettings):
-    """Configuration of producers, workers and the admin CLI, read from the environment."""
+class ProducerSettings(BaseSettings):
+    """Settings of producers and the admin commands, read from the environment."""
 
     model_config = SettingsConfigDict(
-        env_prefix="", extra="ignore", populate_by_name=True, hide_input_in_errors=True, env_ignore_empty=True
+        env_prefix=ENV_PREFIX, extra="ignore", populate_by_name=True, hide_input_in_errors=True,
+        env_ignore_empty=True,
     )
 
     redis_url: SecretStr = Field(
-        default=SecretStr(DEFAULT_REDIS_URL), validation_alias=AliasChoices("REDIS_URL", "redis_url")
-    )
-    gemini_api_key: SecretStr | None = Field(
-        default=None, validation_alias=AliasChoices("GEMINI_API_KEY", "GOOGLE_API_KEY", "gemini_api_key")
-    )
-    gemini_base_url: str | None = Field(
-        default=None, validation_alias=AliasChoices("GEMINI_BASE_URL", "gemini_base_url")
-    )
-    gemini_api_version: str = Field(
-        default="v1beta", validation_alias=AliasChoices("FLEXQ_API_VERSION", "gemini_api_version")
+        default=SecretStr(DEFAULT_REDIS_URL), validation_alias=AliasChoices("REDIS_URL", "redis_url"),
+        description="Redis to keep jobs in: redis://, rediss:// or unix:// (a password in it is never shown)",
     )
     queue: str = Field(
-        default="flexq", validation_alias=AliasChoices("FLEXQ_QUEUE", "queue"), pattern=r"^[A-Za-z0-9._-]{1,64}$"
+        default="flexq", pattern=r"^[A-Za-z0-9._-]{1,64}$",
+        description="queue name: its keys are {queue}:...; producers and workers must agree",
     )
-
     max_request_bytes: int = Field(
-        default=8 * 1024 * 1024, gt=0, validation_alias=AliasChoices("FLEXQ_MAX_REQUEST_BYTES", "max_request_bytes")
+        default=8 * 1024 * 1024, gt=0, description="largest request accepted at enqueue (its JSON, in bytes)"
     )
-    retention_s: int = Field(
-        default=7 * 24 * 3600, gt=0, validation_alias=AliasChoices("FLEXQ_RETENTION_S", "retention_s")
-    )
-    default_deadline_s: float = Field(
-        default=24 * 3600.0, gt=0, validation_alias=AliasChoices("FLEXQ_DEADLINE_S", "default_deadline_s")
-    )
-    request_timeout_s: float = Field(
-        default=900.0, gt=0, validation_alias=AliasChoices("FLEXQ_REQUEST_TIMEOUT_S", "request_timeout_s")
-    )
-    retry_base_s: float = Field(
-        default=5.0, ge=0, validation_alias=AliasChoices("FLEXQ_RETRY_BASE_S", "retry_base_s")
-    )
-    retry_max_s: float = Field(
-        default=600.0, ge=0, validation_alias=AliasChoices("FLEXQ_RETRY_MAX_S", "retry_max_s")
-    )
-    max_flex_attempts: int | None = Field(
-        default=None, ge=1, validation_alias=AliasChoices("FLEXQ_MAX_FLEX_ATTEMPTS", "max_flex_attempts")
-    )
-    lease_s: float = Field(default=60.0, ge=1, validation_alias=AliasChoices("FLEXQ_LEASE_S", "lease_s"))
-    concurrency: int = Field(
-        default=100, ge=1, validation_alias=AliasChoices("FLEXQ_CONCURRENCY", "concurrency")
-    )
-    max_interrupts: int = Field(
-        default=5, ge=1, validation_alias=AliasChoices("FLEXQ_MAX_INTERRUPTS", "max_interrupts")
-    )
-    # Flow control shared by all workers (worker/flow.py): shed-aware concurrency, breaker, 429 pauses, limits.
-    flow: bool = Field(default=True, validation_alias=AliasChoices("FLEXQ_FLOW", "flow"))
-    flow_initial: float = Field(default=32.0, ge=1, validation_alias=AliasChoices("FLEXQ_FLOW_INITIAL", "flow_initial"))
-    flow_min: float = Field(default=1.0, ge=1, validation_alias=AliasChoices("FLEXQ_FLOW_MIN", "flow_min"))
-    flow_max: float = Field(default=1000.0, ge=1, validation_alias=AliasChoices("FLEXQ_FLOW_MAX", "flow_max"))
-    flow_decrease: float = Field(
-        default=0.9, gt=0, lt=1, validation_alias=AliasChoices("FLEXQ_FLOW_DECREASE", "flow_decrease")
-    )
-    breaker_min_failures: int = Field(
-        default=20, ge=1, validation_alias=AliasChoices("FLEXQ_BREAKER_MIN_FAILURES", "breaker_min_failures")
-    )
-    breaker_failure_ratio: float = Field(
-        default=0.75, gt=0, le=1, validation_alias=AliasChoices("FLEXQ_BREAKER_FAILURE_RATIO", "breaker_failure_ratio")
-    )
-    breaker_cool_down_s: float = Field(
-        default=10.0, gt=0, validation_alias=AliasChoices("FLEXQ_BREAKER_COOL_DOWN_S", "breaker_cool_down_s")
-    )
-    limits: str = Field(default="", validation_alias=AliasChoices("FLEXQ_LIMITS", "limits"))
-    log_format: Literal["auto", "json", "console"] = Field(
-        default="auto", validation_alias=AliasChoices("FLEXQ_LOG_FORMAT", "log_format")
+    retention_s: int = Field(default=7 * 24 * 3600, gt=0, description="how long a finished job's record is kept")
+    deadline_s: float = Field(
+        default=24 * 3600.0, gt=0, allow_inf_nan=False,
+        description="a job's deadline when the producer sets none: its retry budget",
     )
 
     @field_validator("redis_url")
@@ -101,10 +59,31 @@ class FlexqSettings(BaseSettings):
         """The Redis URL with any password replaced, safe for logs and error messages."""
         return redact_url(self.redis_url.get_secret_value())
 
-    @property
-    def job_timeout_s(self) -> float:
-        """arq's job timeout: the request timeout plus room to record the attempt."""
-        return self.request_timeout_s + 60.0
+
+def env_name(model: type[BaseSettings], field: str) -> str:
+    """The environment variable a settings field is read from (its first alias, else the prefix + name)."""
+    info = model.model_fields.get(field)
+    alias = info.validation_alias if info is not None else None
+    if isinstance(alias, AliasChoices):
+        first = alias.choices[0]
+        return first if isinstance(first, str) else field
+    prefix = str(model.model_config.get("env_prefix") or "")
+    return (prefix + field).upper()
+
+
+def settings_error(err: Exception, model: type[BaseSettings]) -> str:
+    """A settings error (pydantic's, or pydantic-settings' for a value that is not JSON where JSON
+    is expected) as one line that names the environment variable to fix."""
+    if not isinstance(err, ValidationError):
+        match = re.search(r'field "([^"]+)"', str(err))
+        field = match.group(1) if match else ""
+        name = env_name(model, field) if field in model.model_fields else field
+        return f"bad configuration: {name}: not valid JSON" if name else f"bad configuration: {err}"
+    loc, message, _ = first_error(err)
+    field, _, rest = loc.partition(".")
+    name = env_name(model, field) if field in model.model_fields else field
+    where = f"{name}.{rest}" if rest else name
+    return f"bad configuration: {where}: {message}" if where else f"bad configuration: {message}"
 
 
 def redact_url(url: str) -> str:

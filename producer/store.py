@@ -1,9 +1,9 @@
-"""Job records in Redis: create (idempotently), read, update in a transaction, list, count.
+"""Job records in Redis: create (idempotently), read, change in a transaction, list, count.
 
-Thin I/O only: what a transition *means* lives in ``producer.transitions``; this module writes it,
-keeps the per-status index in step, and schedules or unschedules the arq job in the same
-transaction. flexq writes arq's job keys itself (the envelope arq's own ``enqueue_job`` writes, in
-JSON) so that enqueue is one atomic script and ``flexq retry`` can reuse an id (arq #432).
+Thin I/O only: what a change *means* lives in ``producer.transitions``; this module writes it,
+keeps the per-status index in step, and applies the side effects the change carries (arq
+scheduling, leases, counters) in the same transaction. arq's keys and envelope come from
+``producer.arq_wire``; the enqueue script is ``producer/lua/enqueue.lua``.
 """
 
 from __future__ import annotations
@@ -12,39 +12,34 @@ import builtins
 import json
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
-from typing import Any
+from functools import cache
+from importlib import resources
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError, WatchError
 
-from producer.errors import InvalidJobError, JobNotFoundError, StoreUnavailableError
-from producer.keys import ARQ_ABORT_SET, Keys
-from producer.models import TERMINAL, JobError, JobRecord, Outcome, Status, utcnow
-from producer.serializer import arq_job_payload
+from producer import arq_wire
+from producer.errors import InvalidJobError, JobNotFoundError, StoreUnavailableError, one_line
+from producer.keys import Keys
+from producer.models import Attempt, JobError, JobRecord, utcnow
+from producer.status import TERMINAL, Outcome, Status
+from producer.transitions import Change, Cost
 
 #: How long an arq job key outlives its job's deadline, so a deferred job never expires (arq #320).
 ARQ_JOB_GRACE_S = 3600
 #: Recent latencies kept for p50/p95.
 LATENCY_SAMPLES = 10_000
 
-# KEYS: record, queued index, arq job, arq queue, arq result, arq retry, arq abort set
-# ARGV: record json, job id, run-at ms, now s, arq payload, arq job ttl ms, record ttl s
-_ENQUEUE_LUA = """
-local existing = redis.call('GET', KEYS[1])
-if existing then return existing end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[7])
-redis.call('ZADD', KEYS[2], ARGV[4], ARGV[2])
-redis.call('DEL', KEYS[5], KEYS[6])
-redis.call('ZREM', KEYS[7], ARGV[2])
-redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[6])
-redis.call('ZADD', KEYS[4], ARGV[3], ARGV[2])
-return false
-"""
+T = TypeVar("T")
+Decide = Callable[[JobRecord], "Change[T] | None"]
 
-Mutation = Callable[[JobRecord], JobRecord | None]
-OnCommit = Callable[[Pipeline, JobRecord, JobRecord], None]
+
+@cache
+def _script(name: str) -> str:
+    return resources.files("producer").joinpath("lua", f"{name}.lua").read_text()
 
 
 def epoch_s(moment: datetime) -> float:
@@ -58,7 +53,7 @@ class JobStore:
         self.redis = redis
         self.keys = Keys(queue)
         self.retention_s = retention_s
-        self._enqueue_script = redis.register_script(_ENQUEUE_LUA)
+        self._enqueue_script = redis.register_script(_script("enqueue"))
 
     # -- create -------------------------------------------------------------------------------
 
@@ -76,20 +71,15 @@ class JobStore:
                 ttl_s = self._record_ttl_s(record, now)
                 await self._enqueue_script(
                     keys=[
-                        keys.record(record.id),
-                        keys.index(Status.QUEUED),
-                        keys.arq_job(record.id),
-                        keys.arq_queue,
-                        keys.arq_result(record.id),
-                        keys.arq_retry(record.id),
-                        ARQ_ABORT_SET,
+                        keys.record(record.id), keys.index(Status.QUEUED),
+                        *arq_wire.enqueue_keys(keys.queue, record.id),
                     ],
                     args=[
                         record.to_json(),
                         record.id,
                         now_ms,
                         now.timestamp(),
-                        arq_job_payload(record.id, enqueue_ms=now_ms),
+                        arq_wire.job_payload(record.id, enqueue_ms=now_ms),
                         self._arq_ttl_ms(record, now),
                         ttl_s,
                     ],
@@ -131,16 +121,14 @@ class JobStore:
                 out.append(None)
         return out
 
-    # -- update -------------------------------------------------------------------------------
+    # -- change ---------------------------------------------------------------------------------
 
-    async def update(
-        self, job_id: str, mutate: Mutation, *, on_commit: OnCommit | None = None
-    ) -> tuple[JobRecord, bool]:
-        """Apply ``mutate`` to the current record in an optimistic transaction (WATCH).
+    async def update(self, job_id: str, decide: Decide[T]) -> Change[T] | None:
+        """Apply ``decide`` to the current record in an optimistic transaction (WATCH).
 
-        ``mutate`` returns the new record, or ``None`` to leave it unchanged. ``on_commit`` may add
-        commands (arq scheduling, counters) to the same MULTI. Returns (record now, changed?).
-        """
+        ``decide`` returns a ``Change`` (the new record, what it decided, the side effects) or
+        ``None`` to leave the job as it is. Returns the change that was written, or ``None``.
+        ``decide`` may run more than once: when the record changed meanwhile, it is read again."""
         key = self.keys.record(job_id)
         while True:
             async with self.redis.pipeline(transaction=True) as pipe:
@@ -150,18 +138,36 @@ class JobStore:
                     if raw is None:
                         raise JobNotFoundError(job_id)
                     old = self._parse(job_id, raw)
-                    new = mutate(old)
-                    if new is None:
+                    change = decide(old)
+                    if change is None:
                         await pipe.reset()  # type: ignore[no-untyped-call]
-                        return old, False
+                        return None
                     pipe.multi()  # type: ignore[no-untyped-call]
-                    self._write(pipe, old, new)
-                    if on_commit is not None:
-                        on_commit(pipe, old, new)
+                    self._write(pipe, old, change.record)
+                    self._apply(pipe, change)
                     await pipe.execute()
-                    return new, True
+                    return change
                 except WatchError:
                     continue
+
+    def _apply(self, pipe: Pipeline, change: Change[Any]) -> None:
+        record = change.record
+        now = utcnow()
+        if change.run_in_s is not None:
+            arq_wire.schedule(
+                pipe, self.keys.queue, record.id, now_ms=int(now.timestamp() * 1000),
+                delay_ms=int(change.run_in_s * 1000), job_ttl_ms=self._arq_ttl_ms(record, now),
+            )
+        if change.drop_arq_job:
+            arq_wire.unschedule(pipe, self.keys.queue, record.id)
+        if change.abort:
+            arq_wire.request_abort(pipe, record.id, now_ms=int(now.timestamp() * 1000))
+        if change.lease_s is not None:
+            arq_wire.hold_leases(pipe, [record.id], ttl_ms=int(change.lease_s * 1000))
+        for attempt in change.counted:
+            self._count_attempt(pipe, attempt)
+        if change.cost is not None:
+            self._count_cost(pipe, change.cost)
 
     def _write(self, pipe: Pipeline, old: JobRecord | None, new: JobRecord) -> None:
         now = utcnow()
@@ -198,32 +204,13 @@ class JobStore:
             for status in Status:
                 pipe.zrem(self.keys.index(status), job_id)
             self._write(pipe, None, record)
-            self.unschedule(pipe, job_id)
+            arq_wire.unschedule(pipe, self.keys.queue, job_id)
             await pipe.execute()
 
-    # -- arq scheduling (inside a caller's MULTI) -------------------------------------------------
+    # -- counters and leases ---------------------------------------------------------------------
 
-    def schedule(self, pipe: Pipeline, record: JobRecord, *, delay_s: float = 0.0) -> None:
-        """(Re)create the arq job for ``record`` to run after ``delay_s``."""
-        now = utcnow()
-        now_ms = int(now.timestamp() * 1000)
-        job_id = record.id
-        pipe.delete(self.keys.arq_result(job_id), self.keys.arq_retry(job_id), self.keys.arq_in_progress(job_id))
-        pipe.zrem(ARQ_ABORT_SET, job_id)
-        pipe.set(
-            self.keys.arq_job(job_id),
-            arq_job_payload(job_id, enqueue_ms=now_ms),
-            px=self._arq_ttl_ms(record, now),
-        )
-        pipe.zadd(self.keys.arq_queue, {job_id: now_ms + int(delay_s * 1000)})
-
-    def unschedule(self, pipe: Pipeline, job_id: str) -> None:
-        pipe.delete(self.keys.arq_job(job_id), self.keys.arq_retry(job_id))
-        pipe.zrem(self.keys.arq_queue, job_id)
-
-    def count_attempt(self, pipe: Pipeline, record: JobRecord) -> None:
-        """Add the last closed attempt of ``record`` to the queue's counters."""
-        attempt = record.attempts[-1]
+    def _count_attempt(self, pipe: Pipeline, attempt: Attempt) -> None:
+        """Add one closed attempt to the queue's counters."""
         outcome = attempt.outcome or Outcome.INTERRUPTED
         stats = self.keys.stats
         pipe.hincrby(stats, f"attempts:{outcome}", 1)
@@ -236,13 +223,27 @@ class JobStore:
             pipe.lpush(self.keys.latencies, attempt.latency_ms)
             pipe.ltrim(self.keys.latencies, 0, LATENCY_SAMPLES - 1)
 
-    def count_cost(self, pipe: Pipeline, tier: str, cost_usd: float | None, standard_usd: float | None) -> None:
-        if cost_usd is not None:
-            pipe.hincrbyfloat(self.keys.stats, f"cost_usd:{tier}", cost_usd)
-        if standard_usd is not None:
-            pipe.hincrbyfloat(self.keys.stats, "standard_cost_usd", standard_usd)
-        if cost_usd is None:
+    def _count_cost(self, pipe: Pipeline, cost: Cost) -> None:
+        if cost.usd is not None:
+            pipe.hincrbyfloat(self.keys.stats, f"cost_usd:{cost.tier}", cost.usd)
+        if cost.standard_usd is not None:
+            pipe.hincrbyfloat(self.keys.stats, "standard_cost_usd", cost.standard_usd)
+        if cost.usd is None:
             pipe.hincrby(self.keys.stats, "cost_unknown_jobs", 1)
+
+    async def heartbeat(self, worker: str, job_ids: Iterable[str], *, lease_s: float, now_s: float) -> None:
+        """Renew the leases of the jobs a worker runs, and record that the worker is alive."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            arq_wire.hold_leases(pipe, job_ids, ttl_ms=int(lease_s * 1000))
+            pipe.zadd(self.keys.workers, {worker: now_s})
+            await pipe.execute()
+
+    async def arq_jobs_exist(self, job_ids: Sequence[str]) -> builtins.list[bool]:
+        """For each id: does arq still hold a job to run for it?"""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                arq_wire.job_exists(pipe, job_id)
+            return [bool(found) for found in await pipe.execute()]
 
     # -- list and count -----------------------------------------------------------------------
 
@@ -292,9 +293,7 @@ class JobStore:
 
 def _short(err: Exception) -> str:
     if isinstance(err, ValidationError):
-        first = err.errors()[0]
-        loc = ".".join(str(p) for p in first.get("loc", ()))
-        return f"{loc}: {first['msg']}" if loc else str(first["msg"])
+        return one_line(err)
     if isinstance(err, json.JSONDecodeError):
         return f"not JSON ({err.msg})"
     return str(err)[:200]

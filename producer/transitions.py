@@ -1,26 +1,70 @@
 """Pure bookkeeping on job records: every status change, with no I/O.
 
-The store applies these inside a Redis transaction; the tests run them as plain functions.
-Each returns a new record and leaves its argument untouched.
+Each function returns a new record and leaves its argument untouched (copying only what it
+changes). ``Change`` is what a caller hands the store: the new record, what the caller decided (the
+store gives it back), and the side effects the change implies (arq scheduling, counters), as data.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any, Generic, TypeVar
 
-from producer.models import (
-    ACTIVE,
-    Attempt,
-    Fallback,
-    GenerateRequest,
-    JobError,
-    JobRecord,
-    JobResult,
-    Outcome,
-    Status,
-    Tier,
-    Usage,
-)
+from producer.errors import InvalidRequestError
+from producer.models import Attempt, GenerateRequest, JobError, JobRecord, JobResult, Usage
+from producer.status import ACTIVE, Fallback, Outcome, Status, Tier
+
+#: Longest deadline a job may have (30 days): past that, a record would outlive any sane retention.
+MAX_DEADLINE_S = 30 * 24 * 3600.0
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What one successful call cost, for the queue's counters."""
+
+    tier: str
+    usd: float | None  # None: the model's price is unknown
+    standard_usd: float | None
+
+
+@dataclass(frozen=True)
+class Change(Generic[T]):
+    """A record's next state and what must happen with it, in the same transaction."""
+
+    record: JobRecord
+    decided: T | None = None  # what the caller decided; the store returns it
+    run_in_s: float | None = None  # (re)create the arq job to run after this many seconds
+    drop_arq_job: bool = False  # the job will not run again: remove its arq job
+    abort: bool = False  # ask the worker running it to cancel the call
+    lease_s: float | None = None  # hold the open attempt's lease this long
+    counted: tuple[Attempt, ...] = ()  # closed attempts to add to the queue's counters
+    cost: Cost | None = None
+
+
+def check_deadline_s(deadline_s: Any) -> float:
+    """A job's deadline in seconds from now: a finite number in (0, 30 days]; the error names the field."""
+    ok = isinstance(deadline_s, int | float) and not isinstance(deadline_s, bool)
+    if not ok or not math.isfinite(deadline_s) or not 0 < deadline_s <= MAX_DEADLINE_S:
+        raise InvalidRequestError(
+            f"deadline_s: must be a number of seconds in (0, {MAX_DEADLINE_S:g}]", field="deadline_s"
+        )
+    return float(deadline_s)
+
+
+def _copy(record: JobRecord, **changes: Any) -> JobRecord:
+    """A copy that shares only what nobody mutates: the frozen request and the earlier attempts
+    (the latest one, and the tags, are copied: a caller holding the old record may change them)."""
+    if "attempts" not in changes:
+        attempts = list(record.attempts)
+        if attempts:
+            attempts[-1] = attempts[-1].model_copy()
+        changes["attempts"] = attempts
+    changes.setdefault("tags", dict(record.tags))
+    return record.model_copy(update=changes)
 
 
 def new_record(
@@ -37,7 +81,7 @@ def new_record(
         status=Status.QUEUED,
         created_at=now,
         updated_at=now,
-        deadline_at=now + timedelta(seconds=deadline_s),
+        deadline_at=now + timedelta(seconds=check_deadline_s(deadline_s)),
         fallback=fallback,
         tags=dict(tags),
         request=request,
@@ -48,11 +92,8 @@ def begin_attempt(record: JobRecord, *, tier: Tier, worker: str, now: datetime) 
     """Open attempt number ``len(attempts) + 1``; the job is ``running``."""
     if record.open_attempt is not None:
         raise ValueError(f"job {record.id!r} already has attempt {record.open_attempt.number} open")
-    new = record.model_copy(deep=True)
-    new.attempts.append(Attempt(number=len(record.attempts) + 1, tier=tier, started_at=now, worker=worker))
-    new.status = Status.RUNNING
-    new.updated_at = now
-    return new
+    attempt = Attempt(number=len(record.attempts) + 1, tier=tier, started_at=now, worker=worker)
+    return _copy(record, attempts=[*record.attempts, attempt], status=Status.RUNNING, updated_at=now)
 
 
 def close_attempt(
@@ -71,18 +112,17 @@ def close_attempt(
     current = record.open_attempt
     if current is None or current.number != number:
         raise ValueError(f"attempt {number} of job {record.id!r} is not the open attempt")
-    new = record.model_copy(deep=True)
-    attempt = new.attempts[-1]
-    attempt.finished_at = now
-    attempt.latency_ms = max(0, int((now - attempt.started_at).total_seconds() * 1000))
-    attempt.outcome = outcome
-    attempt.http_status = http_status
-    attempt.error = error
-    attempt.served_tier = served_tier
-    attempt.usage = usage
-    attempt.retry_in_s = retry_in_s
-    new.updated_at = now
-    return new
+    closed = current.model_copy(update={
+        "finished_at": now,
+        "latency_ms": max(0, int((now - current.started_at).total_seconds() * 1000)),
+        "outcome": outcome,
+        "http_status": http_status,
+        "error": error,
+        "served_tier": served_tier,
+        "usage": usage,
+        "retry_in_s": retry_in_s,
+    })
+    return _copy(record, attempts=[*record.attempts[:-1], closed], updated_at=now)
 
 
 def interrupt_open_attempt(record: JobRecord, *, now: datetime, reason: str) -> JobRecord:
@@ -91,10 +131,29 @@ def interrupt_open_attempt(record: JobRecord, *, now: datetime, reason: str) -> 
     if current is None:
         return record
     new = close_attempt(record, number=current.number, now=now, outcome=Outcome.INTERRUPTED, error=reason)
-    new.interrupts += 1
-    if new.status == Status.RUNNING:
-        new.status = Status.RETRYING
-    return new
+    status = Status.RETRYING if new.status == Status.RUNNING else new.status
+    return new.model_copy(update={"interrupts": new.interrupts + 1, "status": status})
+
+
+def settle(record: JobRecord, *, now: datetime, reason: str, max_interrupts: int | None = None) -> JobRecord:
+    """Before a job runs again, and whenever its run stopped without a result: the one rule.
+
+    Cancel the job if a cancel was asked for; else interrupt the open attempt (its worker died, shut
+    down or lost its lease: ``reason``), and fail the job if its worker died ``max_interrupts`` times
+    mid-attempt or if its deadline has passed. Otherwise the job stays active, no attempt open."""
+    if record.terminal:
+        return record
+    if record.cancel_requested:
+        return cancel(record, now=now)  # the open attempt, if any, closes as cancelled
+    record = interrupt_open_attempt(record, now=now, reason=reason)
+    if max_interrupts is not None and record.interrupts >= max_interrupts:
+        return fail(
+            record, kind="interrupted", now=now,
+            message=f"the job's worker died {record.interrupts} times mid-attempt (FLEXQ_MAX_INTERRUPTS)",
+        )
+    if now >= record.deadline_at:
+        return fail(record, kind="deadline_exceeded", message="deadline passed", now=now)
+    return record
 
 
 def succeed(
@@ -105,14 +164,15 @@ def succeed(
     cost_usd: float | None = None,
     standard_cost_usd: float | None = None,
 ) -> JobRecord:
-    new = record.model_copy(deep=True)
-    new.status = Status.SUCCEEDED
-    new.result = result
-    new.error = None
-    new.cost_usd = _add(record.cost_usd, cost_usd)
-    new.standard_cost_usd = _add(record.standard_cost_usd, standard_cost_usd)
-    new.updated_at = now
-    return new
+    return _copy(
+        record,
+        status=Status.SUCCEEDED,
+        result=result,
+        error=None,
+        cost_usd=_add(record.cost_usd, cost_usd),
+        standard_cost_usd=_add(record.standard_cost_usd, standard_cost_usd),
+        updated_at=now,
+    )
 
 
 def _add(total: float | None, extra: float | None) -> float | None:
@@ -122,51 +182,42 @@ def _add(total: float | None, extra: float | None) -> float | None:
 
 
 def schedule_retry(record: JobRecord, *, next_tier: Tier, now: datetime) -> JobRecord:
-    new = record.model_copy(deep=True)
-    new.status = Status.RETRYING
-    new.next_tier = next_tier
-    new.updated_at = now
-    return new
+    return _copy(record, status=Status.RETRYING, next_tier=next_tier, updated_at=now)
 
 
 def fail(record: JobRecord, *, kind: str, message: str, now: datetime, http_status: int | None = None) -> JobRecord:
-    new = record.model_copy(deep=True)
-    new.status = Status.FAILED
-    new.error = JobError(kind=kind, message=message, http_status=http_status)
-    new.updated_at = now
-    return new
+    return _copy(
+        record, status=Status.FAILED, error=JobError(kind=kind, message=message, http_status=http_status),
+        updated_at=now,
+    )
 
 
 def cancel(record: JobRecord, *, now: datetime) -> JobRecord:
     """Cancel a job that is not running (a running one is aborted by its worker instead)."""
     new = interrupt_open_attempt(record, now=now, reason="cancelled") if record.open_attempt else record
-    new = new.model_copy(deep=True)
-    new.status = Status.CANCELLED
-    new.cancel_requested = True
-    new.error = JobError(kind="cancelled", message="cancelled on request")
-    new.updated_at = now
-    return new
+    return _copy(
+        new, status=Status.CANCELLED, cancel_requested=True,
+        error=JobError(kind="cancelled", message="cancelled on request"), updated_at=now,
+    )
 
 
 def request_cancel(record: JobRecord, *, now: datetime) -> JobRecord:
-    new = record.model_copy(deep=True)
-    new.cancel_requested = True
-    new.updated_at = now
-    return new
+    return _copy(record, cancel_requested=True, updated_at=now)
 
 
 def requeue(record: JobRecord, *, now: datetime, deadline_s: float) -> JobRecord:
     """``flexq retry``: run a failed or cancelled job again, keeping its history."""
     if record.status in ACTIVE or record.status == Status.SUCCEEDED:
         raise ValueError(f"only failed or cancelled jobs can be retried, not {record.status}")
-    new = record.model_copy(deep=True)
-    new.status = Status.QUEUED
-    new.error = None
-    new.result = None
-    new.cancel_requested = False
-    new.next_tier = Tier.FLEX
-    new.interrupts = 0
-    new.enqueues += 1
-    new.deadline_at = now + timedelta(seconds=deadline_s)
-    new.updated_at = now
-    return new
+    return _copy(
+        record,
+        status=Status.QUEUED,
+        error=None,
+        result=None,
+        cancel_requested=False,
+        next_tier=Tier.FLEX,
+        interrupts=0,
+        enqueues=record.enqueues + 1,
+        deadline_at=now + timedelta(seconds=check_deadline_s(deadline_s)),
+        updated_at=now,
+    )

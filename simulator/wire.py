@@ -1,4 +1,4 @@
-"""Response bodies in the exact shapes of the real Gemini API (see /work/shared/GEMINI_WIRE.md)."""
+"""Response bodies in the exact shapes of the real Gemini API (docs/gemini-wire.md)."""
 
 from __future__ import annotations
 

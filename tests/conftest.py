@@ -22,8 +22,8 @@ import redis as sync_redis
 from redis.asyncio import Redis
 
 from producer.queue import FlexQueue
-from producer.settings import FlexqSettings
 from simulator import RunningSimulator, SimConfig, start_simulator
+from worker.config import WorkerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_DB = 15
@@ -113,7 +113,8 @@ async def fake_redis() -> AsyncIterator[Redis]:
     await client.aclose()
 
 
-def make_settings(**overrides: object) -> FlexqSettings:
+def make_settings(**overrides: object) -> WorkerConfig:
+    """A worker's settings (a producer's are a subset: FlexQueue takes them as they are)."""
     base: dict[str, object] = {
         "redis_url": "redis://127.0.0.1:6379/15",
         "gemini_api_key": API_KEY,
@@ -122,7 +123,7 @@ def make_settings(**overrides: object) -> FlexqSettings:
         "retry_max_s": 1.0,
     }
     base.update(overrides)
-    return FlexqSettings(**base)  # type: ignore[arg-type]
+    return WorkerConfig(**base)  # type: ignore[arg-type]
 
 
 @pytest.fixture

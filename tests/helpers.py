@@ -44,7 +44,7 @@ class WorkerProc:
         self.log_path = log_path
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "worker", *args],
+            [sys.executable, "-m", "flexq", "worker", *args],
             env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
         )
 

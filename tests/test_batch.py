@@ -49,7 +49,7 @@ def batch_env(**extra: str) -> dict[str, str]:
 
 def run_batch(args: list[str], env: dict[str, str], timeout_s: float = 90) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "worker.cli", "batch", *args],
+        [sys.executable, "-m", "flexq", "batch", *args],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, check=False,
     )
 
@@ -57,7 +57,7 @@ def run_batch(args: list[str], env: dict[str, str], timeout_s: float = 90) -> su
 async def run_batch_async(args: list[str], env: dict[str, str], timeout_s: float = 90) -> tuple[int, str, str]:
     """Like run_batch, but keeps this event loop (and an in-process simulator on it) running."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "worker.cli", "batch", *args,
+        sys.executable, "-m", "flexq", "batch", *args,
         env=env, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
@@ -130,7 +130,7 @@ async def test_batch_resumes_after_a_kill_without_resending(tmp_path: Path, sim:
     journal = tmp_path / "out.jsonl.progress"
     env = batch_env(GEMINI_API_KEY=API_KEY, GEMINI_BASE_URL=sim.base_url)  # embedded Redis, external simulator
     proc = subprocess.Popen(  # noqa: ASYNC220 - started, not waited on; the loop keeps serving the simulator
-        [sys.executable, "-m", "worker.cli", "batch", str(source), "-o", str(out)],
+        [sys.executable, "-m", "flexq", "batch", str(source), "-o", str(out)],
         env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
 
@@ -158,7 +158,7 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path: Path) -> None:
     source = write_input(tmp_path / "in.jsonl", lines)
     out = tmp_path / "out.jsonl"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "batch", str(source), "-o", str(out), "--simulate"],
+        [sys.executable, "-m", "flexq", "batch", str(source), "-o", str(out), "--simulate"],
         env=batch_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     assert proc.stderr is not None
@@ -176,7 +176,7 @@ def test_demo_finishes_with_every_job_accounted_for(tmp_path: Path) -> None:
     out = tmp_path / "demo.jsonl"
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "demo", "-o", str(out), "--json"],
+        [sys.executable, "-m", "flexq", "demo", "-o", str(out), "--json"],
         env=batch_env(), cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
     )
     assert done.returncode == 0, done.stderr

@@ -31,8 +31,8 @@ import click
 import pytest
 import yaml
 
+from flexq import cli as flexq_cli
 from simulator import cli as sim_cli
-from worker import cli as flexq_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -186,12 +186,12 @@ def container_ports(svc: dict[str, Any]) -> set[int]:
 def flexq_subcommands() -> set[str]:
     parser = flexq_cli.build_parser()
     subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    assert subparsers, "worker.cli.build_parser() has no subcommands"
+    assert subparsers, "flexq.cli.build_parser() has no subcommands"
     return set(subparsers[0].choices)
 
 
 def pre_argparse_commands() -> set[str]:
-    """Names ``worker.cli.main`` dispatches before argparse (``argv[0] == "x"`` / ``argv[0] in (...)``)."""
+    """Names ``flexq.cli.main`` dispatches before argparse (``argv[0] == "x"`` / ``argv[0] in (...)``)."""
     tree = ast.parse(inspect.getsource(flexq_cli.main))
     names: set[str] = set()
     for node in ast.walk(tree):
@@ -207,7 +207,7 @@ def pre_argparse_commands() -> set[str]:
 def help_run(name: str) -> subprocess.CompletedProcess[str]:
     """``flexq NAME --help`` in a fresh interpreter (the subcommand's own module is imported for real)."""
     return subprocess.run(
-        [sys.executable, "-m", "worker.cli", name, "--help"],
+        [sys.executable, "-m", "flexq", name, "--help"],
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
     )
 
@@ -411,7 +411,7 @@ def test_documented_commands_exist(compose: dict[str, Any], compose_comments: li
         assert runs_our_image(svc), f"documented `run {name}` is not a flexq service"
         problem = flexq_command_error(argv)
         if problem and argv[0] in pre_argparse_commands() and "No module named 'worker." in problem:
-            pending.append(argv[0])  # dispatched by worker.cli.main, module not written yet
+            pending.append(argv[0])  # dispatched by flexq.cli.main, module not written yet
             continue
         assert problem is None, f"documented `flexq {shlex.join(argv)}`: {problem}"
     if pending:
@@ -554,5 +554,5 @@ def test_dockerignore_keeps_the_context_small() -> None:
     for path in (".venv/bin/python", ".git/HEAD", ".pytest_cache/v", ".mypy_cache/x", "worker/__pycache__/cli.pyc",
                  "data/out.jsonl", ".env"):
         assert dockerignored(path), f"{path} is sent to the Docker build context"
-    for path in ("pyproject.toml", "worker/cli.py", "producer/store.py", "simulator/cli.py"):
+    for path in ("pyproject.toml", "flexq/cli.py", "producer/store.py", "simulator/cli.py"):
         assert not dockerignored(path), f"{path} is excluded from the build context"

@@ -9,8 +9,9 @@ import pytest
 import redis as sync_redis
 
 from producer.errors import InvalidJobError
-from producer.models import JobRecord, Status
+from producer.models import JobRecord
 from producer.queue import FlexQueue
+from producer.status import Status
 from simulator import RunningSimulator, SimConfig, start_simulator
 from tests.conftest import API_KEY
 from tests.helpers import poll, running_worker, wait_all, wait_status, worker_env

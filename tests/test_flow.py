@@ -16,9 +16,12 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
-from producer.errors import ConfigError
-from producer.models import Outcome, parse_request
+from producer.models import parse_request
+from producer.settings import settings_error
+from producer.status import Outcome
 from tests.flow_oracle import (
     Breaker,
     BreakerState,
@@ -33,16 +36,14 @@ from tests.flow_oracle import (
     slide,
     window_wait_s,
 )
+from worker.config import Limits, WorkerConfig
 from worker.flow import (
     LIMIT_OUTCOMES,
     Admission,
     FlowConfig,
-    Limits,
-    LimitsError,
     breaker_event,
     defer_s,
     estimate_tokens,
-    parse_limits,
     pause_after_429,
 )
 from worker.policy import DAILY_QUOTA_MIN_DELAY_S, QuotaKind
@@ -52,56 +53,54 @@ CFG = FlowConfig()
 BREAKER_CFG = FlowConfig(breaker_failure_ratio=0.5)
 INF = math.inf
 
-# -- FLEXQ_LIMITS ----------------------------------------------------------------------------------
+# -- FLEXQ_LIMITS: JSON, read by pydantic-settings --------------------------------------------------
+
+
+def limits_from_env(monkeypatch: pytest.MonkeyPatch, text: str) -> dict[str, Limits]:
+    monkeypatch.setenv("FLEXQ_LIMITS", text)
+    return WorkerConfig().limits
 
 
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("", {}),
-        ("  ;  ", {}),
-        ("gemini-2.5-flash=rpm:1000", {"gemini-2.5-flash": Limits(rpm=1000)}),
+        ("{}", {}),
+        ('{"gemini-2.5-flash": {"rpm": 1000}}', {"gemini-2.5-flash": Limits(rpm=1000)}),
         (
-            "gemini-2.5-flash=rpm:1000,tpm:1000000;gemini-2.5-pro=rpm:150",
+            '{"gemini-2.5-flash": {"rpm": 1000, "tpm": 1000000}, "gemini-2.5-pro": {"rpm": 150}}',
             {"gemini-2.5-flash": Limits(rpm=1000, tpm=1000000), "gemini-2.5-pro": Limits(rpm=150)},
         ),
-        (" gemini-2.5-pro = TPM : 5 , RPM:7 ; ", {"gemini-2.5-pro": Limits(rpm=7, tpm=5)}),
-        ("models/gemini-3-flash-preview=tpm:1", {"gemini-3-flash-preview": Limits(tpm=1)}),
-        ("tunedModels/my-tune=rpm:2", {"tunedModels/my-tune": Limits(rpm=2)}),
+        ('{"models/gemini-3-flash-preview": {"tpm": 1}}', {"gemini-3-flash-preview": Limits(tpm=1)}),
+        ('{"tunedModels/my-tune": {"rpm": 2}}', {"tunedModels/my-tune": Limits(rpm=2)}),
     ],
 )
-def test_parse_limits(text: str, expected: dict[str, Limits]) -> None:
-    assert parse_limits(text) == expected
+def test_limits_from_the_environment(monkeypatch: pytest.MonkeyPatch, text: str, expected: dict[str, Limits]) -> None:
+    assert limits_from_env(monkeypatch, text) == expected
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("gemini-2.5-flash", "'gemini-2.5-flash': expected MODEL=rpm:N,tpm:N"),
-        ("=rpm:5", "'=rpm:5': expected MODEL=rpm:N,tpm:N"),
-        ("bad model=rpm:5", "'bad model=rpm:5': expected MODEL"),
-        ("m=", "m: '': unknown limit"),
-        ("m=qps:5", "m: 'qps:5': unknown limit (use rpm:N or tpm:N)"),
-        ("m=rpm", "m: 'rpm': the value must be a positive integer"),
-        ("m=rpm:0", "m: 'rpm:0': the value must be a positive integer"),
-        ("m=rpm:-1", "m: 'rpm:-1': the value must be a positive integer"),
-        ("m=rpm:1.5", "m: 'rpm:1.5': the value must be a positive integer"),
-        ("m=rpm:1e3", "m: 'rpm:1e3': the value must be a positive integer"),
-        ("m=rpm:5,", "m: '': unknown limit"),
-        ("m=rpm:5,rpm:6", "m: rpm is given twice"),
-        ("m=rpm:5;m=tpm:5", "model 'm' is given twice"),
-        ("m=rpm:5;models/m=tpm:5", "model 'models/m' is given twice"),
-        ("models/=rpm:5", "'models/=rpm:5': expected MODEL"),
-        ("a=rpm:5;b=rpm:x", "b: 'rpm:x': the value must be a positive integer"),
+        ("gemini-2.5-flash=rpm:5", "FLEXQ_LIMITS: not valid JSON"),  # the old text form
+        ('{"bad model": {"rpm": 5}}', "'bad model' is not a model name"),
+        ('{"m": {"qps": 5}}', "FLEXQ_LIMITS.m.qps: Extra inputs are not permitted"),
+        ('{"m": {"rpm": 0}}', "FLEXQ_LIMITS.m.rpm: Input should be greater than 0"),
+        ('{"m": {"rpm": -1}}', "FLEXQ_LIMITS.m.rpm: Input should be greater than 0"),
+        ('{"m": {"rpm": 1.5}}', "FLEXQ_LIMITS.m.rpm: Input should be a valid integer"),
+        ('{"m": {"rpm": "x"}}', "FLEXQ_LIMITS.m.rpm: Input should be a valid integer"),
+        ('{"m": {"rpm": 5}, "models/m": {"tpm": 5}}', "model 'm' is given twice"),
+        ('{"models/": {"rpm": 5}}', "'models/' is not a model name"),
+        ('["m"]', "FLEXQ_LIMITS: Input should be a valid dictionary"),
     ],
 )
-def test_parse_limits_rejects_naming_the_bad_part(text: str, message: str) -> None:
-    with pytest.raises(LimitsError) as info:
-        parse_limits(text)
-    assert str(info.value) == f"FLEXQ_LIMITS: {message}" or message in str(info.value)
-    assert str(info.value).startswith("FLEXQ_LIMITS: ")
-    assert isinstance(info.value, ValueError)  # pydantic validators wrap it
-    assert isinstance(info.value, ConfigError)
+def test_limits_rejected_naming_the_bad_part(monkeypatch: pytest.MonkeyPatch, text: str, message: str) -> None:
+    monkeypatch.setenv("FLEXQ_LIMITS", text)
+    with pytest.raises((ValidationError, SettingsError)) as info:
+        WorkerConfig()
+    line = settings_error(info.value, WorkerConfig)
+    assert line.startswith("bad configuration: FLEXQ_LIMITS")
+    assert message in line
+    assert "\n" not in line
 
 
 @pytest.mark.parametrize(

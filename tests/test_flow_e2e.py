@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from producer.models import Status
 from producer.queue import FlexQueue, JobSpec
+from producer.status import Status
 from simulator import SimConfig, start_simulator
 from tests.conftest import API_KEY
 from tests.helpers import ROOT, poll, running_worker, wait_all, wait_status, worker_env
@@ -21,7 +21,7 @@ MODEL = "gemini-2.5-flash"
 
 def stats_json(env: dict[str, str]) -> dict[str, object]:
     done = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "stats", "--json"], env=env, cwd=ROOT,
+        [sys.executable, "-m", "flexq", "stats", "--json"], env=env, cwd=ROOT,
         capture_output=True, text=True, timeout=30, check=True,
     )
     return dict(json.loads(done.stdout))

@@ -21,10 +21,11 @@ import redis as sync_redis
 from redis.asyncio import Redis
 
 from producer.keys import Keys
-from producer.models import Outcome
+from producer.status import Outcome
 from tests.conftest import require_or_skip
 from tests.flow_oracle import Breaker, BreakerState, Oracle, ms
-from worker.flow import FlowConfig, Limits
+from worker.config import Limits
+from worker.flow import FlowConfig
 from worker.flow_store import FlowControl, flow_lines
 from worker.policy import QuotaKind
 

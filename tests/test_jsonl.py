@@ -1,4 +1,4 @@
-"""producer.jsonl: request files, one JSON object per line; bad lines reported by number."""
+"""flexq.jsonl: request files, one JSON object per line; bad lines reported by number."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from producer.jsonl import LINE_FIELDS, LineError, parse_jsonl, stable_line_id
+from flexq.jsonl import LINE_FIELDS, LineError, parse_jsonl, stable_line_id
 from producer.queue import JobSpec
 
 BIG = 1_000_000

@@ -10,21 +10,17 @@ import pytest
 
 from producer.errors import InvalidRequestError
 from producer.models import (
-    ACTIVE,
     QUEUE_OWNED_CONFIG_FIELDS,
-    TERMINAL,
     Attempt,
     GenerateRequest,
     JobError,
     JobRecord,
     JobResult,
-    Outcome,
-    Status,
-    Tier,
     Usage,
     check_job_id,
     parse_request,
 )
+from producer.status import ACTIVE, TERMINAL, Outcome, Status, Tier
 
 MODEL = "gemini-2.5-flash"
 BIG = 1_000_000

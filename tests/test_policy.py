@@ -1,7 +1,7 @@
 """worker.policy as truth tables: classification, backoff and the retry / escalate / fail decision.
 
 Time is frozen (``now_s`` is an argument) and the random source is injected, so every row is exact.
-Error bodies are the shapes recorded in /work/shared/GEMINI_WIRE.md.
+Error bodies are the shapes recorded in docs/gemini-wire.md.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 from aiohttp.client_reqrep import ConnectionKey
 from google.genai import errors as genai_errors
 
-from producer.models import Outcome, Tier
+from producer.status import Outcome, Tier
 from worker.policy import (
     BLOCKING_FINISH_REASONS,
     DAILY_QUOTA_MIN_DELAY_S,
@@ -40,7 +40,7 @@ from worker.policy import (
     retry_delay_s,
 )
 
-# -- wire bodies (GEMINI_WIRE.md) ------------------------------------------------------------------
+# -- wire bodies (docs/gemini-wire.md) ------------------------------------------------------------------
 
 HELP = {
     "@type": "type.googleapis.com/google.rpc.Help",

@@ -1,11 +1,12 @@
-"""producer.pricing: cost of one call per model and tier (prices from GEMINI_WIRE.md)."""
+"""producer.pricing: cost of one call per model and tier (prices in docs/gemini-wire.md)."""
 
 from __future__ import annotations
 
 import pytest
 
-from producer.models import Tier, Usage
+from producer.models import Usage
 from producer.pricing import FLEX_DISCOUNT, LONG_PROMPT_TOKENS, PRICES, cost_usd, price_for
+from producer.status import Tier
 
 
 def usage(prompt: int = 0, output: int = 0, thoughts: int = 0) -> Usage:
@@ -51,7 +52,7 @@ HUNDRED_K = usage(prompt=100_000, output=100_000)
             marks=pytest.mark.xfail(
                 strict=True,
                 reason="BUG: producer/pricing.py counts images as round(output/1120), so one 4K image "
-                "(2000 tokens, $0.24 per GEMINI_WIRE.md) is billed as two 1K images ($0.268)",
+                "(2000 tokens, $0.24 per docs/gemini-wire.md) is billed as two 1K images ($0.268)",
             ),
         ),
         # name forms

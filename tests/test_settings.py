@@ -1,4 +1,4 @@
-"""producer.settings: environment parsing, validation, and secrets that never show."""
+"""producer.settings and worker.config: environment parsing, validation, and secrets that never show."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from producer.settings import DEFAULT_REDIS_URL, FlexqSettings, redact_url
+from producer.settings import DEFAULT_REDIS_URL, ProducerSettings, redact_url, settings_error
+from worker.config import WorkerConfig
 
 API_KEY = "AIzaSy-test-key-NEVER-PRINT-9d8c7b"
 REDIS_PASSWORD = "redis-pw-NEVER-PRINT-4e5f"  # noqa: S105 - a fake password the tests look for in output
@@ -29,14 +30,14 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
 
 def test_defaults() -> None:
-    settings = FlexqSettings()
+    settings = WorkerConfig()
     assert settings.redis_url.get_secret_value() == DEFAULT_REDIS_URL
     assert settings.gemini_api_key is None
     assert settings.gemini_base_url is None
-    assert (settings.gemini_api_version, settings.queue) == ("v1beta", "flexq")
+    assert (settings.api_version, settings.queue) == ("v1beta", "flexq")
     assert settings.max_request_bytes == 8 * 1024 * 1024
     assert settings.retention_s == 7 * 24 * 3600
-    assert settings.default_deadline_s == 24 * 3600.0
+    assert settings.deadline_s == 24 * 3600.0
     assert (settings.request_timeout_s, settings.job_timeout_s) == (900.0, 960.0)
     assert (settings.retry_base_s, settings.retry_max_s, settings.max_flex_attempts) == (5.0, 600.0, None)
     assert (settings.lease_s, settings.concurrency, settings.max_interrupts) == (60.0, 100, 5)
@@ -55,11 +56,11 @@ def test_defaults() -> None:
                      id="gemini-key-wins"),
         pytest.param({"GEMINI_BASE_URL": "http://127.0.0.1:8080"}, "gemini_base_url", "http://127.0.0.1:8080",
                      id="base-url"),
-        pytest.param({"FLEXQ_API_VERSION": "v1"}, "gemini_api_version", "v1", id="api-version"),
+        pytest.param({"FLEXQ_API_VERSION": "v1"}, "api_version", "v1", id="api-version"),
         pytest.param({"FLEXQ_QUEUE": "images.v2-a_b"}, "queue", "images.v2-a_b", id="queue"),
         pytest.param({"FLEXQ_MAX_REQUEST_BYTES": "1024"}, "max_request_bytes", 1024, id="max-request-bytes"),
         pytest.param({"FLEXQ_RETENTION_S": "86400"}, "retention_s", 86400, id="retention"),
-        pytest.param({"FLEXQ_DEADLINE_S": "90.5"}, "default_deadline_s", 90.5, id="deadline"),
+        pytest.param({"FLEXQ_DEADLINE_S": "90.5"}, "deadline_s", 90.5, id="deadline"),
         pytest.param({"FLEXQ_REQUEST_TIMEOUT_S": "30"}, "request_timeout_s", 30.0, id="request-timeout"),
         pytest.param({"FLEXQ_REQUEST_TIMEOUT_S": "30"}, "job_timeout_s", 90.0, id="job-timeout-follows"),
         pytest.param({"FLEXQ_RETRY_BASE_S": "0"}, "retry_base_s", 0.0, id="retry-base-zero"),
@@ -75,7 +76,7 @@ def test_defaults() -> None:
 def test_env(clean_env: pytest.MonkeyPatch, env: dict[str, str], attr: str, expected: Any) -> None:
     for name, value in env.items():
         clean_env.setenv(name, value)
-    value = getattr(FlexqSettings(), attr)
+    value = getattr(WorkerConfig(), attr)
     if hasattr(value, "get_secret_value"):
         value = value.get_secret_value()
     assert value == expected
@@ -84,7 +85,7 @@ def test_env(clean_env: pytest.MonkeyPatch, env: dict[str, str], attr: str, expe
 def test_explicit_argument_beats_env(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv("FLEXQ_QUEUE", "from-env")
     clean_env.setenv("FLEXQ_CONCURRENCY", "9")
-    settings = FlexqSettings(queue="from-arg")  # type: ignore[call-arg]
+    settings = WorkerConfig(queue="from-arg")  # type: ignore[call-arg]
     assert (settings.queue, settings.concurrency) == ("from-arg", 9)
 
 
@@ -112,9 +113,9 @@ def test_bad_env_rejected(clean_env: pytest.MonkeyPatch, env: dict[str, str], fi
     for name, value in env.items():
         clean_env.setenv(name, value)
     with pytest.raises(ValidationError) as info:
-        FlexqSettings()
+        WorkerConfig()
     assert info.value.error_count() == 1
-    assert info.value.errors()[0]["loc"] == (field,)
+    assert settings_error(info.value, WorkerConfig).startswith(f"bad configuration: {field}: ")  # names the variable
 
 
 @pytest.mark.parametrize(
@@ -130,14 +131,14 @@ def test_bad_env_rejected(clean_env: pytest.MonkeyPatch, env: dict[str, str], fi
 def test_bad_redis_url_scheme_rejected(clean_env: pytest.MonkeyPatch, url: str) -> None:
     clean_env.setenv("REDIS_URL", url)
     with pytest.raises(ValidationError, match="REDIS_URL must start with redis://, rediss:// or unix://"):
-        FlexqSettings()
+        WorkerConfig()
 
 
 def test_bad_redis_url_error_does_not_show_the_password(clean_env: pytest.MonkeyPatch) -> None:
     password = "hunter2"  # noqa: S105 - short on purpose: pydantic elides the middle of long inputs
     clean_env.setenv("REDIS_URL", f"http://default:{password}@cache:6379/0")
     with pytest.raises(ValidationError) as info:
-        FlexqSettings()
+        WorkerConfig()
     assert password not in str(info.value)
 
 
@@ -172,7 +173,7 @@ def test_redact_url(url: str, expected: str) -> None:
 
 def test_redis_url_redacted(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv("REDIS_URL", f"redis://default:{REDIS_PASSWORD}@cache:6379/0")
-    settings = FlexqSettings()
+    settings = WorkerConfig()
     assert settings.redis_url_redacted == "redis://***@cache:6379/0"
     assert settings.redis_url.get_secret_value() == f"redis://default:{REDIS_PASSWORD}@cache:6379/0"
 
@@ -180,7 +181,7 @@ def test_redis_url_redacted(clean_env: pytest.MonkeyPatch) -> None:
 def test_secrets_never_show(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv("REDIS_URL", f"redis://default:{REDIS_PASSWORD}@cache:6379/0")
     clean_env.setenv("GEMINI_API_KEY", API_KEY)
-    settings = FlexqSettings()
+    settings = WorkerConfig()
     assert settings.gemini_api_key is not None
     assert settings.gemini_api_key.get_secret_value() == API_KEY
     for text in (repr(settings), str(settings), settings.model_dump_json(), repr(settings.model_dump())):
@@ -193,7 +194,24 @@ def test_empty_env_values_mean_unset(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv("FLEXQ_QUEUE", "")
     clean_env.setenv("REDIS_URL", "")
     clean_env.setenv("FLEXQ_MAX_FLEX_ATTEMPTS", "")
-    settings = FlexqSettings()
+    settings = WorkerConfig()
     assert settings.queue == "flexq"
     assert settings.redis_url.get_secret_value() == "redis://localhost:6379/0"
     assert settings.max_flex_attempts is None
+
+
+def test_a_producer_sees_only_what_it_needs() -> None:
+    """A web app's settings: where Redis is, the queue, the limits of a request; no worker knobs."""
+    fields = {"redis_url", "queue", "max_request_bytes", "retention_s", "deadline_s"}
+    assert set(ProducerSettings.model_fields) == fields
+    assert set(ProducerSettings.model_fields) < set(WorkerConfig.model_fields)
+    assert not any(name.startswith(("flow", "breaker", "gemini")) for name in ProducerSettings.model_fields)
+
+
+def test_env_names_are_the_prefix_and_the_field(clean_env: pytest.MonkeyPatch) -> None:
+    from producer.settings import env_name
+
+    assert env_name(WorkerConfig, "concurrency") == "FLEXQ_CONCURRENCY"
+    assert env_name(WorkerConfig, "deadline_s") == "FLEXQ_DEADLINE_S"
+    assert env_name(WorkerConfig, "redis_url") == "REDIS_URL"
+    assert env_name(WorkerConfig, "gemini_api_key") == "GEMINI_API_KEY"

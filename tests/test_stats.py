@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from producer.models import Status
 from producer.stats import percentile, summarize
+from producer.status import Status
 
 ONE_TO_100 = list(range(1, 101))
 

@@ -16,7 +16,7 @@ import pytest
 from arq.jobs import Job, JobStatus
 from redis.asyncio import Redis
 
-from producer import transitions
+from producer import arq_wire, transitions
 from producer.errors import (
     FlexqError,
     InvalidJobError,
@@ -25,10 +25,10 @@ from producer.errors import (
     JobStateError,
     WaitTimeoutError,
 )
-from producer.keys import ARQ_ABORT_SET, ARQ_FUNCTION, Keys
-from producer.models import JobRecord, JobResult, Outcome, Status, Tier, Usage, utcnow
+from producer.keys import Keys
+from producer.models import JobRecord, JobResult, Usage, utcnow
 from producer.queue import FlexQueue, JobSpec
-from producer.serializer import deserialize
+from producer.status import Outcome, Status, Tier
 from producer.store import ARQ_JOB_GRACE_S, LATENCY_SAMPLES
 
 REQ = {"model": "gemini-2.5-flash", "prompt": "Hi"}
@@ -84,10 +84,16 @@ async def to_status(queue: FlexQueue, job_id: str, status: Status) -> JobRecord:
     }
     record = await queue.get(job_id)
     for step in steps[status]:
-        record, changed = await queue.store.update(job_id, step)
-        assert changed
+        record = await changed(queue, job_id, step)
     assert record.status == status
     return record
+
+
+async def changed(queue: FlexQueue, job_id: str, step: Callable[[JobRecord], JobRecord]) -> JobRecord:
+    """Apply one transition through the store; it must write a change."""
+    change = await queue.store.update(job_id, lambda record: transitions.Change(step(record)))
+    assert change is not None
+    return change.record
 
 
 # -- enqueue -------------------------------------------------------------------------------------
@@ -109,11 +115,11 @@ async def test_enqueue_writes_record_index_and_arq_job(fake_queue: FlexQueue, fa
     assert score is not None
     assert before_ms - 1000 <= score <= time.time() * 1000 + 1000
 
-    payload = await fake_redis.get(k.arq_job("job-1"))
+    payload = await fake_redis.get(arq_wire.job_key("job-1"))
     assert payload is not None
     assert not payload.startswith(b"\x80")  # pickle protocol 2+ header
     envelope = json.loads(payload)
-    assert envelope["f"] == ARQ_FUNCTION
+    assert envelope["f"] == arq_wire.FUNCTION
     assert envelope["a"] == ["job-1"]
     assert envelope["k"] == {}
     assert before_ms - 1000 <= envelope["et"] <= time.time() * 1000 + 1000
@@ -125,17 +131,17 @@ async def test_enqueue_ttls(fake_queue: FlexQueue, fake_redis: Redis) -> None:
     retention = fake_queue.settings.retention_s
     record_ttl = await fake_redis.ttl(k.record("job-1"))
     assert 600 + retention - 5 <= record_ttl <= 600 + retention
-    arq_pttl = await fake_redis.pttl(k.arq_job("job-1"))
+    arq_pttl = await fake_redis.pttl(arq_wire.job_key("job-1"))
     assert (600 + ARQ_JOB_GRACE_S - 5) * 1000 <= arq_pttl <= (600 + ARQ_JOB_GRACE_S) * 1000
 
 
 async def test_arq_can_read_the_job_it_will_run(fake_queue: FlexQueue, fake_redis: Redis) -> None:
     await fake_queue.enqueue(REQ, job_id="job-1")
-    job = Job("job-1", fake_redis, _queue_name=keys(fake_queue).arq_queue, _deserializer=deserialize)
+    job = Job("job-1", fake_redis, _queue_name=keys(fake_queue).arq_queue, _deserializer=arq_wire.deserialize)
     assert await job.status() == JobStatus.queued
     info = await job.info()
     assert info is not None
-    assert (info.function, list(info.args), info.kwargs) == (ARQ_FUNCTION, ["job-1"], {})
+    assert (info.function, list(info.args), info.kwargs) == (arq_wire.FUNCTION, ["job-1"], {})
 
 
 async def test_enqueue_without_id_generates_one(fake_queue: FlexQueue) -> None:
@@ -171,13 +177,12 @@ async def test_enqueue_of_a_finished_id_does_not_run_it_again(fake_queue: FlexQu
 
 async def test_new_enqueue_clears_stale_arq_state(fake_queue: FlexQueue, fake_redis: Redis) -> None:
     """A reused id (record expired) must not inherit an old arq result or abort mark."""
-    k = keys(fake_queue)
-    await fake_redis.set(k.arq_result("job-1"), b'{"r": "old"}')
-    await fake_redis.set(k.arq_retry("job-1"), b"3")
-    await fake_redis.zadd(ARQ_ABORT_SET, {"job-1": 1})
+    await fake_redis.set(arq_wire.result_key("job-1"), b'{"r": "old"}')
+    await fake_redis.set(arq_wire.retry_key("job-1"), b"3")
+    await fake_redis.zadd(arq_wire.ABORT_SET, {"job-1": 1})
     assert (await fake_queue.enqueue(REQ, job_id="job-1")).created
-    assert await fake_redis.exists(k.arq_result("job-1"), k.arq_retry("job-1")) == 0
-    assert await fake_redis.zscore(ARQ_ABORT_SET, "job-1") is None
+    assert await fake_redis.exists(arq_wire.result_key("job-1"), arq_wire.retry_key("job-1")) == 0
+    assert await fake_redis.zscore(arq_wire.ABORT_SET, "job-1") is None
 
 
 async def test_enqueue_many_2500(fake_queue: FlexQueue, fake_redis: Redis) -> None:
@@ -289,14 +294,14 @@ async def test_list_skips_unreadable_records(fake_queue: FlexQueue, fake_redis: 
 
 async def test_update_of_unknown_job(fake_queue: FlexQueue) -> None:
     with pytest.raises(JobNotFoundError):
-        await fake_queue.store.update("nope", _begin)
+        await changed(fake_queue, "nope", _begin)
 
 
 async def test_update_returning_none_changes_nothing(fake_queue: FlexQueue, fake_redis: Redis) -> None:
     job = await fake_queue.enqueue(REQ, job_id="job-1")
     raw = await fake_redis.get(keys(fake_queue).record("job-1"))
-    record, changed = await fake_queue.store.update("job-1", lambda r: None)
-    assert (record, changed) == (job.record, False)
+    assert await fake_queue.store.update("job-1", lambda r: None) is None
+    assert await fake_queue.get("job-1") == job.record
     assert await fake_redis.get(keys(fake_queue).record("job-1")) == raw
 
 
@@ -306,9 +311,9 @@ async def test_status_index_moves_on_update(fake_queue: FlexQueue, fake_redis: R
     await to_status(fake_queue, "a", Status.RUNNING)
     assert [r.id for r in await fake_queue.list(status=Status.RUNNING)] == ["a"]
     assert [r.id for r in await fake_queue.list(status="queued")] == ["b"]
-    await fake_queue.store.update("a", _close(Outcome.OVERLOADED))  # same status: index untouched
+    await changed(fake_queue, "a", _close(Outcome.OVERLOADED))  # same status: index untouched
     assert await index_members(fake_redis, fake_queue, Status.RUNNING) == {"a"}
-    await fake_queue.store.update("a", _fail)
+    await changed(fake_queue, "a", _fail)
     assert await fake_queue.list(status=Status.RUNNING) == []
     assert [r.id for r in await fake_queue.list(status=Status.FAILED)] == ["a"]
     assert {r.id for r in await fake_queue.list()} == {"a", "b"}
@@ -351,7 +356,7 @@ async def test_cancel_waiting_job(fake_queue: FlexQueue, fake_redis: Redis, stat
     assert record.error is not None
     assert record.error.kind == "cancelled"
     assert await fake_queue.get("job-1") == record
-    assert await fake_redis.exists(k.arq_job("job-1")) == 0
+    assert await fake_redis.exists(arq_wire.job_key("job-1")) == 0
     assert await fake_redis.zscore(k.arq_queue, "job-1") is None
     assert await index_members(fake_redis, fake_queue, Status.CANCELLED) == {"job-1"}
     assert await index_members(fake_redis, fake_queue, status) == set()
@@ -362,13 +367,12 @@ async def test_cancel_waiting_job(fake_queue: FlexQueue, fake_redis: Redis, stat
 async def test_cancel_running_job_asks_arq_to_abort(fake_queue: FlexQueue, fake_redis: Redis) -> None:
     await fake_queue.enqueue(REQ, job_id="job-1")
     await to_status(fake_queue, "job-1", Status.RUNNING)
-    k = keys(fake_queue)
-    payload = await fake_redis.get(k.arq_job("job-1"))
+    payload = await fake_redis.get(arq_wire.job_key("job-1"))
     record = await fake_queue.cancel("job-1")
     assert (record.status, record.cancel_requested) == (Status.RUNNING, True)
     assert record.open_attempt is not None
-    assert await fake_redis.zscore(ARQ_ABORT_SET, "job-1") is not None
-    assert await fake_redis.get(k.arq_job("job-1")) == payload  # the worker still owns it
+    assert await fake_redis.zscore(arq_wire.ABORT_SET, "job-1") is not None
+    assert await fake_redis.get(arq_wire.job_key("job-1")) == payload  # the worker still owns it
     assert await index_members(fake_redis, fake_queue, Status.RUNNING) == {"job-1"}
 
 
@@ -395,13 +399,13 @@ async def test_retry_requeues_with_history(fake_queue: FlexQueue, fake_redis: Re
     await fake_queue.enqueue(REQ, job_id="job-1")
     before = await to_status(fake_queue, "job-1", status)
     k = keys(fake_queue)
-    await fake_redis.delete(k.arq_job("job-1"))
+    await fake_redis.delete(arq_wire.job_key("job-1"))
     await fake_redis.zrem(k.arq_queue, "job-1")
     # stale arq state from the previous run
-    await fake_redis.set(k.arq_result("job-1"), b'{"r": "old"}')
-    await fake_redis.set(k.arq_in_progress("job-1"), b"1")
-    await fake_redis.set(k.arq_retry("job-1"), b"2")
-    await fake_redis.zadd(ARQ_ABORT_SET, {"job-1": 1})
+    await fake_redis.set(arq_wire.result_key("job-1"), b'{"r": "old"}')
+    await fake_redis.set(arq_wire.in_progress_key("job-1"), b"1")
+    await fake_redis.set(arq_wire.retry_key("job-1"), b"2")
+    await fake_redis.zadd(arq_wire.ABORT_SET, {"job-1": 1})
 
     record = await fake_queue.retry("job-1", deadline_s=120)
     assert record.status == Status.QUEUED
@@ -412,13 +416,13 @@ async def test_retry_requeues_with_history(fake_queue: FlexQueue, fake_redis: Re
     assert await index_members(fake_redis, fake_queue, Status.QUEUED) == {"job-1"}
     assert await index_members(fake_redis, fake_queue, status) == set()
 
-    envelope = json.loads(await fake_redis.get(k.arq_job("job-1")))
-    assert (envelope["f"], envelope["a"]) == (ARQ_FUNCTION, ["job-1"])
+    envelope = json.loads(await fake_redis.get(arq_wire.job_key("job-1")))
+    assert (envelope["f"], envelope["a"]) == (arq_wire.FUNCTION, ["job-1"])
     assert await fake_redis.zscore(k.arq_queue, "job-1") is not None
-    stale = (k.arq_result("job-1"), k.arq_in_progress("job-1"), k.arq_retry("job-1"))
+    stale = (arq_wire.result_key("job-1"), arq_wire.in_progress_key("job-1"), arq_wire.retry_key("job-1"))
     assert await fake_redis.exists(*stale) == 0
-    assert await fake_redis.zscore(ARQ_ABORT_SET, "job-1") is None
-    job = Job("job-1", fake_redis, _queue_name=k.arq_queue, _deserializer=deserialize)
+    assert await fake_redis.zscore(arq_wire.ABORT_SET, "job-1") is None
+    job = Job("job-1", fake_redis, _queue_name=k.arq_queue, _deserializer=arq_wire.deserialize)
     assert await job.status() == JobStatus.queued
 
 
@@ -443,7 +447,7 @@ async def test_retry_of_a_quarantined_job_is_refused(fake_queue: FlexQueue, fake
     assert record.tags["raw_record"] == "{garbage"
     assert await index_members(fake_redis, fake_queue, Status.QUEUED) == set()
     assert await index_members(fake_redis, fake_queue, Status.FAILED) == {"job-1"}
-    assert await fake_redis.exists(k.arq_job("job-1")) == 0
+    assert await fake_redis.exists(arq_wire.job_key("job-1")) == 0
     with pytest.raises(JobStateError, match="unreadable"):
         await fake_queue.retry("job-1")
 
@@ -475,9 +479,9 @@ async def test_wait_on_unknown_job(fake_queue: FlexQueue) -> None:
 
 async def _count(queue: FlexQueue, record: JobRecord, cost: tuple[float | None, float | None] | None = None) -> None:
     async with queue.redis.pipeline(transaction=True) as pipe:
-        queue.store.count_attempt(pipe, record)
+        queue.store._count_attempt(pipe, record.attempts[-1])
         if cost is not None:
-            queue.store.count_cost(pipe, str(record.attempts[-1].tier), *cost)
+            queue.store._count_cost(pipe, transitions.Cost(str(record.attempts[-1].tier), *cost))
         await pipe.execute()
 
 

@@ -8,15 +8,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from producer import transitions
-from producer.models import (
-    JobRecord,
-    JobResult,
-    Outcome,
-    Status,
-    Tier,
-    Usage,
-    parse_request,
-)
+from producer.models import JobRecord, JobResult, Usage, parse_request
+from producer.status import Outcome, Status, Tier
 
 T0 = datetime(2026, 11, 21, 12, 0, 0, tzinfo=UTC)
 REQUEST = parse_request({"model": "gemini-2.5-flash", "prompt": "Hi"}, max_bytes=10_000)

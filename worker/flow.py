@@ -3,8 +3,8 @@
 The rules that decide admission and learn the limit are the Lua scripts in ``worker/lua/`` (one
 call per attempt start, one per end, run atomically in Redis and shared by every worker); they are
 the only implementation. ``tests/flow_oracle.py`` models them in Python, and the tests check the
-scripts against it. This module holds what the runner computes before and after a call: the
-``FLEXQ_LIMITS`` parser, the token estimate, the pause a 429 asks for, the deferral of a refused job.
+scripts against it. This module holds what the runner computes before and after a call: the token
+estimate, the pause a 429 asks for, the deferral of a refused job, and the knobs (``FlowConfig``).
 
 Per (model, tier), shared by every worker (docs/flow-control.md explains the why and the figures):
 - a concurrency limit that tells **capacity shedding** (503s become more frequent above some
@@ -20,14 +20,13 @@ and billing quotas, which also raise a quota alert), and optional RPM/TPM limits
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from producer.errors import ConfigError
-from producer.models import MODEL_RE, GenerateRequest, Outcome
-from producer.settings import FlexqSettings
+from producer.models import GenerateRequest
+from producer.status import Outcome
+from worker.config import Limits, WorkerConfig
 from worker.policy import DAILY_QUOTA_MIN_DELAY_S, RETRY_INFO_MARGIN_S, QuotaKind
 
 #: RPM/TPM quotas are per minute.
@@ -41,16 +40,6 @@ BREAKER_SUCCESS = frozenset({Outcome.OK, Outcome.CLIENT_ERROR, Outcome.BLOCKED})
 BREAKER_FAILURE = frozenset({Outcome.OVERLOADED, Outcome.SERVER_ERROR, Outcome.TIMEOUT, Outcome.CONNECTION_ERROR})
 #: Admission refusals whose wait is unknown: retry soon, with jitter.
 POLL_REASONS = frozenset({"probe_busy"})
-
-
-class LimitsError(ConfigError, ValueError):
-    """``FLEXQ_LIMITS`` cannot be parsed; the message names the bad part (a ValueError for pydantic)."""
-
-
-@dataclass(frozen=True)
-class Limits:
-    rpm: int | None = None  # requests per minute
-    tpm: int | None = None  # tokens per minute (estimated at admission, corrected with usage)
 
 
 @dataclass(frozen=True)
@@ -107,39 +96,6 @@ class FlowConfig:
 
     def clamp(self, limit: float) -> float:
         return max(self.min_limit, min(self.max_limit, limit))
-
-
-# -- FLEXQ_LIMITS ----------------------------------------------------------------------------------
-
-
-def parse_limits(text: str) -> dict[str, Limits]:
-    """``"gemini-2.5-flash=rpm:1000,tpm:1000000;gemini-2.5-pro=rpm:150"`` -> {model: Limits}."""
-    out: dict[str, Limits] = {}
-    for entry in (part.strip() for part in text.split(";")):
-        if not entry:
-            continue
-        model, sep, spec = (s.strip() for s in entry.partition("="))
-        if not sep or not MODEL_RE.fullmatch(model):
-            raise LimitsError(f"FLEXQ_LIMITS: {entry!r}: expected MODEL=rpm:N,tpm:N")
-        if flow_model(model) in out:
-            raise LimitsError(f"FLEXQ_LIMITS: model {model!r} is given twice")
-        values: dict[str, int] = {}
-        for item in (s.strip() for s in spec.split(",")):
-            name, _, number = (s.strip() for s in item.partition(":"))
-            if name.lower() not in ("rpm", "tpm"):
-                raise LimitsError(f"FLEXQ_LIMITS: {model}: {item!r}: unknown limit (use rpm:N or tpm:N)")
-            if name.lower() in values:
-                raise LimitsError(f"FLEXQ_LIMITS: {model}: {name} is given twice")
-            if not re.fullmatch(r"[0-9]{1,12}", number) or int(number) < 1:
-                raise LimitsError(f"FLEXQ_LIMITS: {model}: {item!r}: the value must be a positive integer")
-            values[name.lower()] = int(number)
-        out[flow_model(model)] = Limits(**values)
-    return out
-
-
-def flow_model(model: str) -> str:
-    """The name flow state is kept under: ``models/gemini-2.5-flash`` is ``gemini-2.5-flash``."""
-    return model.removeprefix("models/")
 
 
 def estimate_tokens(request: GenerateRequest, *, output_tokens_default: int) -> int:
@@ -226,7 +182,7 @@ def defer_s(admission: Admission, cfg: FlowConfig, rand: Callable[[], float]) ->
     return round(admission.wait_s * (1 + 0.1 * r) + poll_s, 3)
 
 
-def config_from_settings(settings: FlexqSettings) -> FlowConfig:
+def config_from_settings(settings: WorkerConfig) -> FlowConfig:
     """The one mapping from ``FLEXQ_*`` settings to flow-control knobs."""
     return FlowConfig(
         initial_limit=max(settings.flow_min, min(settings.flow_initial, settings.flow_max)),
@@ -239,5 +195,5 @@ def config_from_settings(settings: FlexqSettings) -> FlowConfig:
         breaker_failure_ratio=settings.breaker_failure_ratio,
         breaker_cool_down_s=settings.breaker_cool_down_s,
         billing_pause_s=max(settings.retry_max_s, 60.0),
-        limits=parse_limits(settings.limits),
+        limits=settings.limits,
     )

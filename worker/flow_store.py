@@ -42,6 +42,7 @@ from typing import Any, cast
 from redis.asyncio import Redis
 
 from producer.keys import Keys
+from worker.config import flow_model
 from worker.flow import (
     LIMIT_OUTCOMES,
     RATE_WINDOW_S,
@@ -50,7 +51,6 @@ from worker.flow import (
     Permit,
     Release,
     breaker_event,
-    flow_model,
     pause_after_429,
 )
 from worker.policy import QuotaKind
@@ -304,7 +304,7 @@ class FlowControl:
 
 
 def flow_lines(snapshot: dict[str, Any]) -> list[str]:
-    """``snapshot()`` as console lines for ``flexq stats`` (``worker.render`` prints ``doc["flow"]``)."""
+    """``snapshot()`` as console lines for ``flexq stats`` (``flexq.render`` prints ``doc["flow"]``)."""
     lines = []
     for scope in snapshot["scopes"]:
         breaker = scope["breaker"]

@@ -14,8 +14,9 @@ from google import genai
 from google.genai import types
 
 from producer.errors import ConfigError
-from producer.models import GenerateRequest, Tier, Usage
-from producer.settings import FlexqSettings
+from producer.models import GenerateRequest, Usage
+from producer.status import Tier
+from worker.config import WorkerConfig
 
 #: The header carrying the tier the API actually served (the SDK drops usageMetadata.serviceTier).
 SERVED_TIER_HEADER = "x-gemini-service-tier"
@@ -35,7 +36,7 @@ class Answer:
     served_tier: str | None
 
 
-def require_api_key(settings: FlexqSettings) -> str:
+def require_api_key(settings: WorkerConfig) -> str:
     if settings.gemini_api_key is None or not settings.gemini_api_key.get_secret_value():
         raise ConfigError(
             "no Gemini API key: set GEMINI_API_KEY (or GOOGLE_API_KEY) in the environment, "
@@ -47,10 +48,10 @@ def require_api_key(settings: FlexqSettings) -> str:
 class GeminiClient:
     """Owns the SDK client. Create at worker start-up, ``aclose`` at shutdown."""
 
-    def __init__(self, settings: FlexqSettings) -> None:
+    def __init__(self, settings: WorkerConfig) -> None:
         self._settings = settings
         http_options = types.HttpOptions(
-            api_version=settings.gemini_api_version,
+            api_version=settings.api_version,
             # Explicit: without retry_options the SDK silently sleeps 1-10 s and retries
             # aiohttp connection errors. Retries are the queue's job.
             retry_options=NO_RETRIES,

@@ -15,10 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any
 
 from producer import transitions
-from producer.models import ACTIVE, JobRecord, Status, utcnow
+from producer.models import JobRecord, utcnow
+from producer.status import ACTIVE
 from producer.store import JobStore
 from worker.flow_store import FlowControl
 from worker.logs import get_logger
@@ -66,12 +66,7 @@ class LeaseKeeper:
                 await asyncio.wait_for(self._stop.wait(), interval_s)
 
     async def renew(self) -> None:
-        ttl_ms = int(self.lease_s * 1000)
-        async with self.store.redis.pipeline(transaction=False) as pipe:
-            for job_id in list(self.leases):
-                pipe.pexpire(self.store.keys.arq_in_progress(job_id), ttl_ms)
-            pipe.zadd(self.store.keys.workers, {self.worker_name: time.time()})
-            await pipe.execute()
+        await self.store.heartbeat(self.worker_name, list(self.leases), lease_s=self.lease_s, now_s=time.time())
         if self.flow is not None:
             await self.flow.renew()
 
@@ -85,11 +80,7 @@ async def reconcile(store: JobStore, *, lock_owner: str, lock_s: float) -> int:
     repaired = 0
     for start in range(0, len(ids), RECONCILE_BATCH):
         batch = ids[start : start + RECONCILE_BATCH]
-        async with store.redis.pipeline(transaction=True) as pipe:
-            for job_id in batch:
-                pipe.exists(store.keys.arq_job(job_id))
-            exists = await pipe.execute()
-        for job_id, alive in zip(batch, exists, strict=True):
+        for job_id, alive in zip(batch, await store.arq_jobs_exist(batch), strict=True):
             if not alive and await repair(store, job_id):
                 repaired += 1
     if repaired:
@@ -98,29 +89,19 @@ async def reconcile(store: JobStore, *, lock_owner: str, lock_s: float) -> int:
 
 
 async def repair(store: JobStore, job_id: str) -> bool:
-    """Reschedule, cancel or fail one active job whose arq job is missing."""
+    """Reschedule, cancel or fail one active job whose arq job is missing (``transitions.settle``)."""
     now = utcnow()
 
-    def mutate(record: JobRecord) -> JobRecord | None:
+    def decide(record: JobRecord) -> transitions.Change[None] | None:
         if record.status not in ACTIVE:
             return None
-        if record.cancel_requested:
-            return transitions.cancel(record, now=now)
-        record = transitions.interrupt_open_attempt(record, now=now, reason="lost by the queue; recovered")
-        if now >= record.deadline_at:
-            return transitions.fail(record, kind="deadline_exceeded", message="deadline passed", now=now)
-        if record.status == Status.RUNNING:
-            record = transitions.schedule_retry(record, next_tier=record.next_tier, now=now)
-        return record.model_copy(update={"updated_at": now})
-
-    def on_commit(pipe: Any, old: JobRecord, new: JobRecord) -> None:
-        if new.status in ACTIVE:
-            store.schedule(pipe, new)
-        if old.open_attempt is not None:
-            store.count_attempt(pipe, transitions.interrupt_open_attempt(old, now=now, reason=""))
+        settled = transitions.settle(record, now=now, reason="lost by the queue; recovered")
+        counted = (settled.attempts[record.open_attempt.number - 1],) if record.open_attempt else ()
+        if settled.terminal:
+            return transitions.Change(settled, counted=counted)
+        return transitions.Change(settled.model_copy(update={"updated_at": now}), counted=counted, run_in_s=0.0)
 
     # The job may have been finished or rescheduled since we looked: check again inside the watch.
-    if await store.redis.exists(store.keys.arq_job(job_id)):
+    if (await store.arq_jobs_exist([job_id]))[0]:
         return False
-    _, changed = await store.update(job_id, mutate, on_commit=on_commit)
-    return changed
+    return await store.update(job_id, decide) is not None

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from producer.models import Fallback, Outcome, Tier
+from producer.status import Fallback, Outcome, Tier
 
 RETRYABLE = frozenset(
     {

@@ -11,16 +11,17 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, Protocol
 
 from producer import transitions
 from producer.errors import InvalidJobError, JobNotFoundError
-from producer.models import JobRecord, JobResult, Outcome, Status, Tier, utcnow
+from producer.models import Attempt, JobRecord, JobResult, utcnow
 from producer.pricing import cost_usd
-from producer.settings import FlexqSettings
+from producer.status import Outcome, Status, Tier
 from producer.store import JobStore
+from producer.transitions import Cost
 from worker import policy
+from worker.config import WorkerConfig
 from worker.flow import Admission, Permit, Release, defer_s, estimate_tokens
 from worker.flow_store import FlowControl
 from worker.gemini import Answer
@@ -39,7 +40,7 @@ class Generator(Protocol):
 class Runner:
     store: JobStore
     gemini: Generator
-    settings: FlexqSettings
+    settings: WorkerConfig
     worker_name: str
     rand: Callable[[], float] = field(default=random.random)
     #: Job ids whose arq in-progress key this process keeps alive (see worker.lease).
@@ -115,35 +116,28 @@ class Runner:
     # -- begin ----------------------------------------------------------------------------------
 
     async def _begin(self, job_id: str) -> tuple[JobRecord, bool]:
+        """Open an attempt, unless the job has ended or must end first (``transitions.settle``)."""
         now = utcnow()
 
-        def mutate(record: JobRecord) -> JobRecord | None:
+        def decide(record: JobRecord) -> transitions.Change[None] | None:
             if record.request is None or record.terminal:
                 return None  # quarantined, or already finished / cancelled: nothing to run
-            if record.open_attempt is not None:  # its worker died or lost its lease
-                record = transitions.interrupt_open_attempt(record, now=now, reason="worker died or lost its lease")
-            if record.cancel_requested:
-                return transitions.cancel(record, now=now)
-            if record.interrupts >= self.settings.max_interrupts:
-                return transitions.fail(
-                    record, kind="interrupted", now=now,
-                    message=f"the job's worker died {record.interrupts} times mid-attempt (FLEXQ_MAX_INTERRUPTS)",
-                )
-            if now >= record.deadline_at:
-                return transitions.fail(record, kind="deadline_exceeded", now=now, message="deadline passed")
-            return transitions.begin_attempt(record, tier=record.next_tier, worker=self.worker_name, now=now)
+            settled = transitions.settle(
+                record, now=now, reason="worker died or lost its lease", max_interrupts=self.settings.max_interrupts
+            )
+            counted = _interrupted_attempt(record, settled)
+            if settled.terminal:
+                return transitions.Change(settled, counted=counted)
+            begun = transitions.begin_attempt(settled, tier=settled.next_tier, worker=self.worker_name, now=now)
+            # a short lease, renewed by this process, not arq's job-timeout-long one
+            return transitions.Change(begun, counted=counted, lease_s=self.settings.lease_s)
 
-        def on_commit(pipe: Any, old: JobRecord, new: JobRecord) -> None:
-            if old.open_attempt is not None:
-                interrupted = transitions.interrupt_open_attempt(old, now=now, reason="")
-                self.store.count_attempt(pipe, interrupted)
-            if new.status == Status.RUNNING:  # hold a short lease, not arq's job-timeout-long one
-                pipe.pexpire(self.store.keys.arq_in_progress(job_id), int(self.settings.lease_s * 1000))
-
-        record, changed = await self.store.update(job_id, mutate, on_commit=on_commit)
-        if changed and record.terminal:
-            self._log_terminal(record)
-        return record, changed and record.status == Status.RUNNING
+        change = await self.store.update(job_id, decide)
+        if change is None:
+            return await self.store.get(job_id), False
+        if change.record.terminal:
+            self._log_terminal(change.record)
+        return change.record, change.record.status == Status.RUNNING
 
     # -- attempt --------------------------------------------------------------------------------
 
@@ -193,12 +187,11 @@ class Runner:
         self, job_id: str, number: int, tier: Tier, classified: policy.Classified, answer: Answer | None,
         verdict: str | None = None,
     ) -> float | None:
+        """Close the attempt and apply the policy's decision; the deferral, or None when done."""
         now = utcnow()
-        decision_box: list[policy.Decision] = []
         usage = answer.usage if answer is not None else None
 
-        def mutate(record: JobRecord) -> JobRecord | None:
-            decision_box.clear()
+        def decide(record: JobRecord) -> transitions.Change[policy.Decision] | None:
             current = record.open_attempt
             if current is None or current.number != number:
                 return None  # lease lost: another worker took the job over; its attempt wins
@@ -208,69 +201,63 @@ class Runner:
                 served_tier=answer.served_tier if answer else None, usage=usage,
             )
             decision = policy.decide(classified, self._budget(closed, tier, now.timestamp()), self.rand)
-            decision_box.append(decision)
             if decision.action == policy.Action.SUCCEED and answer is not None:
                 assert closed.request is not None
+                model = closed.request.model
+                usd, standard_usd = cost_usd(model, answer.usage, tier), cost_usd(model, answer.usage, Tier.STANDARD)
+                cost = Cost(str(tier), usd, standard_usd)
                 result = JobResult(
                     text=answer.text, finish_reason=answer.finish_reason, usage=answer.usage,
                     model_version=answer.model_version, tier=answer.served_tier or str(tier),
                 )
-                return transitions.succeed(
-                    closed, result=result, now=now,
-                    cost_usd=cost_usd(closed.request.model, answer.usage, tier),
-                    standard_cost_usd=cost_usd(closed.request.model, answer.usage, Tier.STANDARD),
+                done = transitions.succeed(
+                    closed, result=result, now=now, cost_usd=cost.usd, standard_cost_usd=cost.standard_usd
                 )
+                return transitions.Change(done, decided=decision, counted=(done.attempts[-1],), cost=cost)
             if decision.action == policy.Action.RETRY:
-                closed.attempts[-1].retry_in_s = decision.delay_s
-                return transitions.schedule_retry(closed, next_tier=decision.tier, now=now)
-            return transitions.fail(
+                closed.attempts[-1].retry_in_s = decision.delay_s  # this function's own copy
+                retrying = transitions.schedule_retry(closed, next_tier=decision.tier, now=now)
+                return transitions.Change(retrying, decided=decision, counted=(retrying.attempts[-1],))
+            failed = transitions.fail(
                 closed, kind=decision.error_kind or "failed", message=decision.reason, now=now,
                 http_status=classified.http_status,
             )
+            return transitions.Change(failed, decided=decision, counted=(failed.attempts[-1],))
 
-        def on_commit(pipe: Any, old: JobRecord, new: JobRecord) -> None:
-            self.store.count_attempt(pipe, new)
-            if new.status == Status.SUCCEEDED and new.request is not None and usage is not None:
-                self.store.count_cost(
-                    pipe, str(tier), cost_usd(new.request.model, usage, tier),
-                    cost_usd(new.request.model, usage, Tier.STANDARD),
-                )
-
-        record, changed = await self.store.update(job_id, mutate, on_commit=on_commit)
-        if not changed:
+        change = await self.store.update(job_id, decide)
+        if change is None:
             log.warning("lease_lost", job_id=job_id, attempt=number, detail="result discarded; newer attempt owns job")
             return None
-        decision = decision_box[0]
-        self._log_attempt(record, classified, decision, verdict)
-        if record.terminal:
-            self._log_terminal(record)
+        decision = change.decided
+        assert decision is not None
+        self._log_attempt(change.record, classified, decision, verdict)
+        if change.record.terminal:
+            self._log_terminal(change.record)
         return decision.delay_s if decision.action == policy.Action.RETRY else None
 
-    # -- interruption ---------------------------------------------------------------------------
+    # -- interruption -----------------------------------------------------------------------------
 
     async def _interrupted(self, job_id: str, number: int) -> None:
         """The task was cancelled: a ``flexq cancel`` (abort) or a worker shutdown."""
         now = utcnow()
 
-        def mutate(record: JobRecord) -> JobRecord | None:
+        def decide(record: JobRecord) -> transitions.Change[None] | None:
             current = record.open_attempt
             if current is None or current.number != number:
                 return None
-            if record.cancel_requested:
-                return transitions.cancel(record, now=now)
-            return transitions.interrupt_open_attempt(record, now=now, reason="worker shut down mid-attempt")
-
-        def on_commit(pipe: Any, old: JobRecord, new: JobRecord) -> None:
-            self.store.count_attempt(pipe, new)
+            settled = transitions.settle(
+                record, now=now, reason="worker shut down mid-attempt", max_interrupts=self.settings.max_interrupts
+            )
+            return transitions.Change(settled, counted=_interrupted_attempt(record, settled))
 
         try:
-            record, changed = await self.store.update(job_id, mutate, on_commit=on_commit)
+            change = await self.store.update(job_id, decide)
         except Exception as err:  # the reconciler repairs what this could not write
             log.error("interrupt_not_recorded", job_id=job_id, error=f"{type(err).__name__}: {err}")
             return
-        if changed:
+        if change is not None:
             log.info("attempt", job_id=job_id, attempt=number, outcome=str(Outcome.INTERRUPTED),
-                     status=str(record.status))
+                     status=str(change.record.status))
 
     # -- logging --------------------------------------------------------------------------------
 
@@ -310,5 +297,8 @@ class Runner:
         )
 
 
-def seconds_since(moment: datetime) -> float:
-    return (utcnow() - moment).total_seconds()
+def _interrupted_attempt(before: JobRecord, after: JobRecord) -> tuple[Attempt, ...]:
+    """The attempt ``settle`` closed as interrupted, to count it (none if nothing was open)."""
+    if before.open_attempt is None:
+        return ()
+    return (after.attempts[before.open_attempt.number - 1],)

@@ -1,7 +1,7 @@
 """The thin interface to arq (0.28, maintenance-only: arq#510). Nothing else imports arq.
 
 Every arq default that does not fit minutes-long flex calls is chosen here on purpose:
-- serializer: JSON (``producer.serializer``), never pickle;
+- serializer: JSON (``producer.arq_wire``), never pickle;
 - ``max_tries``: effectively unbounded, because the retry budget is the job's deadline and
   deferrals for shed load are not failures (arq counts every ``Retry`` and every crash);
 - ``job_timeout``: the request timeout plus a minute, so the SDK's own timeout fires first;
@@ -20,16 +20,16 @@ import uuid
 from typing import Any
 
 from arq import worker as arq_worker
-from arq.connections import RedisSettings
+from arq.connections import ArqRedis, RedisSettings
 from arq.worker import Retry, Worker, func
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from producer.keys import ARQ_FUNCTION, Keys
+from producer import arq_wire
 from producer.queue import connect_redis
-from producer.serializer import deserialize, serialize
-from producer.settings import FlexqSettings
 from producer.store import JobStore
 from worker import logs
+from worker.config import WorkerConfig
 from worker.flow import config_from_settings
 from worker.flow_store import FlowControl
 from worker.gemini import GeminiClient
@@ -77,11 +77,11 @@ def worker_name() -> str:
 
 
 async def startup(ctx: dict[str, Any]) -> None:
-    settings: FlexqSettings = ctx.get("flexq_settings") or FlexqSettings()
+    settings: WorkerConfig = ctx.get("flexq_settings") or WorkerConfig()
     if ctx.get("flexq_configure_logs", True):
         logs.configure(settings.log_format)
-    logs.register_secret(settings.gemini_api_key.get_secret_value() if settings.gemini_api_key else None)
-    logs.register_secret(_redis_password(settings))
+    for secret in settings.secrets:
+        logs.register_secret(secret)
     redis = ctx.get("flexq_redis") or await connect_redis(settings)
     ctx.setdefault("flexq_owns_redis", "flexq_redis" not in ctx)
     store = JobStore(redis, queue=settings.queue, retention_s=settings.retention_s)
@@ -117,22 +117,17 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         await redis.aclose()
 
 
-def _redis_password(settings: FlexqSettings) -> str | None:
-    from urllib.parse import urlsplit
-
-    return urlsplit(settings.redis_url.get_secret_value()).password
-
-
-def worker_kwargs(settings: FlexqSettings, *, concurrency: int | None = None, burst: bool = False) -> dict[str, Any]:
+def worker_kwargs(settings: WorkerConfig, *, concurrency: int | None = None, burst: bool = False) -> dict[str, Any]:
     """Keyword arguments for ``arq.worker.Worker``: every default chosen deliberately."""
     job_timeout_s = settings.job_timeout_s
+    max_jobs = concurrency or settings.concurrency
     return {
-        "functions": [func(run_generation, name=ARQ_FUNCTION, max_tries=UNBOUNDED_TRIES, timeout=job_timeout_s)],
-        "queue_name": Keys(settings.queue).arq_queue,
+        "functions": [func(run_generation, name=arq_wire.FUNCTION, max_tries=UNBOUNDED_TRIES, timeout=job_timeout_s)],
+        "queue_name": arq_wire.queue_key(settings.queue),
         "redis_settings": RedisSettings.from_dsn(settings.redis_url.get_secret_value()),
-        "job_serializer": serialize,
-        "job_deserializer": deserialize,
-        "max_jobs": concurrency or settings.concurrency,
+        "job_serializer": arq_wire.serialize,
+        "job_deserializer": arq_wire.deserialize,
+        "max_jobs": max_jobs,
         "job_timeout": job_timeout_s,
         "max_tries": UNBOUNDED_TRIES,
         "keep_result": 0,
@@ -141,7 +136,7 @@ def worker_kwargs(settings: FlexqSettings, *, concurrency: int | None = None, bu
         "on_shutdown": shutdown,
         "after_job_end": after_job,
         "poll_delay": POLL_DELAY_S,
-        "queue_read_limit": (concurrency or settings.concurrency) + QUEUE_READ_EXTRA,
+        "queue_read_limit": max_jobs + QUEUE_READ_EXTRA,
         "health_check_interval": 30,
         "burst": burst,
         "log_results": False,
@@ -149,35 +144,42 @@ def worker_kwargs(settings: FlexqSettings, *, concurrency: int | None = None, bu
 
 
 def create_worker(
-    settings: FlexqSettings | None = None, *, concurrency: int | None = None, burst: bool = False, **extra: Any
+    settings: WorkerConfig, *, concurrency: int | None = None, burst: bool = False, redis: Redis | None = None,
+    owns_redis: bool = False, ctx: dict[str, Any] | None = None, handle_signals: bool = True, **arq_options: Any,
 ) -> Worker:
-    settings = settings or FlexqSettings()
-    ctx = {"flexq_settings": settings, **extra.pop("ctx", {})}
-    worker = Worker(**{**worker_kwargs(settings, concurrency=concurrency, burst=burst), "ctx": ctx, **extra})
+    """The one way a worker is built (``flexq worker``, ``flexq batch``, the benchmarks).
+
+    ``redis``: a client to use instead of connecting to ``REDIS_URL`` (the batch command's
+    in-process stand-in); the worker then polls through it too, and closes it at shutdown if it
+    ``owns_redis``. ``ctx`` adds to arq's job context (tests put a fake Gemini client factory there);
+    ``arq_options`` override arq's own (the benchmarks time jobs with arq's hooks)."""
+    context: dict[str, Any] = {"flexq_settings": settings, **(ctx or {})}
+    extra: dict[str, Any] = {"handle_signals": handle_signals, **arq_options}
+    if redis is not None:
+        context.update(flexq_redis=redis, flexq_owns_redis=owns_redis)
+        extra["redis_pool"] = ArqRedis(connection_pool=redis.connection_pool)
+    worker = Worker(**{**worker_kwargs(settings, concurrency=concurrency, burst=burst), "ctx": context, **extra})
     # Short in-progress TTL from the first moment: a worker killed before the job's first lease
     # renewal is still recovered within the lease, not after the job timeout.
     worker.in_progress_timeout_s = settings.lease_s
     return worker
 
 
-class WorkerSettings:
-    """For the plain arq CLI: ``arq worker.runtime.WorkerSettings`` (reads the same environment)."""
+def _arq_settings_class() -> type:
+    """``arq worker.runtime.WorkerSettings``: the plain arq CLI's view of the same worker."""
+    kw = worker_kwargs(WorkerConfig())
+    fields = {name: kw[name] for name in (
+        "functions", "queue_name", "redis_settings", "max_jobs", "job_timeout", "max_tries", "keep_result",
+        "allow_abort_jobs", "poll_delay", "queue_read_limit", "health_check_interval", "log_results",
+    )}
+    hooks = {name: staticmethod(kw[name]) for name in (
+        "job_serializer", "job_deserializer", "on_startup", "on_shutdown", "after_job_end",
+    )}
+    return type("WorkerSettings", (), {**fields, **hooks, "__doc__": _arq_settings_class.__doc__})
 
-    _kw = worker_kwargs(FlexqSettings())
-    functions = _kw["functions"]
-    queue_name = _kw["queue_name"]
-    redis_settings = _kw["redis_settings"]
-    job_serializer = staticmethod(serialize)
-    job_deserializer = staticmethod(deserialize)
-    max_jobs = _kw["max_jobs"]
-    job_timeout = _kw["job_timeout"]
-    max_tries = UNBOUNDED_TRIES
-    keep_result = 0
-    allow_abort_jobs = True
-    on_startup = staticmethod(startup)
-    on_shutdown = staticmethod(shutdown)
-    after_job_end = staticmethod(after_job)
-    poll_delay = POLL_DELAY_S
-    queue_read_limit = _kw["queue_read_limit"]
-    health_check_interval = 30
-    log_results = False
+
+def __getattr__(name: str) -> Any:
+    """Built on first use, not at import: reading the environment belongs to the command that runs."""
+    if name == "WorkerSettings":
+        return _arq_settings_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

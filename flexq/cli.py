@@ -1,4 +1,8 @@
-"""``flexq``: the admin CLI. Errors are one line on stderr and a non-zero exit, never a traceback."""
+"""``flexq``: the admin CLI. Errors are one line on stderr and a non-zero exit, never a traceback.
+
+Start-up is kept short: this module imports only what the parser needs; each command imports what it
+uses (pydantic, redis, rich, the SDK) when it runs.
+"""
 
 from __future__ import annotations
 
@@ -8,32 +12,36 @@ import json
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-from rich.console import Console
+from flexq.exits import EXIT_ERROR, UsageError, run
+from producer.status import Status
 
-from producer.errors import ConfigError, FlexqError, InvalidRequestError
-from producer.jsonl import parse_jsonl
-from producer.models import Status
-from producer.queue import FlexQueue
-from producer.settings import FlexqSettings
-from producer.store import jsonable
-from worker import render
-
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-
-
-class UsageError(FlexqError):
-    """A command-line argument is wrong; exit code 2."""
+if TYPE_CHECKING:
+    from producer.queue import FlexQueue
+    from producer.settings import ProducerSettings
+    from worker.config import WorkerConfig
 
 
 def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
-async def _with_queue(settings: FlexqSettings, body: Callable[[FlexQueue], Awaitable[int]]) -> int:
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console()
+
+
+def _jsonable(value: Any) -> Any:
+    from producer.store import jsonable
+
+    return jsonable(value)
+
+
+async def _with_queue(settings: ProducerSettings, body: Callable[[FlexQueue], Awaitable[int]]) -> int:
+    from producer.queue import FlexQueue
+
     queue = await FlexQueue.connect(settings)
     try:
         return await body(queue)
@@ -41,10 +49,18 @@ async def _with_queue(settings: FlexqSettings, body: Callable[[FlexQueue], Await
         await queue.close()
 
 
+def _render() -> Any:
+    from flexq import render
+
+    return render
+
+
 # -- commands ------------------------------------------------------------------------------------
 
 
-async def cmd_enqueue(args: argparse.Namespace, settings: FlexqSettings) -> int:
+async def cmd_enqueue(args: argparse.Namespace, settings: ProducerSettings) -> int:
+    from flexq.jsonl import parse_jsonl
+
     if args.file:
         if args.prompt or args.model:
             raise UsageError("give either --file or --model/--prompt, not both")
@@ -90,37 +106,37 @@ def _kv(text: str) -> tuple[str, str]:
     return key, value
 
 
-async def cmd_status(args: argparse.Namespace, settings: FlexqSettings) -> int:
+async def cmd_status(args: argparse.Namespace, settings: ProducerSettings) -> int:
     async def body(queue: FlexQueue) -> int:
         record = await queue.get(args.id)
         if args.json:
-            _print_json(jsonable(record))
+            _print_json(_jsonable(record))
         else:
-            render.status(Console(), record)
+            _render().status(_console(), record)
         return 0
 
     return await _with_queue(settings, body)
 
 
-async def cmd_wait(args: argparse.Namespace, settings: FlexqSettings) -> int:
+async def cmd_wait(args: argparse.Namespace, settings: ProducerSettings) -> int:
     async def body(queue: FlexQueue) -> int:
         record = await queue.wait(args.id, args.timeout_s)
-        _print_json(jsonable(record)) if args.json else render.status(Console(), record)
+        _print_json(_jsonable(record)) if args.json else _render().status(_console(), record)
         return 0 if record.status == Status.SUCCEEDED else EXIT_ERROR
 
     return await _with_queue(settings, body)
 
 
-async def cmd_list(args: argparse.Namespace, settings: FlexqSettings) -> int:
+async def cmd_list(args: argparse.Namespace, settings: ProducerSettings) -> int:
     async def body(queue: FlexQueue) -> int:
         records = await queue.list(args.status, limit=args.limit)
-        _print_json(jsonable(records)) if args.json else render.job_list(Console(), records)
+        _print_json(_jsonable(records)) if args.json else _render().job_list(_console(), records)
         return 0
 
     return await _with_queue(settings, body)
 
 
-async def cmd_retry(args: argparse.Namespace, settings: FlexqSettings) -> int:
+async def cmd_retry(args: argparse.Namespace, settings: ProducerSettings) -> int:
     async def body(queue: FlexQueue) -> int:
         record = await queue.retry(args.id, deadline_s=args.deadline_s)
         print(f"{record.id} requeued ({len(record.attempts)} earlier attempt(s) kept)")
@@ -129,7 +145,7 @@ async def cmd_retry(args: argparse.Namespace, settings: FlexqSettings) -> int:
     return await _with_queue(settings, body)
 
 
-async def cmd_cancel(args: argparse.Namespace, settings: FlexqSettings) -> int:
+async def cmd_cancel(args: argparse.Namespace, settings: ProducerSettings) -> int:
     async def body(queue: FlexQueue) -> int:
         record = await queue.cancel(args.id)
         if record.status == Status.CANCELLED:
@@ -141,7 +157,7 @@ async def cmd_cancel(args: argparse.Namespace, settings: FlexqSettings) -> int:
     return await _with_queue(settings, body)
 
 
-async def cmd_stats(args: argparse.Namespace, settings: FlexqSettings) -> int:
+async def cmd_stats(args: argparse.Namespace, settings: WorkerConfig) -> int:
     async def body(queue: FlexQueue) -> int:
         from worker.flow import config_from_settings
         from worker.flow_store import FlowControl, flow_lines
@@ -150,13 +166,13 @@ async def cmd_stats(args: argparse.Namespace, settings: FlexqSettings) -> int:
         flow = FlowControl(queue.redis, queue.store.keys, config_from_settings(settings))
         doc["flow_control"] = await flow.snapshot()
         doc["flow"] = flow_lines(doc["flow_control"])
-        _print_json(doc) if args.json else render.stats(Console(), doc)
+        _print_json(doc) if args.json else _render().stats(_console(), doc)
         return 0
 
     return await _with_queue(settings, body)
 
 
-def cmd_worker(args: argparse.Namespace, settings: FlexqSettings) -> int:
+def cmd_worker(args: argparse.Namespace, settings: WorkerConfig) -> int:
     from worker.gemini import require_api_key
     from worker.runtime import create_worker
 
@@ -228,10 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-ASYNC_COMMANDS: dict[str, Callable[[argparse.Namespace, FlexqSettings], Coroutine[Any, Any, int]]] = {
+ASYNC_COMMANDS: dict[str, Callable[[argparse.Namespace, Any], Coroutine[Any, Any, int]]] = {
     "enqueue": cmd_enqueue, "status": cmd_status, "wait": cmd_wait, "list": cmd_list,
     "retry": cmd_retry, "cancel": cmd_cancel, "stats": cmd_stats,
 }
+#: Commands that need the worker's settings (flow control, the Gemini key); the rest read only a producer's.
+WORKER_SIDE = frozenset({"stats", "worker"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -239,34 +257,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "simulate":
         return cmd_simulate(argv[1:])
     if argv and argv[0] in ("batch", "demo"):
-        from worker.batch_cli import main as batch_main
+        from flexq.batch_cmd import main as batch_main
 
         return batch_main(argv)
     args = build_parser().parse_args(argv)
-    try:
-        settings = FlexqSettings()
+
+    def body() -> int:
+        settings = _settings(args.command in WORKER_SIDE)
         if args.command == "worker":
             return cmd_worker(args, settings)
         return asyncio.run(ASYNC_COMMANDS[args.command](args, settings))
-    except UsageError as err:
-        print(f"flexq: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except (InvalidRequestError, ConfigError) as err:
-        print(f"flexq: {err}", file=sys.stderr)
-        return EXIT_USAGE if isinstance(err, InvalidRequestError) else EXIT_ERROR
-    except FlexqError as err:
-        print(f"flexq: {err}", file=sys.stderr)
-        return EXIT_ERROR
-    except ValidationError as err:
-        first = err.errors()[0]
-        print(f"flexq: bad configuration: {'.'.join(map(str, first['loc']))}: {first['msg']}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as err:
-        print(f"flexq: {err.strerror or err}: {getattr(err, 'filename', '') or ''}".rstrip(": "), file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("flexq: interrupted", file=sys.stderr)
-        return 130
+
+    return run(body)
+
+
+def _settings(worker_side: bool) -> Any:
+    if worker_side:
+        from worker.config import WorkerConfig
+
+        return WorkerConfig()
+    from producer.settings import ProducerSettings
+
+    return ProducerSettings()
 
 
 if __name__ == "__main__":

@@ -14,14 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fakeredis
-from arq.connections import ArqRedis
-from arq.worker import Worker
 from redis.asyncio import Redis
 
 from producer.queue import FlexQueue, connect_redis
-from producer.settings import FlexqSettings
 from simulator import RunningSimulator, SimConfig, start_simulator
-from worker.runtime import worker_kwargs
+from worker.config import WorkerConfig
+from worker.runtime import create_worker
 
 SIMULATED_API_KEY = "simulated-key"
 
@@ -30,32 +28,24 @@ SIMULATED_API_KEY = "simulated-key"
 class Runtime:
     """Everything a batch run needs, started and stopped together."""
 
-    settings: FlexqSettings
+    settings: WorkerConfig
     queue: FlexQueue
     embedded: bool
     simulator: RunningSimulator | None = None
-    workers: list[Worker] = field(default_factory=list)
+    workers: list[Any] = field(default_factory=list)  # arq workers (worker.runtime keeps arq to itself)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _fake_server: Any = None
 
     async def start_workers(self, count: int, concurrency: int) -> None:
         for _ in range(count):
-            if self.embedded:
-                pool = ArqRedis(connection_pool=fakeredis.FakeAsyncRedis(server=self._fake_server).connection_pool)
-                redis_for_jobs: Redis = fakeredis.FakeAsyncRedis(server=self._fake_server)
-                kwargs: dict[str, Any] = {"redis_pool": pool}
-            else:
-                redis_for_jobs = await connect_redis(self.settings)
-                kwargs = {}
-            ctx = {
-                "flexq_settings": self.settings,
-                "flexq_redis": redis_for_jobs,
-                "flexq_owns_redis": True,
-                "flexq_configure_logs": False,
-            }
-            base = worker_kwargs(self.settings, concurrency=concurrency)
-            worker = Worker(**{**base, **kwargs, "ctx": ctx, "handle_signals": False})
-            worker.in_progress_timeout_s = self.settings.lease_s
+            redis: Redis = (
+                fakeredis.FakeAsyncRedis(server=self._fake_server) if self.embedded
+                else await connect_redis(self.settings)
+            )
+            worker = create_worker(
+                self.settings, concurrency=concurrency, redis=redis, owns_redis=True, handle_signals=False,
+                ctx={"flexq_configure_logs": False},
+            )
             task = asyncio.get_running_loop().create_task(worker.main())
             worker.main_task = task  # so that arq's handle_sig can stop it
             self.workers.append(worker)
@@ -92,7 +82,7 @@ class Runtime:
 
 
 async def open_runtime(
-    settings: FlexqSettings, *, embedded: bool, simulate: bool, sim_config: SimConfig | None = None
+    settings: WorkerConfig, *, embedded: bool, simulate: bool, sim_config: SimConfig | None = None
 ) -> Runtime:
     """Connect (or stand in for) Redis and start the simulator if asked."""
     simulator = None

@@ -14,17 +14,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from producer.errors import FlexqError
-from producer.settings import FlexqSettings
+from flexq import exits
+from flexq.batch import BatchJob, journal_path, summarize_batch
+from flexq.batch import Progress as BatchProgress
+from flexq.embedded import open_runtime
 from simulator import SimConfig
 from worker import logs
-from worker.batch import BatchJob, journal_path, summarize_batch
-from worker.batch import Progress as BatchProgress
-from worker.embedded import open_runtime
+from worker.config import WorkerConfig
 
 PLAIN_EVERY_S = 5.0
 #: The demo's simulator: a peak hour on a shared flex pool. It serves 24 of our calls at once and
@@ -56,34 +55,21 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 def main(argv: Sequence[str]) -> int:
     command, rest = argv[0], list(argv[1:])
     args = build_parser(f"flexq {command}").parse_args(rest)
-    try:
-        return asyncio.run(run(command, args))
-    except KeyboardInterrupt:
-        out = args.output
-        print(f"\nflexq: interrupted; finished jobs are saved in {journal_path(out) if out else 'the journal'}; "
-              "run the same command again to resume", file=sys.stderr)
-        return 130
-    except FlexqError as err:
-        print(f"flexq: {err}", file=sys.stderr)
-        return 1
-    except ValidationError as err:
-        first = err.errors()[0]
-        print(f"flexq: bad configuration: {'.'.join(map(str, first['loc']))}: {first['msg']}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"flexq: {err}", file=sys.stderr)
-        return 1
+    out = args.output
+    hint = (f"interrupted; finished jobs are saved in {journal_path(out) if out else 'the journal'}; "
+            "run the same command again to resume")
+    return exits.run(lambda: asyncio.run(run(command, args)), interrupted=hint, after_progress=True)
 
 
 async def run(command: str, args: argparse.Namespace) -> int:
-    settings = FlexqSettings()
+    settings = WorkerConfig()
     demo = command == "demo"
     embedded = "REDIS_URL" not in os.environ
     has_key = settings.gemini_api_key is not None and bool(settings.gemini_api_key.get_secret_value())
     simulate = demo or args.simulate or not has_key
     if demo:
         settings = settings.model_copy(update=DEMO_KNOBS)
-        source = Path(str(resources.files("worker") / "data" / "demo.jsonl"))
+        source = Path(str(resources.files("flexq") / "data" / "demo.jsonl"))
         output = args.output or Path(tempfile.mkdtemp(prefix="flexq-demo-")) / "demo-out.jsonl"
         output.unlink(missing_ok=True)
         journal_path(output).unlink(missing_ok=True)
@@ -105,7 +91,7 @@ async def run(command: str, args: argparse.Namespace) -> int:
 
 
 async def _run(
-    settings: FlexqSettings, args: argparse.Namespace, source: Path, output: Path, *, embedded: bool,
+    settings: WorkerConfig, args: argparse.Namespace, source: Path, output: Path, *, embedded: bool,
     simulate: bool, sim: SimConfig | None, log_path: Path, console: Console,
 ) -> int:
     runtime = await open_runtime(settings, embedded=embedded, simulate=simulate, sim_config=sim)

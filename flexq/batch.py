@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from producer.jsonl import Line, LineError, parse_jsonl, stable_line_id
-from producer.models import JobRecord, Status
+from flexq.jsonl import Line, LineError, parse_jsonl, stable_line_id
+from producer.models import JobRecord
 from producer.queue import FlexQueue
 from producer.stats import percentile
+from producer.status import Status
 
 #: Failures worth running again on resume; permanent ones (client_error, blocked…) are kept.
 RERUN_KINDS = frozenset({"deadline_exceeded", "interrupted", "cancelled"})

@@ -1,0 +1,42 @@
+"""The record's vocabulary: statuses, attempt outcomes, tiers. Plain enums, quick to import.
+
+The admin CLI's parser offers these as choices without loading pydantic, redis or the SDK.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal
+
+
+class Status(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED})
+ACTIVE = frozenset({Status.QUEUED, Status.RUNNING, Status.RETRYING})
+
+
+class Outcome(StrEnum):
+    OK = "ok"
+    OVERLOADED = "overloaded"  # 503
+    RATE_LIMITED = "rate_limited"  # 429
+    SERVER_ERROR = "server_error"  # 500/502/504
+    TIMEOUT = "timeout"
+    CONNECTION_ERROR = "connection_error"
+    CLIENT_ERROR = "client_error"  # other 4xx
+    BLOCKED = "blocked"  # safety / prohibited content / prompt block
+    INTERRUPTED = "interrupted"  # worker died or shut down mid-attempt
+
+
+class Tier(StrEnum):
+    FLEX = "flex"
+    STANDARD = "standard"
+
+
+Fallback = Literal["none", "standard"]
