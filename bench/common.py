@@ -19,6 +19,8 @@ from typing import Any
 
 import redis as sync_redis
 
+from producer.stats import percentile
+
 #: Database used on a shared Redis (never the tests' 15); flushed at start and end.
 BENCH_DB = 12
 SHARED_REDIS = f"redis://127.0.0.1:6379/{BENCH_DB}"
@@ -43,26 +45,18 @@ class BenchResult:
         }
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0..100) by linear interpolation; NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    if len(ordered) == 1:
-        return float(ordered[0])
-    pos = (len(ordered) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return float(ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo))
-
-
 def summarize(values: Sequence[float]) -> dict[str, float]:
+    """Count, nearest-rank p50/p90/p99 (the same percentile ``flexq stats`` reports) and max; NaN for none."""
+
+    def rounded(value: float | None) -> float:
+        return math.nan if value is None else round(value, 2)
+
     return {
         "n": len(values),
-        "p50": round(percentile(values, 50), 2),
-        "p90": round(percentile(values, 90), 2),
-        "p99": round(percentile(values, 99), 2),
-        "max": round(max(values), 2) if values else math.nan,
+        "p50": rounded(percentile(values, 50)),
+        "p90": rounded(percentile(values, 90)),
+        "p99": rounded(percentile(values, 99)),
+        "max": rounded(max(values) if values else None),
     }
 
 
@@ -115,12 +109,23 @@ def bench_redis(url: str | None = None) -> Iterator[str]:
         finally:
             flush(url)
         return
-    binary = shutil.which("redis-server")
-    if binary is None:
+    if shutil.which("redis-server") is None:
         with bench_redis(SHARED_REDIS) as shared:
             yield shared
         return
-    with tempfile.TemporaryDirectory(prefix="flexq-bench-redis-") as tmp:
+    with private_redis() as own:
+        yield own
+
+
+@contextlib.contextmanager
+def private_redis(prefix: str = "flexq-redis-") -> Iterator[str]:
+    """A private ``redis-server`` (no persistence) on a free port in a temp dir; killed on exit.
+
+    The one starter the tests (kills, restarts) and the benchmarks share."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed")
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         port = free_port()
         proc = subprocess.Popen(  # noqa: S603 - fixed arguments
             [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp],
@@ -132,15 +137,11 @@ def bench_redis(url: str | None = None) -> Iterator[str]:
             while not redis_answers(own):
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise RuntimeError("private redis-server did not start within 10 s")
-                time.sleep(0.05)
+                time.sleep(0.05)  # polling for the server, with the deadline above
             yield own
         finally:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+            proc.kill()
+            proc.wait(5)
 
 
 def raise_nofile_limit() -> int:

@@ -27,8 +27,6 @@ import itertools
 import json
 import os
 import random
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +37,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from bench.common import free_port, private_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "gemini-2.5-flash"
@@ -114,48 +114,12 @@ def smoke(scenario: Scenario) -> Scenario:
                    schedule=tuple((start / 4, cap) for start, cap in scenario.schedule))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def wait_until(check: Any, timeout_s: float, what: str) -> None:
     give_up = time.monotonic() + timeout_s
     while not check():
         if time.monotonic() > give_up:
             raise RuntimeError(f"timed out waiting for {what}")
         time.sleep(0.05)
-
-
-@contextmanager
-def redis_server() -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("redis-server is not installed")
-    with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        proc = subprocess.Popen(  # noqa: S603 - fixed binary
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        import redis
-
-        client = redis.Redis(port=port)
-
-        def up() -> bool:
-            try:
-                return bool(client.ping())
-            except redis.RedisError:
-                return False
-
-        try:
-            wait_until(up, 10, "redis-server")
-            yield f"redis://127.0.0.1:{port}/0"
-        finally:
-            client.close()
-            proc.kill()
-            proc.wait(5)
 
 
 @contextmanager
@@ -363,7 +327,7 @@ async def run_scenario(scenario: Scenario) -> Result:
     with simulator(scenario.sim_args()) as sim_url:
         if scenario.blocking_loop:
             return await run_blocking_loop(scenario, sim_url)
-        with redis_server() as redis_url:
+        with private_redis() as redis_url:
             return await run_flexq(scenario, sim_url, redis_url)
 
 

@@ -2,7 +2,7 @@
 
     python -m bench.run                     # full size (about 5 minutes on 2 cores)
     python -m bench.run --smoke             # small sizes, about a minute
-    python -m bench.run --only enqueue      # one benchmark: goodput | overhead | concurrency | enqueue
+    python -m bench.run --only enqueue      # one benchmark: goodput | overhead | concurrency | enqueue | startup
     python -m bench.run --json out.json     # also write every figure as JSON
 
 Redis: a private ``redis-server`` (no persistence) in a temp dir, or ``--redis-url`` (its database is
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import sys
 import time
@@ -24,7 +23,7 @@ from typing import Any
 
 from bench.common import BenchResult, bench_redis, environment
 
-NAMES = ("goodput", "overhead", "concurrency", "enqueue")
+NAMES = ("goodput", "overhead", "concurrency", "enqueue", "startup")
 
 
 def _fmt(value: Any) -> str:
@@ -67,17 +66,15 @@ def print_result(result: BenchResult) -> None:
 
 
 def _goodput(redis_url: str, smoke: bool) -> BenchResult:
-    """Benchmark 1 is the lead's (bench/goodput.py): run it if it is there, with its own Redis."""
-    try:
-        goodput = importlib.import_module("bench.goodput")
-    except ImportError:
-        return BenchResult("goodput", {}, "see bench/goodput.py", None, "SKIPPED: bench/goodput.py is not there yet")
-    entry: Callable[..., Any] | None = getattr(goodput, "main", None)
-    if entry is None:
-        return BenchResult("goodput", {}, "see bench/goodput.py", None, "SKIPPED: bench.goodput has no main()")
-    rows = entry(["--smoke"] if smoke else [])
-    figures = {str(row.get("name", i)): row for i, row in enumerate(rows or [])} if isinstance(rows, list) else {}
-    return BenchResult("goodput", figures, "see bench/goodput.py", None, "REPORTED (verdict is bench/goodput.py's)")
+    """bench/goodput.py starts its own Redis and simulator per scenario; its rows carry their verdicts."""
+    from bench import goodput
+
+    rows = goodput.main(["--smoke"] if smoke else [])
+    figures = {str(row["name"]): {k: v for k, v in row.items() if k not in ("name", "trace")} for row in rows}
+    judged = [str(row["verdict"]) for row in rows if row["verdict"] != "baseline"]
+    met = bool(judged) and all(v.startswith("MET") for v in judged)
+    verdict = f"{'MET' if met else 'MISSED'}: {sum(v.startswith('MET') for v in judged)} of {len(judged)} scenarios"
+    return BenchResult("goodput", figures, "each scenario's own (bench/goodput.py)", met, verdict)
 
 
 def _overhead(redis_url: str, smoke: bool) -> BenchResult:
@@ -98,8 +95,15 @@ def _enqueue(redis_url: str, smoke: bool) -> BenchResult:
     return enqueue.run(redis_url, smoke=smoke)
 
 
+def _startup(redis_url: str, smoke: bool) -> BenchResult:
+    from bench import startup
+
+    return startup.run(redis_url, smoke=smoke)
+
+
 RUNNERS: dict[str, Callable[[str, bool], BenchResult]] = {
     "goodput": _goodput, "overhead": _overhead, "concurrency": _concurrency, "enqueue": _enqueue,
+    "startup": _startup,
 }
 
 

@@ -164,8 +164,9 @@ class BatchJob:
             while True:
                 active: list[JobRecord] = []
                 for job_id, record in zip(pending, await self.queue.store.get_many(pending), strict=True):
-                    if record is None:
-                        continue
+                    if record is None:  # gone or unreadable: that job fails, the batch goes on
+                        await self.queue.store.quarantine(job_id, "missing or unreadable while the batch followed it")
+                        record = await self.queue.store.get(job_id)
                     if record.terminal:
                         final[job_id] = record
                         sink.write(json.dumps(output_line(record, by_id[job_id].line)) + "\n")

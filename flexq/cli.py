@@ -7,7 +7,6 @@ uses (pydantic, redis, rich, the SDK) when it runs.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -266,6 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings(args.command in WORKER_SIDE)
         if args.command == "worker":
             return cmd_worker(args, settings)
+        import asyncio
+
         return asyncio.run(ASYNC_COMMANDS[args.command](args, settings))
 
     return run(body)

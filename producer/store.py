@@ -207,6 +207,13 @@ class JobStore:
             arq_wire.unschedule(pipe, self.keys.queue, job_id)
             await pipe.execute()
 
+    async def forget(self, job_id: str) -> None:
+        """Drop an id whose record is gone (it expired) from every status index."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for status in Status:
+                pipe.zrem(self.keys.index(status), job_id)
+            await pipe.execute()
+
     # -- counters and leases ---------------------------------------------------------------------
 
     def _count_attempt(self, pipe: Pipeline, attempt: Attempt) -> None:

@@ -68,23 +68,12 @@ def _copy(record: JobRecord, **changes: Any) -> JobRecord:
 
 
 def new_record(
-    job_id: str,
-    request: GenerateRequest,
-    *,
-    now: datetime,
-    deadline_s: float,
-    fallback: Fallback,
+    job_id: str, request: GenerateRequest, *, now: datetime, deadline_s: float, fallback: Fallback,
     tags: dict[str, str],
 ) -> JobRecord:
     return JobRecord(
-        id=job_id,
-        status=Status.QUEUED,
-        created_at=now,
-        updated_at=now,
-        deadline_at=now + timedelta(seconds=check_deadline_s(deadline_s)),
-        fallback=fallback,
-        tags=dict(tags),
-        request=request,
+        id=job_id, status=Status.QUEUED, created_at=now, updated_at=now, fallback=fallback, tags=dict(tags),
+        deadline_at=now + timedelta(seconds=check_deadline_s(deadline_s)), request=request,
     )
 
 
@@ -97,15 +86,8 @@ def begin_attempt(record: JobRecord, *, tier: Tier, worker: str, now: datetime) 
 
 
 def close_attempt(
-    record: JobRecord,
-    *,
-    number: int,
-    now: datetime,
-    outcome: Outcome,
-    http_status: int | None = None,
-    error: str | None = None,
-    served_tier: str | None = None,
-    usage: Usage | None = None,
+    record: JobRecord, *, number: int, now: datetime, outcome: Outcome, http_status: int | None = None,
+    error: str | None = None, served_tier: str | None = None, usage: Usage | None = None,
     retry_in_s: float | None = None,
 ) -> JobRecord:
     """Record how attempt ``number`` ended. Raises ``ValueError`` if it is not the open attempt."""
@@ -113,16 +95,28 @@ def close_attempt(
     if current is None or current.number != number:
         raise ValueError(f"attempt {number} of job {record.id!r} is not the open attempt")
     closed = current.model_copy(update={
-        "finished_at": now,
-        "latency_ms": max(0, int((now - current.started_at).total_seconds() * 1000)),
-        "outcome": outcome,
-        "http_status": http_status,
-        "error": error,
-        "served_tier": served_tier,
-        "usage": usage,
-        "retry_in_s": retry_in_s,
+        "finished_at": now, "latency_ms": max(0, int((now - current.started_at).total_seconds() * 1000)),
+        "outcome": outcome, "http_status": http_status, "error": error, "served_tier": served_tier,
+        "usage": usage, "retry_in_s": retry_in_s,
     })
     return _copy(record, attempts=[*record.attempts[:-1], closed], updated_at=now)
+
+
+def close_late_attempt(
+    record: JobRecord, *, number: int, now: datetime, outcome: Outcome, http_status: int | None = None,
+    served_tier: str | None = None, usage: Usage | None = None,
+) -> JobRecord:
+    """Attempt ``number`` was given up on (its worker lost its lease) yet its call answered: a paid
+    answer is kept while the job is unfinished. A newer attempt still open is closed as interrupted."""
+    if record.open_attempt is not None:
+        record = interrupt_open_attempt(record, now=now, reason=f"superseded: attempt {number} answered late")
+    attempts = list(record.attempts)
+    late = attempts[number - 1]
+    attempts[number - 1] = late.model_copy(update={
+        "finished_at": now, "latency_ms": max(0, int((now - late.started_at).total_seconds() * 1000)),
+        "outcome": outcome, "http_status": http_status, "error": None, "served_tier": served_tier, "usage": usage,
+    })
+    return _copy(record, attempts=attempts, updated_at=now)
 
 
 def interrupt_open_attempt(record: JobRecord, *, now: datetime, reason: str) -> JobRecord:
@@ -157,21 +151,12 @@ def settle(record: JobRecord, *, now: datetime, reason: str, max_interrupts: int
 
 
 def succeed(
-    record: JobRecord,
-    *,
-    result: JobResult,
-    now: datetime,
-    cost_usd: float | None = None,
+    record: JobRecord, *, result: JobResult, now: datetime, cost_usd: float | None = None,
     standard_cost_usd: float | None = None,
 ) -> JobRecord:
     return _copy(
-        record,
-        status=Status.SUCCEEDED,
-        result=result,
-        error=None,
-        cost_usd=_add(record.cost_usd, cost_usd),
-        standard_cost_usd=_add(record.standard_cost_usd, standard_cost_usd),
-        updated_at=now,
+        record, status=Status.SUCCEEDED, result=result, error=None, updated_at=now,
+        cost_usd=_add(record.cost_usd, cost_usd), standard_cost_usd=_add(record.standard_cost_usd, standard_cost_usd),
     )
 
 
@@ -210,14 +195,7 @@ def requeue(record: JobRecord, *, now: datetime, deadline_s: float) -> JobRecord
     if record.status in ACTIVE or record.status == Status.SUCCEEDED:
         raise ValueError(f"only failed or cancelled jobs can be retried, not {record.status}")
     return _copy(
-        record,
-        status=Status.QUEUED,
-        error=None,
-        result=None,
-        cancel_requested=False,
-        next_tier=Tier.FLEX,
-        interrupts=0,
-        enqueues=record.enqueues + 1,
-        deadline_at=now + timedelta(seconds=check_deadline_s(deadline_s)),
+        record, status=Status.QUEUED, error=None, result=None, cancel_requested=False, next_tier=Tier.FLEX,
+        interrupts=0, enqueues=record.enqueues + 1, deadline_at=now + timedelta(seconds=check_deadline_s(deadline_s)),
         updated_at=now,
     )

@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import tempfile
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -21,6 +17,7 @@ import pytest
 import redis as sync_redis
 from redis.asyncio import Redis
 
+from bench.common import private_redis, redis_answers
 from producer.queue import FlexQueue
 from simulator import RunningSimulator, SimConfig, start_simulator
 from worker.config import WorkerConfig
@@ -43,16 +40,6 @@ def _real_redis_url() -> str:
     return f"{base}/{TEST_DB}"
 
 
-def _redis_answers(url: str) -> bool:
-    try:
-        client = sync_redis.Redis.from_url(url, socket_connect_timeout=1)
-        client.ping()
-        client.close()
-        return True
-    except (sync_redis.RedisError, OSError):
-        return False
-
-
 def require_or_skip(reason: str) -> None:
     if os.environ.get("FLEXQ_REQUIRE_REDIS") == "1":
         pytest.fail(f"FLEXQ_REQUIRE_REDIS=1 but {reason}")
@@ -63,7 +50,7 @@ def require_or_skip(reason: str) -> None:
 def redis_url() -> Iterator[str]:
     """A flushed database on a real Redis server."""
     url = _real_redis_url()
-    if not _redis_answers(url):
+    if not redis_answers(url):
         require_or_skip(f"no Redis answers at {url}")
     client = sync_redis.Redis.from_url(url)
     client.flushdb()
@@ -75,34 +62,10 @@ def redis_url() -> Iterator[str]:
 @pytest.fixture
 def own_redis() -> Iterator[str]:
     """A private redis-server on a free port in a temp dir (for kills and restarts)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
+    if shutil.which("redis-server") is None:
         require_or_skip("redis-server is not installed")
-    with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        proc = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        url = f"redis://127.0.0.1:{port}/0"
-        deadline = time.monotonic() + 10
-        while not _redis_answers(url):
-            if time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail("private redis-server did not start within 10 s")
-            time.sleep(0.05)
-        try:
-            yield url
-        finally:
-            proc.kill()
-            proc.wait(5)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    with private_redis(prefix="flexq-test-redis-") as url:
+        yield url
 
 
 @pytest.fixture

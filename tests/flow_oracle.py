@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Literal
 
+from worker.classify import QuotaKind
 from worker.flow import FlowConfig, breaker_event, pause_after_429
-from worker.policy import QuotaKind
 
 BreakerEvent = Literal["success", "failure", "neutral"]
 #: Grow only while in_flight >= limit * this, unless jobs wait (the limit is the bottleneck).

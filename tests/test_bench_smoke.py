@@ -87,3 +87,11 @@ def test_goodput_smoke(tmp_path: Path) -> None:
         assert set(row["sheds"]) <= {"capacity", "random"} and row["sheds"].get("random", 0) > 0
     assert rows[0]["flex_share"] == 1.0  # the deadline allows it: flexq never pays the standard price
     assert rows[0]["verdict"].startswith(("MET", "MISSED")) and rows[1]["verdict"] == "baseline"
+
+
+def test_startup_smoke(redis_url: str, tmp_path: Path) -> None:
+    """The start-up benchmark times real `flexq` processes; both commands ran and were timed."""
+    figures = run_bench(redis_url, tmp_path, "--smoke", "--only", "startup")
+    assert figures["runs"] == 3
+    for name in ("help_s", "status_s"):
+        assert 0 < figures[name]["min"] <= figures[name]["median"], name

@@ -36,6 +36,7 @@ from tests.flow_oracle import (
     slide,
     window_wait_s,
 )
+from worker.classify import QuotaKind
 from worker.config import Limits, WorkerConfig
 from worker.flow import (
     LIMIT_OUTCOMES,
@@ -46,7 +47,7 @@ from worker.flow import (
     estimate_tokens,
     pause_after_429,
 )
-from worker.policy import DAILY_QUOTA_MIN_DELAY_S, QuotaKind
+from worker.policy import DAILY_QUOTA_MIN_DELAY_S
 
 CFG = FlowConfig()
 #: The breaker rows are about the rules: their own failure ratio (the shipped one is 0.75).

@@ -24,10 +24,10 @@ from producer.keys import Keys
 from producer.status import Outcome
 from tests.conftest import require_or_skip
 from tests.flow_oracle import Breaker, BreakerState, Oracle, ms
+from worker.classify import QuotaKind
 from worker.config import Limits
 from worker.flow import FlowConfig
 from worker.flow_store import FlowControl, flow_lines
-from worker.policy import QuotaKind
 
 FLOW_TEST_DB = 13
 KEYS = Keys("flexq-flow-test")

@@ -17,26 +17,28 @@ from aiohttp.client_reqrep import ConnectionKey
 from google.genai import errors as genai_errors
 
 from producer.status import Outcome, Tier
-from worker.policy import (
+from worker.classify import (
     BLOCKING_FINISH_REASONS,
-    DAILY_QUOTA_MIN_DELAY_S,
-    DEADLINE_MARGIN_S,
     PERMANENT,
-    RETRY_INFO_MARGIN_S,
     RETRYABLE,
-    Action,
     Classified,
     QuotaKind,
-    RetryBudget,
     classify_api_error,
     classify_exception,
     classify_response,
-    decide,
     error_details,
-    next_delay_s,
     outcome_for_status,
     parse_duration_s,
     parse_rate_limit,
+)
+from worker.policy import (
+    DAILY_QUOTA_MIN_DELAY_S,
+    DEADLINE_MARGIN_S,
+    RETRY_INFO_MARGIN_S,
+    Action,
+    RetryBudget,
+    decide,
+    next_delay_s,
     retry_delay_s,
 )
 

@@ -26,8 +26,9 @@ from typing import Literal
 
 from producer.models import GenerateRequest
 from producer.status import Outcome
+from worker.classify import QuotaKind
 from worker.config import Limits, WorkerConfig
-from worker.policy import DAILY_QUOTA_MIN_DELAY_S, RETRY_INFO_MARGIN_S, QuotaKind
+from worker.policy import DAILY_QUOTA_MIN_DELAY_S, RETRY_INFO_MARGIN_S
 
 #: RPM/TPM quotas are per minute.
 RATE_WINDOW_S = 60.0

@@ -42,6 +42,7 @@ from typing import Any, cast
 from redis.asyncio import Redis
 
 from producer.keys import Keys
+from worker.classify import QuotaKind
 from worker.config import flow_model
 from worker.flow import (
     LIMIT_OUTCOMES,
@@ -53,7 +54,6 @@ from worker.flow import (
     breaker_event,
     pause_after_429,
 )
-from worker.policy import QuotaKind
 
 LOG_ENTRIES = 100
 

@@ -17,6 +17,7 @@ import contextlib
 import time
 
 from producer import transitions
+from producer.errors import InvalidJobError, JobNotFoundError
 from producer.models import JobRecord, utcnow
 from producer.status import ACTIVE
 from producer.store import JobStore
@@ -81,8 +82,16 @@ async def reconcile(store: JobStore, *, lock_owner: str, lock_s: float) -> int:
     for start in range(0, len(ids), RECONCILE_BATCH):
         batch = ids[start : start + RECONCILE_BATCH]
         for job_id, alive in zip(batch, await store.arq_jobs_exist(batch), strict=True):
-            if not alive and await repair(store, job_id):
-                repaired += 1
+            if alive:
+                continue
+            try:
+                repaired += await repair(store, job_id)
+            except JobNotFoundError:  # its record expired (deadline + retention) before its index entry
+                await store.forget(job_id)
+                log.warning("reconcile_forgot", job_id=job_id, detail="record expired; dropped from the indexes")
+            except InvalidJobError as err:  # one bad record fails that job, not the sweep
+                await store.quarantine(job_id, str(err))
+                log.error("reconcile_quarantined", job_id=job_id, error=str(err))
     if repaired:
         log.warning("reconciled", repaired=repaired)
     return repaired

@@ -10,7 +10,7 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from producer import transitions
@@ -20,7 +20,7 @@ from producer.pricing import cost_usd
 from producer.status import Outcome, Status, Tier
 from producer.store import JobStore
 from producer.transitions import Cost
-from worker import policy
+from worker import classify, policy
 from worker.config import WorkerConfig
 from worker.flow import Admission, Permit, Release, defer_s, estimate_tokens
 from worker.flow_store import FlowControl
@@ -30,6 +30,8 @@ from worker.logs import get_logger, redact
 log = get_logger("flexq.worker")
 #: Shortest per-attempt timeout, even when the deadline is closer.
 MIN_ATTEMPT_TIMEOUT_S = 1.0
+#: Why a success was recorded into an attempt that had been given up on (its worker lost the lease).
+LATE_ANSWER = "answered after its lease was lost; a paid answer is kept while the job is unfinished"
 
 
 class Generator(Protocol):
@@ -96,7 +98,7 @@ class Runner:
         )
 
     async def _release(
-        self, permit: Permit | None, outcome: Outcome | None, classified: policy.Classified | None = None,
+        self, permit: Permit | None, outcome: Outcome | None, classified: classify.Classified | None = None,
         answer: Answer | None = None,
     ) -> Release | None:
         if self.flow is None or permit is None:
@@ -151,15 +153,15 @@ class Runner:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # every failure is classified; none escapes to arq
-            classified = policy.classify_exception(exc)
+            classified = classify.classify_exception(exc)
         else:
-            classified = policy.classify_response(
+            classified = classify.classify_response(
                 has_candidates=answer.has_candidates,
                 finish_reason=answer.finish_reason,
                 block_reason=answer.block_reason,
             )
         if classified.message:
-            classified = policy.Classified(
+            classified = classify.Classified(
                 classified.outcome, classified.http_status, redact(classified.message)[:1000],
                 classified.retry_after_s, classified.quota, classified.quota_id,
             )
@@ -167,7 +169,7 @@ class Runner:
         return await self._finish(record.id, number, tier, classified, answer, learned.verdict if learned else None)
 
     def _budget(self, record: JobRecord, tier: Tier, now_s: float) -> policy.RetryBudget:
-        on_tier = [a for a in record.attempts if a.tier == tier and a.outcome in policy.RETRYABLE]
+        on_tier = [a for a in record.attempts if a.tier == tier and a.outcome in classify.RETRYABLE]
         flex = [a for a in record.attempts if a.tier == Tier.FLEX and a.outcome != Outcome.INTERRUPTED]
         return policy.RetryBudget(
             now_s=now_s,
@@ -184,7 +186,7 @@ class Runner:
         )
 
     async def _finish(
-        self, job_id: str, number: int, tier: Tier, classified: policy.Classified, answer: Answer | None,
+        self, job_id: str, number: int, tier: Tier, classified: classify.Classified, answer: Answer | None,
         verdict: str | None = None,
     ) -> float | None:
         """Close the attempt and apply the policy's decision; the deferral, or None when done."""
@@ -193,14 +195,27 @@ class Runner:
 
         def decide(record: JobRecord) -> transitions.Change[policy.Decision] | None:
             current = record.open_attempt
-            if current is None or current.number != number:
-                return None  # lease lost: another worker took the job over; its attempt wins
-            closed = transitions.close_attempt(
-                record, number=number, now=now, outcome=classified.outcome,
-                http_status=classified.http_status, error=classified.message,
-                served_tier=answer.served_tier if answer else None, usage=usage,
-            )
+            superseded: tuple[Attempt, ...] = ()
+            late = False
+            if current is None or current.number != number:  # this worker lost the attempt's lease
+                late_ok = classified.outcome == Outcome.OK and answer is not None and 0 < number <= len(record.attempts)
+                if record.terminal or not late_ok:
+                    return None  # the job's newer attempt, or its end, owns it
+                closed = transitions.close_late_attempt(
+                    record, number=number, now=now, outcome=classified.outcome, http_status=classified.http_status,
+                    served_tier=answer.served_tier if answer else None, usage=usage,
+                )
+                superseded = (closed.attempts[-1],) if current is not None else ()
+                late = True
+            else:
+                closed = transitions.close_attempt(
+                    record, number=number, now=now, outcome=classified.outcome,
+                    http_status=classified.http_status, error=classified.message,
+                    served_tier=answer.served_tier if answer else None, usage=usage,
+                )
             decision = policy.decide(classified, self._budget(closed, tier, now.timestamp()), self.rand)
+            if late:
+                decision = replace(decision, reason=LATE_ANSWER)
             if decision.action == policy.Action.SUCCEED and answer is not None:
                 assert closed.request is not None
                 model = closed.request.model
@@ -213,7 +228,10 @@ class Runner:
                 done = transitions.succeed(
                     closed, result=result, now=now, cost_usd=cost.usd, standard_cost_usd=cost.standard_usd
                 )
-                return transitions.Change(done, decided=decision, counted=(done.attempts[-1],), cost=cost)
+                return transitions.Change(
+                    done, decided=decision, counted=(done.attempts[number - 1], *superseded), cost=cost,
+                    abort=bool(superseded),  # a newer attempt's call is still running: stop it
+                )
             if decision.action == policy.Action.RETRY:
                 closed.attempts[-1].retry_in_s = decision.delay_s  # this function's own copy
                 retrying = transitions.schedule_retry(closed, next_tier=decision.tier, now=now)
@@ -226,10 +244,13 @@ class Runner:
 
         change = await self.store.update(job_id, decide)
         if change is None:
-            log.warning("lease_lost", job_id=job_id, attempt=number, detail="result discarded; newer attempt owns job")
+            log.warning("lease_lost", job_id=job_id, attempt=number, outcome=str(classified.outcome),
+                        detail="outcome not recorded: a newer attempt, or the job's end, owns the job")
             return None
         decision = change.decided
         assert decision is not None
+        if decision.reason == LATE_ANSWER:
+            log.warning("late_answer_kept", job_id=job_id, attempt=number, detail=LATE_ANSWER)
         self._log_attempt(change.record, classified, decision, verdict)
         if change.record.terminal:
             self._log_terminal(change.record)
@@ -262,7 +283,7 @@ class Runner:
     # -- logging --------------------------------------------------------------------------------
 
     def _log_attempt(
-        self, record: JobRecord, classified: policy.Classified, decision: policy.Decision, verdict: str | None
+        self, record: JobRecord, classified: classify.Classified, decision: policy.Decision, verdict: str | None
     ) -> None:
         attempt = record.attempts[-1]
         usage = attempt.usage

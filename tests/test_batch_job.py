@@ -1,0 +1,341 @@
+"""flexq.batch.BatchJob in process: JSONL in, answers out, progress, the journal, resume and idempotency.
+
+The queue is on fakeredis and a stand-in worker runs the jobs with the real ``Runner`` and a Gemini
+scripted per prompt. The worker stand-in runs every active job each time the batch reports progress,
+without waiting out deferrals; the batch's own progress poll is shortened to a millisecond.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flexq import batch
+from flexq.batch import BatchJob, BatchResult, Progress, journal_path, load_previous, output_line, summarize_batch
+from producer.pricing import cost_usd
+from producer.queue import FlexQueue
+from producer.status import ACTIVE, Tier
+from tests.conftest import make_settings
+from tests.fakes import USAGE, PromptGemini, Step, answer, client_error, overloaded
+from worker.runner import Runner
+
+MODEL = "gemini-2.5-flash"
+LINES: list[object] = [
+    {"id": "ok-1", "model": MODEL, "prompt": "plain question"},
+    "{this is not json",
+    {"id": "shed", "model": MODEL, "prompt": "shed twice"},
+    {"model": MODEL},  # neither prompt nor contents
+    {"id": "refused", "model": MODEL, "prompt": "refuse me"},
+    {"id": "unsafe", "model": MODEL, "prompt": "unsafe answer", "tags": {"kind": "safety"}},
+    {"model": MODEL, "contents": [{"role": "user", "parts": [{"text": "no id here"}]}]},
+]
+SCRIPTS: dict[str, list[Step]] = {
+    "shed twice": [overloaded(), overloaded()],
+    "refuse me": [client_error(400, message="Invalid argument")],
+    "unsafe answer": [answer(None, finish_reason="SAFETY")],
+}
+
+
+def write_input(path: Path, lines: list[object]) -> Path:
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def quick_poll(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batch, "POLL_S", 0.001)
+
+
+@dataclass
+class Harness:
+    """A batch run with a stand-in worker driven by the batch's progress reports."""
+
+    queue: FlexQueue
+    gemini: PromptGemini
+    runner_settings: dict[str, Any] = field(default_factory=dict)
+    progress: list[Progress] = field(default_factory=list)
+    watch: Callable[[Progress], None] | None = None
+    #: Runs in the worker stand-in before a sweep; returning True skips that sweep's jobs.
+    before_sweep: Callable[[], Awaitable[bool]] | None = None
+
+    async def run(self, source: Path, out: Path, **job_kw: Any) -> BatchResult:
+        runner = Runner(
+            store=self.queue.store, gemini=self.gemini, settings=make_settings(**self.runner_settings),
+            worker_name="batch-test-worker", rand=lambda: 0.5,
+        )
+        progressed = asyncio.Event()
+
+        def on_progress(progress: Progress) -> None:
+            self.progress.append(replace(progress))
+            if self.watch is not None:
+                self.watch(progress)
+            progressed.set()
+
+        async def work() -> None:
+            while True:
+                await progressed.wait()
+                progressed.clear()
+                if self.before_sweep is not None and await self.before_sweep():
+                    continue
+                for job_id in await self.queue.store.ids(ACTIVE, limit=10_000, newest_first=False):
+                    await runner.run(job_id)  # a deferral is not waited out
+
+        job = BatchJob(self.queue, source, out, on_progress=on_progress, **job_kw)
+        lines, bad = job.parse()
+        worker = asyncio.create_task(work())
+        try:
+            return await asyncio.wait_for(job.run(lines, bad), timeout=20)
+        finally:
+            worker.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await worker
+
+
+@pytest.fixture
+def harness(fake_queue: FlexQueue) -> Harness:
+    return Harness(fake_queue, PromptGemini.of(SCRIPTS))
+
+
+def read_out(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# -- one run ---------------------------------------------------------------------------------------
+
+
+async def test_answers_come_out_in_input_order(harness: Harness, tmp_path: Path) -> None:
+    source = write_input(tmp_path / "in.jsonl", LINES)
+    out = tmp_path / "out.jsonl"
+    result = await harness.run(source, out)
+    assert read_out(out) == result.lines
+    assert [item["line"] for item in result.lines] == [1, 3, 5, 6, 7]  # valid lines only, in input order
+    by_id = {item["id"]: item for item in result.lines}
+    for job_id in ("ok-1", "shed"):
+        item = by_id[job_id]
+        assert item["status"] == "succeeded" and item["error"] is None and item["tier"] == "flex"
+        assert item["finish_reason"] == "STOP" and item["usage"] == USAGE.model_dump()
+        assert item["cost_usd"] == cost_usd(MODEL, USAGE, Tier.FLEX)
+        assert item["standard_cost_usd"] == cost_usd(MODEL, USAGE, Tier.STANDARD)
+    assert by_id["ok-1"]["text"] == "answer for: plain question" and by_id["ok-1"]["attempts"] == 1
+    assert by_id["shed"]["attempts"] == 3
+    refused, unsafe = by_id["refused"], by_id["unsafe"]
+    assert refused["status"] == "failed" and refused["attempts"] == 1 and refused["text"] is None
+    assert refused["error"]["kind"] == "client_error" and refused["error"]["http_status"] == 400
+    assert unsafe["status"] == "failed" and unsafe["error"]["kind"] == "blocked" and unsafe["attempts"] == 1
+    derived = result.lines[4]
+    assert derived["status"] == "succeeded" and str(derived["id"]).startswith("b-")
+    assert derived["text"] == "answer for: no id here"
+    assert str(result.bad_lines[0]).startswith("line 2: not valid JSON")
+    assert result.bad_lines[1].line == 4 and "prompt" in result.bad_lines[1].message
+    assert not journal_path(out).exists()  # folded into OUT at the end
+    assert len(harness.gemini.calls) == 7  # 1 + 3 + 1 + 1 + 1: each job as often as its script says
+    tags = (await harness.queue.get("unsafe")).tags
+    assert tags == {"kind": "safety"}
+
+
+async def test_summary_of_a_run(harness: Harness, tmp_path: Path) -> None:
+    source = write_input(tmp_path / "in.jsonl", LINES)
+    summary = summarize_batch(await harness.run(source, tmp_path / "out.jsonl"))
+    assert summary["jobs"] == 5 and summary["by_status"] == {"succeeded": 3, "failed": 2}
+    assert len(summary["bad_lines"]) == 2 and summary["reused_from_earlier_run"] == 0
+    assert summary["attempts_by_outcome"] == {"ok": 3, "overloaded": 2, "client_error": 1, "blocked": 1}
+    assert summary["tokens_by_tier"] == {"flex": {"prompt_tokens": 300, "output_tokens": 60, "thoughts_tokens": 90}}
+    flex, standard = cost_usd(MODEL, USAGE, Tier.FLEX), cost_usd(MODEL, USAGE, Tier.STANDARD)
+    assert flex is not None and standard is not None
+    assert summary["cost_usd"] == pytest.approx(3 * flex, abs=1e-6)
+    assert summary["standard_cost_usd"] == pytest.approx(3 * standard, abs=1e-6)
+    assert summary["saved_usd"] == pytest.approx(3 * (standard - flex), abs=1e-6)
+    assert summary["jobs_with_unknown_cost"] == 0
+    assert summary["latency_ms"]["p50"] is not None
+    assert set(summary["failures"]) == {"refused", "unsafe"}
+    assert summary["failures"]["refused"].startswith("client_error: 400 INVALID_ARGUMENT")
+
+
+async def test_progress_is_reported_until_every_job_has_ended(harness: Harness, tmp_path: Path) -> None:
+    source = write_input(tmp_path / "in.jsonl", LINES)
+    await harness.run(source, tmp_path / "out.jsonl")
+    first, last = harness.progress[0], harness.progress[-1]
+    assert first.total == last.total == 5
+    assert (last.done, last.succeeded, last.failed) == (5, 3, 2)
+    assert (last.retrying, last.in_flight, last.queued) == (0, 0, 0)
+    assert last.overloaded == 2 and last.rate_limited == 0
+    dones = [p.done for p in harness.progress]
+    assert dones == sorted(dones)  # never goes back
+    assert last.line().startswith("5/5 done (succeeded 3, failed 2), retrying 0, in flight 0, queued 0, 503s 2")
+
+
+async def test_each_finished_job_is_journaled_before_the_output_is_written(
+    harness: Harness, tmp_path: Path
+) -> None:
+    source = write_input(tmp_path / "in.jsonl", LINES)
+    out = tmp_path / "out.jsonl"
+    seen: list[tuple[int, list[str], bool]] = []
+
+    def watch(progress: Progress) -> None:
+        journaled = [json.loads(line)["id"] for line in journal_path(out).read_text().splitlines()]
+        seen.append((progress.done, journaled, out.exists()))
+
+    harness.watch = watch
+    await harness.run(source, out)
+    assert seen[0][0] == 0 and seen[-1][0] == 5  # from nothing ended to everything ended
+    for done, journaled, out_written in seen:
+        assert len(journaled) == done and len(set(journaled)) == done  # each ended job once, as it ends
+        assert not out_written
+    assert sorted(seen[-1][1]) == sorted(item["id"] for item in read_out(out))
+
+
+# -- resume and idempotency ------------------------------------------------------------------------
+
+
+def previous_item(job_id: str, line: int, status: str, *, text: str | None = None, kind: str | None = None) -> str:
+    error = {"kind": kind, "message": "earlier", "http_status": None} if kind else None
+    return json.dumps({
+        "id": job_id, "line": line, "status": status, "text": text, "finish_reason": "STOP" if text else None,
+        "usage": None, "tier": "flex" if text else None, "attempts": 1, "error": error,
+        "cost_usd": None, "standard_cost_usd": None,
+    })
+
+
+async def test_resume_reuses_finished_results_and_sends_only_the_rest(harness: Harness, tmp_path: Path) -> None:
+    lines: list[object] = [{"id": name, "model": MODEL, "prompt": f"prompt {name}"} for name in "abcd"]
+    source = write_input(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out.jsonl"
+    journal_path(out).write_text("\n".join([
+        previous_item("a", 1, "succeeded", text="from the earlier run"),
+        previous_item("b", 2, "failed", kind="client_error"),  # permanent: kept
+        previous_item("c", 3, "failed", kind="deadline_exceeded"),  # worth running again
+        "[1, 2]",
+        json.dumps({"status": "succeeded"}),
+        '{"id": "d", "line": 4, "status": "succ',  # cut short by a kill
+    ]) + "\n")
+    result = await harness.run(source, out)
+    assert sorted(harness.gemini.prompts()) == ["prompt c", "prompt d"]
+    by_id = {item["id"]: item for item in read_out(out)}
+    assert by_id["a"]["text"] == "from the earlier run" and by_id["a"]["status"] == "succeeded"
+    assert by_id["b"]["status"] == "failed" and by_id["b"]["error"]["kind"] == "client_error"
+    assert by_id["c"]["status"] == by_id["d"]["status"] == "succeeded"
+    assert by_id["c"]["text"] == "answer for: prompt c"
+    assert [item["id"] for item in result.lines] == ["a", "b", "c", "d"]
+    assert result.progress.reused == 2 and result.progress.reused_succeeded == 1
+    last = harness.progress[-1]
+    assert (last.done, last.succeeded, last.failed) == (4, 3, 1)
+    assert last.eta_s() is not None
+    summary = summarize_batch(result)
+    assert summary["reused_from_earlier_run"] == 2 and summary["by_status"] == {"succeeded": 3, "failed": 1}
+    assert not journal_path(out).exists()
+
+
+async def test_a_finished_output_is_reused_whole(harness: Harness, tmp_path: Path) -> None:
+    source = write_input(tmp_path / "in.jsonl", LINES)
+    out = tmp_path / "out.jsonl"
+    first = await harness.run(source, out)
+    calls = len(harness.gemini.calls)
+    second = await harness.run(source, out)
+    assert len(harness.gemini.calls) == calls  # nothing sent again
+    assert second.lines == first.lines and second.progress.reused == 5
+    assert read_out(out) == first.lines
+
+
+async def test_same_file_on_the_same_redis_runs_each_job_once(harness: Harness, tmp_path: Path) -> None:
+    source = write_input(tmp_path / "in.jsonl", LINES)
+    out = tmp_path / "out.jsonl"
+    first = await harness.run(source, out)
+    calls = len(harness.gemini.calls)
+    out.unlink()  # no local trace left: the ids (given or derived from the line) find the jobs
+    second = await harness.run(source, out)
+    assert len(harness.gemini.calls) == calls
+    assert second.progress.reused == 0
+    assert [(i["id"], i["status"], i["text"]) for i in second.lines] == [
+        (i["id"], i["status"], i["text"]) for i in first.lines
+    ]
+
+
+async def test_a_job_that_ran_out_of_time_runs_again_on_resume(fake_queue: FlexQueue, tmp_path: Path) -> None:
+    source = write_input(tmp_path / "in.jsonl", [{"id": "late", "model": MODEL, "prompt": "slow start"}])
+    out = tmp_path / "out.jsonl"
+    gemini = PromptGemini.of({"slow start": [overloaded()]})
+    # a 50 s backoff against a 20 s deadline: the job fails deadline_exceeded
+    harness = Harness(fake_queue, gemini, runner_settings={"retry_base_s": 100, "retry_max_s": 100})
+    first = await harness.run(source, out, deadline_s=20)
+    assert first.lines[0]["status"] == "failed" and first.lines[0]["error"]["kind"] == "deadline_exceeded"
+    second = await harness.run(source, out, deadline_s=20)  # found failed in Redis: `flexq retry`, kept history
+    assert second.lines[0]["status"] == "succeeded" and second.lines[0]["attempts"] == 2
+    record = await fake_queue.get("late")
+    assert record.enqueues == 2 and len(gemini.calls) == 2
+
+
+async def test_batch_options_reach_every_job(harness: Harness, tmp_path: Path) -> None:
+    source = write_input(tmp_path / "in.jsonl", [{"id": "x", "model": MODEL, "prompt": "hi"}])
+    await harness.run(source, tmp_path / "out.jsonl", deadline_s=120, fallback="standard")
+    record = await harness.queue.get("x")
+    assert record.fallback == "standard"
+    assert 100 < (record.deadline_at - record.created_at).total_seconds() <= 120
+
+
+async def test_a_job_whose_record_is_unreadable_for_a_while_fails_alone(harness: Harness, tmp_path: Path) -> None:
+    lines: list[object] = [{"id": name, "model": MODEL, "prompt": f"prompt {name}"} for name in ("fine", "spoilt")]
+    source = write_input(tmp_path / "in.jsonl", lines)
+    sweeps: list[int] = []
+
+    async def spoil_first() -> bool:
+        sweeps.append(1)
+        if len(sweeps) == 1:  # garbage where the record was, seen by the batch's next poll
+            await harness.queue.redis.set(harness.queue.store.keys.record("spoilt"), b"{not json")
+            return True
+        return False
+
+    harness.before_sweep = spoil_first
+    result = await harness.run(source, tmp_path / "out.jsonl")
+    by_id = {item["id"]: item for item in result.lines}
+    assert by_id["fine"]["status"] == "succeeded"
+    assert by_id["spoilt"]["status"] == "failed" and by_id["spoilt"]["error"]["kind"] == "invalid_job"
+
+
+# -- the pieces ------------------------------------------------------------------------------------
+
+
+def test_derived_ids_are_stable_per_file_and_line(fake_queue: FlexQueue, tmp_path: Path) -> None:
+    lines: list[object] = [{"model": MODEL, "prompt": "same"}, {"model": MODEL, "prompt": "same"}]
+    one = write_input(tmp_path / "one.jsonl", lines)
+    two = write_input(tmp_path / "two.jsonl", lines)
+
+    def ids(path: Path) -> list[str | None]:
+        parsed, bad = BatchJob(fake_queue, path, tmp_path / "o.jsonl").parse()
+        assert bad == []
+        return [line.spec.job_id for line in parsed]
+
+    first = ids(one)
+    assert first == ids(one) and len(set(first)) == 2  # the same line twice still gets two jobs
+    assert all(job_id is not None and job_id.startswith("b-") for job_id in first)
+    assert set(first).isdisjoint(ids(two))  # another file: other jobs
+
+
+def test_load_previous_without_files_is_empty(tmp_path: Path) -> None:
+    assert load_previous(tmp_path / "nothing.jsonl") == {}
+
+
+def test_output_line_of_a_failed_record() -> None:
+    from producer import transitions
+    from producer.models import GenerateRequest, utcnow
+
+    record = transitions.new_record(
+        "f1", GenerateRequest(model=MODEL, prompt="x"), now=utcnow(), deadline_s=60, fallback="none", tags={}
+    )
+    record = transitions.fail(record, kind="client_error", message="400 nope", now=utcnow(), http_status=400)
+    assert output_line(record, 7) == {
+        "id": "f1", "line": 7, "status": "failed", "text": None, "finish_reason": None, "usage": None, "tier": None,
+        "attempts": 0, "error": {"kind": "client_error", "message": "400 nope", "http_status": 400},
+        "cost_usd": None, "standard_cost_usd": None,
+    }
+
+
+def test_progress_without_fresh_results_has_no_eta() -> None:
+    progress = Progress(total=10, reused=4, reused_succeeded=4, succeeded=4)
+    assert progress.eta_s() is None
+    assert progress.line().endswith("eta -")
