@@ -19,8 +19,8 @@ from typing import Any
 from flexq.jsonl import Line, LineError, parse_jsonl, stable_line_id
 from producer.models import JobRecord
 from producer.queue import FlexQueue
-from producer.stats import percentile
-from producer.status import Status
+from producer.stats import add_up, attempt_counts, cost_counts, summarize
+from producer.status import Outcome, Status
 
 #: Failures worth running again on resume; permanent ones (client_error, blocked…) are kept.
 RERUN_KINDS = frozenset({"deadline_exceeded", "interrupted", "cancelled"})
@@ -204,49 +204,38 @@ class BatchJob:
 
 
 def summarize_batch(result: BatchResult) -> dict[str, Any]:
-    """Jobs by status, attempts by outcome, latency, tokens by tier, cost spent and saved."""
+    """The ``flexq stats`` report (:func:`producer.stats.summarize`) over this batch's jobs, plus a
+    ``batch`` section: lines, bad lines, results reused from an earlier run, failures, elapsed time."""
     by_status: dict[str, int] = {}
-    tokens: dict[str, dict[str, int]] = {}
-    spent = standard = 0.0
-    unknown_cost = 0
     for item in result.lines:
         by_status[item["status"]] = by_status.get(item["status"], 0) + 1
-        if item["status"] != Status.SUCCEEDED:
-            continue
-        tier = item.get("tier") or "unknown"
-        for name in ("prompt_tokens", "output_tokens", "thoughts_tokens"):
-            bucket = tokens.setdefault(tier, {})
-            bucket[name] = bucket.get(name, 0) + int((item.get("usage") or {}).get(name, 0))
-        if item.get("cost_usd") is None:
-            unknown_cost += 1
-        else:
-            spent += float(item["cost_usd"])
-            standard += float(item.get("standard_cost_usd") or 0.0)
-    by_outcome: dict[str, int] = {}
+    parts: list[dict[str, float]] = []
     latencies: list[int] = []
     for record in result.records.values():
         for attempt in record.attempts:
-            outcome = str(attempt.outcome)
-            by_outcome[outcome] = by_outcome.get(outcome, 0) + 1
-            if attempt.outcome == "ok" and attempt.latency_ms is not None:
+            parts.append(dict(attempt_counts(attempt)))
+            if attempt.outcome == Outcome.OK and attempt.latency_ms is not None:
                 latencies.append(attempt.latency_ms)
-    failures = {
-        item["id"]: f"{item['error']['kind']}: {item['error']['message']}"
-        for item in result.lines
-        if item["status"] != Status.SUCCEEDED and item.get("error")
-    }
-    return {
-        "jobs": len(result.lines),
-        "by_status": by_status,
+    fresh = {str(record.id) for record in result.records.values()}
+    for item in result.lines:  # a job's cost, this run's or an earlier run's reused result
+        if item["status"] == Status.SUCCEEDED:
+            tier = item.get("tier") if item["id"] not in fresh else _ok_tier(result.records[item["id"]])
+            parts.append(cost_counts(tier or "unknown", item.get("cost_usd"), item.get("standard_cost_usd")))
+    doc = summarize(counts=by_status, counters=add_up(parts), latencies_ms=latencies)
+    doc["batch"] = {
+        "lines": len(result.lines),
         "bad_lines": [str(err) for err in result.bad_lines],
         "reused_from_earlier_run": result.progress.reused,
-        "attempts_by_outcome": by_outcome,
-        "latency_ms": {"p50": percentile(latencies, 50), "p95": percentile(latencies, 95)},
-        "tokens_by_tier": tokens,
-        "cost_usd": round(spent, 6),
-        "standard_cost_usd": round(standard, 6),
-        "saved_usd": round(standard - spent, 6),
-        "jobs_with_unknown_cost": unknown_cost,
-        "failures": failures,
+        "failures": {
+            item["id"]: f"{item['error']['kind']}: {item['error']['message']}"
+            for item in result.lines
+            if item["status"] != Status.SUCCEEDED and item.get("error")
+        },
         "elapsed_s": round(result.elapsed_s, 1),
     }
+    return doc
+
+
+def _ok_tier(record: JobRecord) -> str | None:
+    """The tier of the attempt that succeeded (the one the queue's cost counters use)."""
+    return next((str(a.tier) for a in reversed(record.attempts) if a.outcome == Outcome.OK), None)

@@ -17,7 +17,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from flexq import exits
+from flexq import exits, render
 from flexq.batch import BatchJob, journal_path, summarize_batch
 from flexq.batch import Progress as BatchProgress
 from flexq.embedded import open_runtime
@@ -112,7 +112,7 @@ async def _run(
     finally:
         await runtime.close()
     summary = summarize_batch(result)
-    summary["output"], summary["log"] = str(output), str(log_path)
+    summary["batch"]["output"], summary["batch"]["log"] = str(output), str(log_path)
     if args.json:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     else:
@@ -153,30 +153,16 @@ class Display:
 
 
 def print_summary(console: Console, s: dict[str, Any]) -> None:
-    console.print(f"\n[bold]flexq batch summary[/] ({s['jobs']} jobs in {s['elapsed_s']}s)")
-    console.print("  jobs by status:   " + ", ".join(f"{k} {v}" for k, v in sorted(s["by_status"].items())))
-    if s["reused_from_earlier_run"]:
-        console.print(f"  resumed:          {s['reused_from_earlier_run']} result(s) reused from an earlier run")
-    console.print("  attempts:         " + ", ".join(f"{k} {v}" for k, v in sorted(s["attempts_by_outcome"].items())))
-    lat = s["latency_ms"]
-    console.print(f"  latency (ok):     p50 {_ms(lat['p50'])}, p95 {_ms(lat['p95'])}")
-    for tier, toks in sorted(s["tokens_by_tier"].items()):
-        console.print(f"  tokens on {tier + ':':<7} " + ", ".join(f"{k} {v}" for k, v in toks.items()))
-    console.print(
-        f"  cost:             ${s['cost_usd']:.6f} spent; standard tier would be ${s['standard_cost_usd']:.6f}; "
-        f"saved ${s['saved_usd']:.6f}"
-    )
-    if s["jobs_with_unknown_cost"]:
-        console.print(f"  cost unknown:     {s['jobs_with_unknown_cost']} job(s) on models with no known price "
-                      "(not counted above)")
-    for job_id, reason in list(s["failures"].items())[:20]:
-        console.print(f"  failed {job_id}: {reason}", highlight=False)
-    if len(s["failures"]) > 20:
-        console.print(f"  … and {len(s['failures']) - 20} more failures (see the output file)")
-    for line in s["bad_lines"]:
-        console.print(f"  bad input {line}", highlight=False)
-    console.print(f"  output:           {s['output']}\n  log:              {s['log']}")
+    """The same report as ``flexq stats`` (scoped to this batch's jobs), then what only a batch has."""
+    batch = s["batch"]
+    console.print(f"\n[bold]flexq batch summary[/] ({batch['lines']} jobs in {batch['elapsed_s']}s)")
+    render.stats(console, s)
+    if batch["reused_from_earlier_run"]:
+        console.print(f"resumed: {batch['reused_from_earlier_run']} result(s) reused from an earlier run")
+    failures = list(batch["failures"].items())
+    for job_id, reason in failures[:20]:
+        console.print(f"failed {job_id}: {reason}", highlight=False)
+    if len(failures) > 20:
+        console.print(f"… and {len(failures) - 20} more failures (see the output file)")
+    console.print(f"answers: {batch['output']}   log: {batch['log']}", highlight=False)
 
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0f} ms"

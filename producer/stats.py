@@ -1,10 +1,50 @@
-"""Queue statistics from the counters the store keeps: pure arithmetic, no I/O."""
+"""Queue statistics: what a closed attempt adds to the counters, and the one report built from them.
+
+Pure arithmetic, no I/O. The store adds :func:`attempt_counts` and :func:`cost_counts` to its Redis
+hash as jobs run (``flexq stats``); a batch adds them up from its own records (``flexq batch``'s
+summary); both reports are :func:`summarize`.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+from producer.models import Attempt
+from producer.status import Outcome
+
+
+def attempt_counts(attempt: Attempt) -> dict[str, int]:
+    """The counters one closed attempt adds (an attempt closed without an outcome counts as interrupted)."""
+    outcome = attempt.outcome or Outcome.INTERRUPTED
+    counts = {f"attempts:{outcome}": 1, f"attempts:{attempt.tier}:{outcome}": 1}
+    if attempt.usage is not None:
+        counts[f"tokens:{attempt.tier}:prompt"] = attempt.usage.prompt_tokens
+        counts[f"tokens:{attempt.tier}:output"] = attempt.usage.output_tokens
+        counts[f"tokens:{attempt.tier}:thoughts"] = attempt.usage.thoughts_tokens
+    return counts
+
+
+def cost_counts(tier: str, usd: float | None, standard_usd: float | None) -> dict[str, float]:
+    """The counters one successful job's cost adds; ``usd`` None: the model's price is unknown."""
+    counts: dict[str, float] = {}
+    if usd is not None:
+        counts[f"cost_usd:{tier}"] = usd
+    if standard_usd is not None:
+        counts["standard_cost_usd"] = standard_usd
+    if usd is None:
+        counts["cost_unknown_jobs"] = 1
+    return counts
+
+
+def add_up(parts: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    """Sum counter increments, as the store's hash does."""
+    total: dict[str, float] = {}
+    for part in parts:
+        for key, value in part.items():
+            total[key] = total.get(key, 0) + value
+    return total
 
 
 def percentile(values: Sequence[float], pct: float) -> float | None:
@@ -54,7 +94,7 @@ def summarize(
             "spent_usd": spent,
             "by_tier_usd": cost_by_tier,
             "standard_equivalent_usd": standard,
-            "saved_usd": round(standard - spent, 6),
+            "saved_usd": round(standard - spent, 6),  # of the rounded figures, so that the three add up
             "jobs_with_unknown_cost": int(counters.get("cost_unknown_jobs", 0)),
         },
     }

@@ -25,6 +25,7 @@ from producer import arq_wire
 from producer.errors import InvalidJobError, JobNotFoundError, StoreUnavailableError, one_line
 from producer.keys import Keys
 from producer.models import Attempt, JobError, JobRecord, utcnow
+from producer.stats import attempt_counts, cost_counts
 from producer.status import TERMINAL, Outcome, Status
 from producer.transitions import Change, Cost
 
@@ -217,26 +218,19 @@ class JobStore:
     # -- counters and leases ---------------------------------------------------------------------
 
     def _count_attempt(self, pipe: Pipeline, attempt: Attempt) -> None:
-        """Add one closed attempt to the queue's counters."""
-        outcome = attempt.outcome or Outcome.INTERRUPTED
-        stats = self.keys.stats
-        pipe.hincrby(stats, f"attempts:{outcome}", 1)
-        pipe.hincrby(stats, f"attempts:{attempt.tier}:{outcome}", 1)
-        if attempt.usage is not None:
-            pipe.hincrby(stats, f"tokens:{attempt.tier}:prompt", attempt.usage.prompt_tokens)
-            pipe.hincrby(stats, f"tokens:{attempt.tier}:output", attempt.usage.output_tokens)
-            pipe.hincrby(stats, f"tokens:{attempt.tier}:thoughts", attempt.usage.thoughts_tokens)
-        if outcome == Outcome.OK and attempt.latency_ms is not None:
+        """Add one closed attempt to the queue's counters (and an ok one's latency to the samples)."""
+        for key, value in attempt_counts(attempt).items():
+            pipe.hincrby(self.keys.stats, key, value)
+        if attempt.outcome == Outcome.OK and attempt.latency_ms is not None:
             pipe.lpush(self.keys.latencies, attempt.latency_ms)
             pipe.ltrim(self.keys.latencies, 0, LATENCY_SAMPLES - 1)
 
     def _count_cost(self, pipe: Pipeline, cost: Cost) -> None:
-        if cost.usd is not None:
-            pipe.hincrbyfloat(self.keys.stats, f"cost_usd:{cost.tier}", cost.usd)
-        if cost.standard_usd is not None:
-            pipe.hincrbyfloat(self.keys.stats, "standard_cost_usd", cost.standard_usd)
-        if cost.usd is None:
-            pipe.hincrby(self.keys.stats, "cost_unknown_jobs", 1)
+        for key, value in cost_counts(cost.tier, cost.usd, cost.standard_usd).items():
+            if key == "cost_unknown_jobs":
+                pipe.hincrby(self.keys.stats, key, int(value))
+            else:
+                pipe.hincrbyfloat(self.keys.stats, key, value)
 
     async def heartbeat(self, worker: str, job_ids: Iterable[str], *, lease_s: float, now_s: float) -> None:
         """Renew the leases of the jobs a worker runs, and record that the worker is alive."""

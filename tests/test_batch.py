@@ -98,10 +98,12 @@ def test_embedded_batch_with_faults_and_bad_lines(tmp_path: Path) -> None:
     out_lines = read_out(out)
     check_output(out_lines)
     summary = json.loads(done.stdout)
-    assert summary["by_status"] == {"succeeded": 5, "failed": 2}
-    assert summary["attempts_by_outcome"]["overloaded"] == 3
-    assert summary["cost_usd"] > 0 and summary["saved_usd"] == pytest.approx(summary["cost_usd"], rel=1e-6)
-    assert len(summary["bad_lines"]) == 2
+    assert summary["jobs"] == {"succeeded": 5, "failed": 2}
+    assert summary["attempts"]["by_outcome"]["overloaded"] == 3
+    cost = summary["cost"]
+    # flex is half price: saved equals spent, to the report's resolution (USD rounded to 6 places)
+    assert cost["spent_usd"] > 0 and cost["saved_usd"] == pytest.approx(cost["spent_usd"], abs=1.01e-6)
+    assert len(summary["batch"]["bad_lines"]) == 2
     assert not (tmp_path / "out.jsonl.progress").exists()  # the journal is folded into OUT at the end
 
 
@@ -146,9 +148,9 @@ async def test_batch_resumes_after_a_kill_without_resending(tmp_path: Path, sim:
     code, stdout, stderr = await run_batch_async([str(source), "-o", str(out), "--json"], env)
     assert code == 0, stderr
     summary = json.loads(stdout)
-    assert summary["reused_from_earlier_run"] == 6
-    assert summary["by_status"] == {"succeeded": 8}
-    assert summary["attempts_by_outcome"] == {"ok": 2}
+    assert summary["batch"]["reused_from_earlier_run"] == 6
+    assert summary["jobs"] == {"succeeded": 8}
+    assert summary["attempts"]["by_outcome"] == {"ok": 2}
     assert [item["id"] for item in read_out(out)] == [f"q{i}" for i in range(6)] + ["s0", "s1"]
     assert sim.sim.stats.requests == 10  # only the two unfinished jobs were sent again
 
@@ -183,9 +185,9 @@ def test_demo_finishes_with_every_job_accounted_for(tmp_path: Path) -> None:
     assert time.monotonic() - started < 120
     summary = json.loads(done.stdout)
     results = read_out(out)
-    assert len(results) == summary["jobs"] == 200
+    assert len(results) == summary["batch"]["lines"] == 200
     failed = {item["id"]: item["error"]["kind"] for item in results if item["status"] != "succeeded"}
     assert failed == {"demo-197": "client_error", "demo-198": "blocked", "demo-199": "blocked",
                       "demo-200": "client_error"}
-    assert summary["attempts_by_outcome"]["overloaded"] > 0  # a peak hour: flex calls are shed
-    assert summary["saved_usd"] > 0
+    assert summary["attempts"]["by_outcome"]["overloaded"] > 0  # a peak hour: flex calls are shed
+    assert summary["cost"]["saved_usd"] > 0

@@ -142,19 +142,20 @@ async def test_answers_come_out_in_input_order(harness: Harness, tmp_path: Path)
 async def test_summary_of_a_run(harness: Harness, tmp_path: Path) -> None:
     source = write_input(tmp_path / "in.jsonl", LINES)
     summary = summarize_batch(await harness.run(source, tmp_path / "out.jsonl"))
-    assert summary["jobs"] == 5 and summary["by_status"] == {"succeeded": 3, "failed": 2}
-    assert len(summary["bad_lines"]) == 2 and summary["reused_from_earlier_run"] == 0
-    assert summary["attempts_by_outcome"] == {"ok": 3, "overloaded": 2, "client_error": 1, "blocked": 1}
-    assert summary["tokens_by_tier"] == {"flex": {"prompt_tokens": 300, "output_tokens": 60, "thoughts_tokens": 90}}
+    assert summary["batch"]["lines"] == 5 and summary["jobs"] == {"succeeded": 3, "failed": 2}
+    assert len(summary["batch"]["bad_lines"]) == 2 and summary["batch"]["reused_from_earlier_run"] == 0
+    assert summary["attempts"]["by_outcome"] == {"ok": 3, "overloaded": 2, "client_error": 1, "blocked": 1}
+    # tokens as the queue's counters count them: every attempt that reported usage (3 answers + the block)
+    assert summary["tokens"] == {"flex": {"prompt": 400, "output": 80, "thoughts": 120}}
     flex, standard = cost_usd(MODEL, USAGE, Tier.FLEX), cost_usd(MODEL, USAGE, Tier.STANDARD)
     assert flex is not None and standard is not None
-    assert summary["cost_usd"] == pytest.approx(3 * flex, abs=1e-6)
-    assert summary["standard_cost_usd"] == pytest.approx(3 * standard, abs=1e-6)
-    assert summary["saved_usd"] == pytest.approx(3 * (standard - flex), abs=1e-6)
-    assert summary["jobs_with_unknown_cost"] == 0
+    assert summary["cost"]["spent_usd"] == pytest.approx(3 * flex, abs=1e-6)
+    assert summary["cost"]["standard_equivalent_usd"] == pytest.approx(3 * standard, abs=1e-6)
+    assert summary["cost"]["saved_usd"] == pytest.approx(3 * (standard - flex), abs=1e-6)
+    assert summary["cost"]["jobs_with_unknown_cost"] == 0
     assert summary["latency_ms"]["p50"] is not None
-    assert set(summary["failures"]) == {"refused", "unsafe"}
-    assert summary["failures"]["refused"].startswith("client_error: 400 INVALID_ARGUMENT")
+    assert set(summary["batch"]["failures"]) == {"refused", "unsafe"}
+    assert summary["batch"]["failures"]["refused"].startswith("client_error: 400 INVALID_ARGUMENT")
 
 
 async def test_progress_is_reported_until_every_job_has_ended(harness: Harness, tmp_path: Path) -> None:
@@ -227,7 +228,7 @@ async def test_resume_reuses_finished_results_and_sends_only_the_rest(harness: H
     assert (last.done, last.succeeded, last.failed) == (4, 3, 1)
     assert last.eta_s() is not None
     summary = summarize_batch(result)
-    assert summary["reused_from_earlier_run"] == 2 and summary["by_status"] == {"succeeded": 3, "failed": 1}
+    assert summary["batch"]["reused_from_earlier_run"] == 2 and summary["jobs"] == {"succeeded": 3, "failed": 1}
     assert not journal_path(out).exists()
 
 
