@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from producer.errors import InvalidRequestError
-from producer.models import check_job_id, parse_request
 from producer.queue import JobSpec
+from producer.request import check_job_id, parse_request
 
 REQUEST_FIELDS = ("model", "prompt", "contents", "system_instruction", "config")
 LINE_FIELDS = {*REQUEST_FIELDS, "id", "tags"}

@@ -1,206 +1,76 @@
-"""The contract: what a producer submits and what a job record holds.
+"""The record contract: what a job record holds (status, attempts, result, error, cost).
 
-Field names here are stable and documented in the README; workers, the CLI and scripts read them.
+Field names here are stable and documented in docs/job-record.md (generated from this module by
+``python -m flexq.gendocs``); workers, the CLI and scripts read them.
 """
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime
-from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from producer.errors import InvalidRequestError, first_error, one_line
+from producer.request import STORED, GenerateRequest
 from producer.status import TERMINAL, Fallback, Outcome, Status, Tier
-
-JOB_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-MODEL_RE = re.compile(r"(?:models/|tunedModels/)?[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
-#: Config fields the queue owns: a request may not set them.
-QUEUE_OWNED_CONFIG_FIELDS = {
-    "service_tier": "the queue chooses the tier (flex, or standard on fallback)",
-    "serviceTier": "the queue chooses the tier (flex, or standard on fallback)",
-    "http_options": "the worker owns timeouts, retries and the endpoint",
-    "httpOptions": "the worker owns timeouts, retries and the endpoint",
-}
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class GenerateRequest(BaseModel):
-    """One generation request as submitted: ``prompt`` or ``contents``, never both."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    model: str
-    prompt: str | None = None
-    contents: list[dict[str, Any]] | None = None
-    system_instruction: str | dict[str, Any] | None = None
-    config: dict[str, Any] | None = None
-
-    @field_validator("model")
-    @classmethod
-    def _model_name(cls, value: str) -> str:
-        if not MODEL_RE.fullmatch(value):
-            raise ValueError("must be a model name such as 'gemini-2.5-flash'")
-        return value
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, value: str | None) -> str | None:
-        if value is not None and not value.strip():
-            raise ValueError("must not be empty")
-        return value
-
-    # The SDK's own models check contents and config at enqueue. A stored record was checked when it
-    # was enqueued: reading it back (``JobRecord.from_json``) skips them, and so never imports the SDK.
-
-    @field_validator("contents")
-    @classmethod
-    def _contents(cls, value: list[dict[str, Any]] | None, info: ValidationInfo) -> list[dict[str, Any]] | None:
-        if value is None:
-            return None
-        if not value:
-            raise ValueError("must hold at least one Content")
-        if not _stored(info):
-            sdk = _sdk_types()
-            for index, item in enumerate(value):
-                try:
-                    sdk.Content.model_validate(item)
-                except ValidationError as err:
-                    raise ValueError(f"item {index} is not a Gemini Content: {one_line(err)}") from None
-        return value
-
-    @field_validator("system_instruction")
-    @classmethod
-    def _system_instruction(
-        cls, value: str | dict[str, Any] | None, info: ValidationInfo
-    ) -> str | dict[str, Any] | None:
-        if isinstance(value, dict) and not _stored(info):
-            try:
-                _sdk_types().Content.model_validate(value)
-            except ValidationError as err:
-                raise ValueError(f"is not a Gemini Content: {one_line(err)}") from None
-        return value
-
-    @field_validator("config")
-    @classmethod
-    def _config(cls, value: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
-        if value is None:
-            return None
-        for key, why in QUEUE_OWNED_CONFIG_FIELDS.items():
-            if key in value:
-                raise ValueError(f"{key!r} may not be set: {why}")
-        if not _stored(info):
-            try:
-                _sdk_types().GenerateContentConfig.model_validate(value)
-            except ValidationError as err:
-                raise ValueError(f"is not a GenerateContentConfig: {one_line(err)}") from None
-        return value
-
-    @model_validator(mode="after")
-    def _prompt_xor_contents(self) -> GenerateRequest:
-        if (self.prompt is None) == (self.contents is None):
-            raise ValueError("give exactly one of 'prompt' (text) or 'contents' (a Gemini Content list)")
-        return self
-
-    def text_for_estimate(self) -> str:
-        """All text in the request, for token estimates and simulator directives."""
-        if self.prompt is not None:
-            return self.prompt
-        return "\n".join(
-            part["text"]
-            for content in self.contents or []
-            for part in content.get("parts", []) or []
-            if isinstance(part, dict) and isinstance(part.get("text"), str)
-        )
-
-
-#: Validation context of a record read back from the store: its request was checked at enqueue.
-STORED = {"stored": True}
-
-
-def _stored(info: ValidationInfo) -> bool:
-    return bool(info.context and info.context.get("stored"))
-
-
-def _sdk_types() -> Any:
-    """google.genai.types, imported on first use (about 0.7 s): only enqueue and the worker need it."""
-    from google.genai import types
-
-    return types
-
-
-def parse_request(data: Any, *, max_bytes: int) -> GenerateRequest:
-    """Validate a request (a dict or a ``GenerateRequest``); raise ``InvalidRequestError`` naming the field."""
-    if isinstance(data, GenerateRequest):
-        request = data
-    else:
-        if not isinstance(data, dict):
-            raise InvalidRequestError("a request must be a JSON object", field=None)
-        try:
-            request = GenerateRequest.model_validate(data)
-        except ValidationError as err:
-            loc, message, kind = first_error(err)
-            field = loc or None
-            if kind == "extra_forbidden":
-                message = "unknown field (allowed: model, prompt, contents, system_instruction, config)"
-            if kind == "missing":
-                message = "is required"
-            raise InvalidRequestError(f"{field}: {message}" if field else message, field=field) from None
-    size = len(request.model_dump_json(exclude_none=True).encode())
-    if size > max_bytes:
-        raise InvalidRequestError(
-            f"request: {size} bytes is over the {max_bytes}-byte limit (FLEXQ_MAX_REQUEST_BYTES)",
-            field="request",
-        )
-    return request
-
-
-def check_job_id(job_id: str) -> str:
-    if not isinstance(job_id, str) or not JOB_ID_RE.fullmatch(job_id):
-        raise InvalidRequestError(
-            "job_id: must be 1-128 characters of letters, digits, '.', '_', ':' or '-'", field="job_id"
-        )
-    return job_id
-
-
 class Usage(BaseModel):
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-    thoughts_tokens: int = 0
-    total_tokens: int = 0
+    prompt_tokens: int = Field(default=0, description="tokens of the prompt (`promptTokenCount`)")
+    output_tokens: int = Field(default=0, description="tokens of the answer (`candidatesTokenCount`)")
+    thoughts_tokens: int = Field(
+        default=0, description="thinking tokens (`thoughtsTokenCount`), billed at the output rate"
+    )
+    total_tokens: int = Field(default=0, description="the API's `totalTokenCount`")
 
 
 class Attempt(BaseModel):
-    number: int
-    tier: Tier
-    served_tier: str | None = None
-    started_at: datetime
-    finished_at: datetime | None = None
-    latency_ms: int | None = None
-    outcome: Outcome | None = None  # None while the attempt is in flight
-    http_status: int | None = None
-    error: str | None = None
-    retry_in_s: float | None = None
-    usage: Usage | None = None
-    worker: str | None = None
+    number: int = Field(description="1, 2, ... in order; the count goes on after `flexq retry`")
+    tier: Tier = Field(description="the tier this attempt asked for")
+    served_tier: str | None = Field(
+        default=None,
+        description="the tier the API says it served (`x-gemini-service-tier` header); null without a 200 answer",
+    )
+    started_at: datetime = Field(description="when the attempt started")
+    finished_at: datetime | None = Field(default=None, description="when it ended; null while it is in flight")
+    latency_ms: int | None = Field(default=None, description="from start to end, in milliseconds")
+    outcome: Outcome | None = Field(  # None while the attempt is in flight
+        default=None, description="how the attempt ended (see the outcomes table); null while it is in flight"
+    )
+    http_status: int | None = Field(
+        default=None, description="HTTP status; null for timeouts, connection errors and interruptions"
+    )
+    error: str | None = Field(
+        default=None, description="the error message, secrets redacted, cut at 1,000 characters"
+    )
+    retry_in_s: float | None = Field(
+        default=None,
+        description="the delay chosen when this attempt led to a retry (0: straight to the standard tier)",
+    )
+    usage: Usage | None = Field(default=None, description="token usage of a 200 answer")
+    worker: str | None = Field(default=None, description="the worker process that ran it: `host:pid:random`")
 
 
 class JobResult(BaseModel):
-    text: str | None
-    finish_reason: str | None
-    usage: Usage
-    model_version: str | None
-    tier: str
+    text: str | None = Field(
+        description="the answer's text parts joined, thoughts left out; null when there is none "
+        "(e.g. thinking used the whole token budget)"
+    )
+    finish_reason: str | None = Field(description="the candidate's finish reason: `STOP`, `MAX_TOKENS`, ...")
+    usage: Usage = Field(description="token usage of the successful call")
+    model_version: str | None = Field(description="the model version the API reports")
+    tier: str = Field(description="the tier served (the requested tier when the API does not say)")
 
 
 class JobError(BaseModel):
-    kind: str  # client_error | blocked | deadline_exceeded | cancelled | invalid_job | interrupted | ...
-    message: str
-    http_status: int | None = None
+    kind: str = Field(  # client_error | blocked | deadline_exceeded | cancelled | invalid_job | interrupted
+        description="why the job ended without an answer (see the error kinds table)"
+    )
+    message: str = Field(description="what happened, in one line")
+    http_status: int | None = Field(default=None, description="the last attempt's HTTP status, if any")
 
 
 class JobRecord(BaseModel):
@@ -208,23 +78,36 @@ class JobRecord(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    id: str
-    status: Status
-    created_at: datetime
-    updated_at: datetime
-    deadline_at: datetime
-    fallback: Fallback = "none"
-    tags: dict[str, str] = Field(default_factory=dict)
-    request: GenerateRequest | None  # None only for a record quarantined as invalid_job
-    attempts: list[Attempt] = Field(default_factory=list)
-    result: JobResult | None = None
-    error: JobError | None = None
-    cost_usd: float | None = None
-    standard_cost_usd: float | None = None
-    cancel_requested: bool = False
-    next_tier: Tier = Tier.FLEX
-    interrupts: int = 0
-    enqueues: int = 1
+    id: str = Field(description="the job id: 1-128 letters, digits, `.`, `_`, `:` or `-`")
+    status: Status = Field(
+        description="`queued`: waiting for its first attempt (or for a flow-control permit); `running`: an "
+        "attempt is in flight; `retrying`: waiting for the next attempt; `succeeded`, `failed`, `cancelled`: ended"
+    )
+    created_at: datetime = Field(description="when the job was enqueued")
+    updated_at: datetime = Field(description="the record's last change")
+    deadline_at: datetime = Field(description="the retry budget: no attempt starts after it (`flexq retry` resets it)")
+    fallback: Fallback = Field(default="none", description="`standard`: the job may end on the standard tier")
+    tags: dict[str, str] = Field(default_factory=dict, description="the producer's labels, string to string")
+    request: GenerateRequest | None = Field(  # None only for a record quarantined as invalid_job
+        description="the request as submitted; null only for a record quarantined as `invalid_job`"
+    )
+    attempts: list[Attempt] = Field(default_factory=list, description="one entry per call to the API, oldest first")
+    result: JobResult | None = Field(default=None, description="the answer, once the job has succeeded")
+    error: JobError | None = Field(default=None, description="why the job failed or was cancelled")
+    cost_usd: float | None = Field(
+        default=None, description="USD of the successful call on its tier; null when the model's price is unknown"
+    )
+    standard_cost_usd: float | None = Field(default=None, description="the same usage priced at the standard tier")
+    cancel_requested: bool = Field(
+        default=False, description="set by `flexq cancel`; a running job ends `cancelled` when its call is aborted"
+    )
+    next_tier: Tier = Field(default=Tier.FLEX, description="the tier of the next attempt (`standard` after escalation)")
+    interrupts: int = Field(
+        default=0,
+        description="attempts cut short by a dead or stopping worker since the last enqueue; "
+        "the job fails at `FLEXQ_MAX_INTERRUPTS`",
+    )
+    enqueues: int = Field(default=1, description="1, plus one per `flexq retry`")
 
     @property
     def terminal(self) -> bool:

@@ -19,7 +19,8 @@ from redis.exceptions import RedisError
 
 from producer import transitions
 from producer.errors import InvalidRequestError, JobStateError, StoreUnavailableError, WaitTimeoutError
-from producer.models import GenerateRequest, JobRecord, check_job_id, parse_request, utcnow
+from producer.models import JobRecord, utcnow
+from producer.request import GenerateRequest, check_job_id, parse_request
 from producer.settings import ProducerSettings
 from producer.stats import summarize
 from producer.status import ACTIVE, TERMINAL, Fallback, Status

@@ -31,19 +31,22 @@ class ProducerSettings(BaseSettings):
 
     redis_url: SecretStr = Field(
         default=SecretStr(DEFAULT_REDIS_URL), validation_alias=AliasChoices("REDIS_URL", "redis_url"),
-        description="Redis to keep jobs in: redis://, rediss:// or unix:// (a password in it is never shown)",
+        description="the Redis that holds the jobs: `redis://`, `rediss://` (TLS) or `unix://`; a password in it is "
+        "never shown",
     )
     queue: str = Field(
         default="flexq", pattern=r"^[A-Za-z0-9._-]{1,64}$",
-        description="queue name: its keys are {queue}:...; producers and workers must agree",
+        description="queue name, the prefix of flexq's Redis keys; producers and workers must agree on it",
     )
     max_request_bytes: int = Field(
-        default=8 * 1024 * 1024, gt=0, description="largest request accepted at enqueue (its JSON, in bytes)"
+        default=8 * 1024 * 1024, gt=0, description="largest request accepted at enqueue, as JSON, in bytes"
     )
-    retention_s: int = Field(default=7 * 24 * 3600, gt=0, description="how long a finished job's record is kept")
+    retention_s: int = Field(
+        default=7 * 24 * 3600, gt=0, description="seconds an ended job's record is kept after its last change"
+    )
     deadline_s: float = Field(
         default=24 * 3600.0, gt=0, allow_inf_nan=False,
-        description="a job's deadline when the producer sets none: its retry budget",
+        description="seconds from enqueue to a job's deadline (its retry budget) when the producer gives none",
     )
 
     @field_validator("redis_url")

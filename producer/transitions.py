@@ -13,7 +13,8 @@ from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 from producer.errors import InvalidRequestError
-from producer.models import Attempt, GenerateRequest, JobError, JobRecord, JobResult, Usage
+from producer.models import Attempt, JobError, JobRecord, JobResult, Usage
+from producer.request import GenerateRequest
 from producer.status import ACTIVE, Fallback, Outcome, Status, Tier
 
 #: Longest deadline a job may have (30 days): past that, a record would outlive any sane retention.

@@ -14,7 +14,8 @@ from typing import Any
 
 from google.genai import errors as genai_errors
 
-from producer.models import GenerateRequest, Usage
+from producer.models import Usage
+from producer.request import GenerateRequest
 from producer.status import Tier
 from worker.gemini import Answer
 

@@ -323,7 +323,8 @@ def test_load_previous_without_files_is_empty(tmp_path: Path) -> None:
 
 def test_output_line_of_a_failed_record() -> None:
     from producer import transitions
-    from producer.models import GenerateRequest, utcnow
+    from producer.models import utcnow
+    from producer.request import GenerateRequest
 
     record = transitions.new_record(
         "f1", GenerateRequest(model=MODEL, prompt="x"), now=utcnow(), deadline_s=60, fallback="none", tags={}

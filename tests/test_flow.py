@@ -19,7 +19,7 @@ import pytest
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from producer.models import parse_request
+from producer.request import parse_request
 from producer.settings import settings_error
 from producer.status import Outcome
 from tests.flow_oracle import (

@@ -16,7 +16,8 @@ from google.genai import types
 from pydantic import SecretStr
 
 from producer.errors import ConfigError
-from producer.models import GenerateRequest, Usage
+from producer.models import Usage
+from producer.request import GenerateRequest
 from producer.status import Outcome, Tier
 from simulator import RunningSimulator
 from tests.conftest import API_KEY, make_settings

@@ -1,4 +1,4 @@
-"""producer.models: request validation (one table per rule), job ids, and the record's JSON round trip."""
+"""producer.request and producer.models: request validation (one table per rule), job ids, record JSON."""
 
 from __future__ import annotations
 
@@ -9,17 +9,8 @@ from typing import Any
 import pytest
 
 from producer.errors import InvalidRequestError
-from producer.models import (
-    QUEUE_OWNED_CONFIG_FIELDS,
-    Attempt,
-    GenerateRequest,
-    JobError,
-    JobRecord,
-    JobResult,
-    Usage,
-    check_job_id,
-    parse_request,
-)
+from producer.models import Attempt, JobError, JobRecord, JobResult, Usage
+from producer.request import QUEUE_OWNED_CONFIG_FIELDS, GenerateRequest, check_job_id, parse_request
 from producer.status import ACTIVE, TERMINAL, Outcome, Status, Tier
 
 MODEL = "gemini-2.5-flash"

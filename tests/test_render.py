@@ -14,7 +14,8 @@ from rich.console import Console
 
 from flexq import render
 from producer import transitions
-from producer.models import GenerateRequest, JobError, JobRecord, JobResult, Usage
+from producer.models import JobError, JobRecord, JobResult, Usage
+from producer.request import GenerateRequest
 from producer.stats import summarize
 from producer.status import Fallback, Outcome, Status, Tier
 

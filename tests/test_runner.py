@@ -19,9 +19,10 @@ from arq.worker import Retry
 from redis.asyncio import Redis
 
 from producer import arq_wire, transitions
-from producer.models import GenerateRequest, JobRecord, utcnow
+from producer.models import JobRecord, utcnow
 from producer.pricing import cost_usd
 from producer.queue import FlexQueue
+from producer.request import GenerateRequest
 from producer.status import Outcome, Status, Tier
 from tests.conftest import API_KEY, make_settings
 from tests.fakes import (

@@ -8,7 +8,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from producer import transitions
-from producer.models import JobRecord, JobResult, Usage, parse_request
+from producer.models import JobRecord, JobResult, Usage
+from producer.request import parse_request
 from producer.status import Outcome, Status, Tier
 
 T0 = datetime(2026, 11, 21, 12, 0, 0, tzinfo=UTC)

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PositiveInt, SecretStr, field_validator
 
-from producer.models import MODEL_RE
+from producer.request import MODEL_RE
 from producer.settings import ProducerSettings
 
 
@@ -35,48 +35,66 @@ class WorkerConfig(ProducerSettings):
 
     gemini_api_key: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("GEMINI_API_KEY", "GOOGLE_API_KEY", "gemini_api_key"),
-        description="the Gemini API key (never shown in logs, records or errors)",
+        description="the Gemini API key, needed by workers (never shown in logs, records or errors)",
     )
     gemini_base_url: str | None = Field(
         default=None, validation_alias=AliasChoices("GEMINI_BASE_URL", "gemini_base_url"),
-        description="another Gemini-compatible endpoint, e.g. the bundled simulator",
+        description="another Gemini-compatible endpoint, e.g. the simulator at `http://127.0.0.1:8089`; "
+        "unset: the real API",
     )
-    api_version: str = Field(default="v1beta", description="the Gemini API version in the request path")
+    api_version: str = Field(default="v1beta", description="the API version in the request path")
     request_timeout_s: float = Field(
-        default=900.0, gt=0, allow_inf_nan=False, description="longest one call may take (flex queues for minutes)"
+        default=900.0, gt=0, allow_inf_nan=False,
+        description="timeout of one call in seconds, capped at the time left before the deadline; arq's job "
+        "timeout is this plus 60 s",
     )
-    retry_base_s: float = Field(default=5.0, ge=0, allow_inf_nan=False, description="first retry delay (full jitter)")
-    retry_max_s: float = Field(default=600.0, ge=0, allow_inf_nan=False, description="longest retry delay")
+    retry_base_s: float = Field(
+        default=5.0, ge=0, allow_inf_nan=False, description="backoff base in seconds (exponential, full jitter)"
+    )
+    retry_max_s: float = Field(
+        default=600.0, ge=0, allow_inf_nan=False,
+        description="backoff cap in seconds; also the least wait after a billing 429",
+    )
     max_flex_attempts: int | None = Field(
-        default=None, ge=1, description="flex attempts before a fallback job escalates to standard (unset: none)"
+        default=None, ge=1,
+        description="with fallback `standard`: flex attempts after which a job moves to the standard tier (unset: "
+        "only once the next flex retry would pass the deadline)",
     )
     lease_s: float = Field(
-        default=60.0, ge=1, allow_inf_nan=False, description="a dead worker's jobs are taken over after this"
+        default=60.0, ge=1, allow_inf_nan=False,
+        description="lease on a running job in seconds, renewed every third of it: a dead worker's job is taken "
+        "over within this; also the TTL of flow-control permits",
     )
-    concurrency: int = Field(default=100, ge=1, description="jobs one worker process runs at once")
+    concurrency: int = Field(default=100, ge=1, description="jobs one worker process runs at once (arq's `max_jobs`)")
     max_interrupts: int = Field(
-        default=5, ge=1, description="a job whose worker died this many times mid-attempt fails"
+        default=5, ge=1, description="a job whose attempts were cut short this many times fails with `interrupted`"
     )
-    flow: bool = Field(default=True, description="shared flow control (docs/flow-control.md)")
-    flow_initial: float = Field(default=32.0, ge=1, description="concurrency limit per model and tier at first")
-    flow_min: float = Field(default=1.0, ge=1, description="...never below")
-    flow_max: float = Field(default=1000.0, ge=1, description="...never above (all workers together)")
+    flow: bool = Field(default=True, description="shared flow control on, or off with `0` or `false`")
+    flow_initial: float = Field(
+        default=32.0, ge=1,
+        description="concurrency limit of a (model, tier), all workers together, before anything is learned",
+    )
+    flow_min: float = Field(default=1.0, ge=1, description="lowest the concurrency limit goes")
+    flow_max: float = Field(default=1000.0, ge=1, description="highest the concurrency limit goes")
     flow_decrease: float = Field(
-        default=0.9, gt=0, lt=1, description="factor when 503s jump with hardly an answer (cold start, outage)"
+        default=0.9, gt=0, lt=1,
+        description="factor on the limit when 503s jump while hardly anything is answered (cold start, outage)",
     )
-    breaker_min_failures: int = Field(default=20, ge=1, description="the breaker opens on at least this many...")
+    breaker_min_failures: int = Field(default=20, ge=1, description="fewest failures in 10 s that open the breaker")
     breaker_failure_ratio: float = Field(
-        default=0.75, gt=0, le=1, description="...making up this share of recent outcomes and calls in flight"
+        default=0.75, gt=0, le=1,
+        description="least share of recent outcomes the failures must be (calls in flight count as not failed)",
     )
     breaker_cool_down_s: float = Field(
-        default=10.0, gt=0, allow_inf_nan=False, description="open this long (doubling while it re-opens)"
+        default=10.0, gt=0, allow_inf_nan=False,
+        description="seconds the breaker stays open, doubled on each re-open (at most 300 s)",
     )
     limits: dict[str, Limits] = Field(
         default_factory=dict,
-        description='per-model quotas as JSON, e.g. {"gemini-2.5-flash": {"rpm": 1000, "tpm": 1000000}}',
+        description='per-model RPM/TPM quotas as JSON, e.g. `{"gemini-2.5-flash": {"rpm": 1000, "tpm": 1000000}}`',
     )
     log_format: Literal["auto", "json", "console"] = Field(
-        default="auto", description="worker logs: JSON lines off a terminal, readable lines on one"
+        default="auto", description="worker logs: `auto` is JSON lines off a terminal and readable lines on one"
     )
 
     @field_validator("limits")

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from producer.models import GenerateRequest
+from producer.request import GenerateRequest
 from producer.status import Outcome
 from worker.classify import QuotaKind
 from worker.config import Limits, WorkerConfig

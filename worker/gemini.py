@@ -14,7 +14,8 @@ from google import genai
 from google.genai import types
 
 from producer.errors import ConfigError
-from producer.models import GenerateRequest, Usage
+from producer.models import Usage
+from producer.request import GenerateRequest
 from producer.status import Tier
 from worker.config import WorkerConfig
 

@@ -1,0 +1,171 @@
+"""The request contract: what a producer submits, validated at enqueue with an error naming the field.
+
+Field names here are stable and documented in docs/producer-api.md; workers, the CLI and scripts read them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from producer.errors import InvalidRequestError, first_error, one_line
+
+JOB_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+MODEL_RE = re.compile(r"(?:models/|tunedModels/)?[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+#: Config fields the queue owns: a request may not set them.
+QUEUE_OWNED_CONFIG_FIELDS = {
+    "service_tier": "the queue chooses the tier (flex, or standard on fallback)",
+    "serviceTier": "the queue chooses the tier (flex, or standard on fallback)",
+    "http_options": "the worker owns timeouts, retries and the endpoint",
+    "httpOptions": "the worker owns timeouts, retries and the endpoint",
+}
+
+
+class GenerateRequest(BaseModel):
+    """One generation request as submitted: ``prompt`` or ``contents``, never both."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="model name, e.g. `gemini-2.5-flash` (a `models/` prefix is accepted)")
+    prompt: str | None = Field(
+        default=None, description="a text prompt; a request has exactly one of `prompt` and `contents`"
+    )
+    contents: list[dict[str, Any]] | None = Field(
+        default=None, description="a list of Gemini `Content` objects (checked with the SDK's own types at enqueue)"
+    )
+    system_instruction: str | dict[str, Any] | None = Field(
+        default=None, description="a string or a Gemini `Content`"
+    )
+    config: dict[str, Any] | None = Field(
+        default=None,
+        description="a `GenerateContentConfig` as a dict; `service_tier` and `http_options` are refused "
+        "(the queue sets the tier, timeouts and retries)",
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _model_name(cls, value: str) -> str:
+        if not MODEL_RE.fullmatch(value):
+            raise ValueError("must be a model name such as 'gemini-2.5-flash'")
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    # The SDK's own models check contents and config at enqueue. A stored record was checked when it
+    # was enqueued: reading it back (``JobRecord.from_json``) skips them, and so never imports the SDK.
+
+    @field_validator("contents")
+    @classmethod
+    def _contents(cls, value: list[dict[str, Any]] | None, info: ValidationInfo) -> list[dict[str, Any]] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("must hold at least one Content")
+        if not _stored(info):
+            sdk = _sdk_types()
+            for index, item in enumerate(value):
+                try:
+                    sdk.Content.model_validate(item)
+                except ValidationError as err:
+                    raise ValueError(f"item {index} is not a Gemini Content: {one_line(err)}") from None
+        return value
+
+    @field_validator("system_instruction")
+    @classmethod
+    def _system_instruction(
+        cls, value: str | dict[str, Any] | None, info: ValidationInfo
+    ) -> str | dict[str, Any] | None:
+        if isinstance(value, dict) and not _stored(info):
+            try:
+                _sdk_types().Content.model_validate(value)
+            except ValidationError as err:
+                raise ValueError(f"is not a Gemini Content: {one_line(err)}") from None
+        return value
+
+    @field_validator("config")
+    @classmethod
+    def _config(cls, value: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        for key, why in QUEUE_OWNED_CONFIG_FIELDS.items():
+            if key in value:
+                raise ValueError(f"{key!r} may not be set: {why}")
+        if not _stored(info):
+            try:
+                _sdk_types().GenerateContentConfig.model_validate(value)
+            except ValidationError as err:
+                raise ValueError(f"is not a GenerateContentConfig: {one_line(err)}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _prompt_xor_contents(self) -> GenerateRequest:
+        if (self.prompt is None) == (self.contents is None):
+            raise ValueError("give exactly one of 'prompt' (text) or 'contents' (a Gemini Content list)")
+        return self
+
+    def text_for_estimate(self) -> str:
+        """All text in the request, for token estimates and simulator directives."""
+        if self.prompt is not None:
+            return self.prompt
+        return "\n".join(
+            part["text"]
+            for content in self.contents or []
+            for part in content.get("parts", []) or []
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
+
+
+#: Validation context of a record read back from the store: its request was checked at enqueue.
+STORED = {"stored": True}
+
+
+def _stored(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get("stored"))
+
+
+def _sdk_types() -> Any:
+    """google.genai.types, imported on first use (about 0.7 s): only enqueue and the worker need it."""
+    from google.genai import types
+
+    return types
+
+
+def parse_request(data: Any, *, max_bytes: int) -> GenerateRequest:
+    """Validate a request (a dict or a ``GenerateRequest``); raise ``InvalidRequestError`` naming the field."""
+    if isinstance(data, GenerateRequest):
+        request = data
+    else:
+        if not isinstance(data, dict):
+            raise InvalidRequestError("a request must be a JSON object", field=None)
+        try:
+            request = GenerateRequest.model_validate(data)
+        except ValidationError as err:
+            loc, message, kind = first_error(err)
+            field = loc or None
+            if kind == "extra_forbidden":
+                message = "unknown field (allowed: model, prompt, contents, system_instruction, config)"
+            if kind == "missing":
+                message = "is required"
+            raise InvalidRequestError(f"{field}: {message}" if field else message, field=field) from None
+    size = len(request.model_dump_json(exclude_none=True).encode())
+    if size > max_bytes:
+        raise InvalidRequestError(
+            f"request: {size} bytes is over the {max_bytes}-byte limit (FLEXQ_MAX_REQUEST_BYTES)",
+            field="request",
+        )
+    return request
+
+
+def check_job_id(job_id: str) -> str:
+    if not isinstance(job_id, str) or not JOB_ID_RE.fullmatch(job_id):
+        raise InvalidRequestError(
+            "job_id: must be 1-128 characters of letters, digits, '.', '_', ':' or '-'", field="job_id"
+        )
+    return job_id
