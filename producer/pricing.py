@@ -19,15 +19,14 @@ class Price:
     source: str
     long_input_per_m: float | None = None  # prompts over LONG_PROMPT_TOKENS, where priced apart
     long_output_per_m: float | None = None
-    per_image: float | None = None  # image models: USD per output image, standard tier
+    #: image models: (output tokens of one image, USD per image, standard tier), one per image size
+    images: tuple[tuple[int, float], ...] = ()
 
 
 #: Prompts above this many tokens use the long-context price where the model has one.
 LONG_PROMPT_TOKENS = 200_000
 #: Flex (and batch) cost this fraction of standard.
 FLEX_DISCOUNT = 0.5
-#: Output tokens per image, by image model (for counting images from usage).
-IMAGE_TOKENS = {"gemini-2.5-flash-image": 1290, "gemini-3-pro-image-preview": 1120}
 
 PRICES: dict[str, Price] = {
     "gemini-2.5-flash": Price(0.30, 2.50, "ai.google.dev pricing page, 2026-08-04"),
@@ -35,9 +34,11 @@ PRICES: dict[str, Price] = {
     "gemini-2.5-flash-lite": Price(0.10, 0.40, "pricing page 2026-03-18; flex per Vertex page 2026-06-17"),
     "gemini-3-flash-preview": Price(0.50, 3.00, "pricing page 2026-03-18; flex by the 50% rule"),
     "gemini-3.1-pro-preview": Price(2.00, 12.00, "pricing page 2026-03-18; flex by the 50% rule"),
-    "gemini-2.5-flash-image": Price(0.0, 0.0, "third-party copies 2026-08/09; flex by the 50% rule", per_image=0.039),
-    "gemini-3-pro-image-preview": Price(
-        0.0, 0.0, "third-party copies 2026-08/09 (1K/2K image); flex by the 50% rule", per_image=0.134
+    "gemini-2.5-flash-image": Price(
+        0.0, 0.0, "third-party copies 2026-08/09; flex by the 50% rule", images=((1290, 0.039),)
+    ),
+    "gemini-3-pro-image-preview": Price(  # 1K and 2K images are 1,120 tokens; 4K images 2,000
+        0.0, 0.0, "third-party copies 2026-08/09; flex by the 50% rule", images=((1120, 0.134), (2000, 0.24))
     ),
 }
 
@@ -59,13 +60,25 @@ def cost_usd(model: str, usage: Usage, tier: Tier | str) -> float | None:
     if price is None:
         return None
     factor = FLEX_DISCOUNT if str(tier) == Tier.FLEX else 1.0
-    if price.per_image is not None:
-        per_image_tokens = IMAGE_TOKENS.get(model.removeprefix("models/"), 1290)
-        images = max(1, round(usage.output_tokens / per_image_tokens)) if usage.output_tokens else 0
-        return round(images * price.per_image * factor, 10)
+    if price.images:
+        return round(image_cost_usd(usage.output_tokens, price.images) * factor, 10)
     long = usage.prompt_tokens > LONG_PROMPT_TOKENS and price.long_input_per_m is not None
     input_per_m = price.long_input_per_m if long and price.long_input_per_m else price.input_per_m
     output_per_m = price.long_output_per_m if long and price.long_output_per_m else price.output_per_m
     billed_output = usage.output_tokens + usage.thoughts_tokens
     total = (usage.prompt_tokens * input_per_m + billed_output * output_per_m) / 1_000_000
     return round(total * factor, 10)
+
+
+def image_cost_usd(output_tokens: int, sizes: tuple[tuple[int, float], ...]) -> float:
+    """Standard-tier cost of the images in ``output_tokens``: the mix of sizes whose tokens add up
+    exactly (fewest images first); failing that, the nearest count of the first size (at least one)."""
+    if output_tokens <= 0:
+        return 0.0
+    (small_tokens, small_usd), *larger = sizes
+    for big_tokens, big_usd in larger:
+        for big in range(output_tokens // big_tokens, -1, -1):
+            rest = output_tokens - big * big_tokens
+            if rest % small_tokens == 0:
+                return big * big_usd + rest // small_tokens * small_usd
+    return max(1, round(output_tokens / small_tokens)) * small_usd

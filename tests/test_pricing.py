@@ -47,14 +47,9 @@ HUNDRED_K = usage(prompt=100_000, output=100_000)
         pytest.param("gemini-3-pro-image-preview", usage(output=1120, thoughts=200), 0.134, 0.067,
                      id="pro-image-1k"),
         pytest.param("gemini-3-pro-image-preview", usage(output=2240), 0.268, 0.134, id="pro-image-two-1k"),
-        pytest.param(
-            "gemini-3-pro-image-preview", usage(output=2000), 0.24, 0.12, id="pro-image-4k",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: producer/pricing.py counts images as round(output/1120), so one 4K image "
-                "(2000 tokens, $0.24 per docs/gemini-wire.md) is billed as two 1K images ($0.268)",
-            ),
-        ),
+        pytest.param("gemini-3-pro-image-preview", usage(output=2000), 0.24, 0.12, id="pro-image-4k"),
+        pytest.param("gemini-3-pro-image-preview", usage(output=3120), 0.374, 0.187, id="pro-image-4k-and-1k"),
+        pytest.param("gemini-3-pro-image-preview", usage(output=1200), 0.134, 0.067, id="pro-image-1k-and-text"),
         # name forms
         pytest.param("models/gemini-2.5-flash", HUNDRED_K, 0.28, 0.14, id="models-prefix"),
         pytest.param("gemini-2.5-flash-001", HUNDRED_K, 0.28, 0.14, id="numeric-suffix"),
