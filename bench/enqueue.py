@@ -21,12 +21,14 @@ import io
 import pstats
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 from bench.common import MODEL, BenchResult, bench_redis, flush
 from producer.queue import FlexQueue, JobSpec
 from worker.config import WorkerConfig
 
+ROOT = Path(__file__).resolve().parent.parent
 JOBS_FULL = 10_000
 JOBS_SMOKE = 1_000
 TARGET_JOBS_PER_S = 10_000.0
@@ -121,7 +123,7 @@ async def profile_run(redis_url: str, shape: str, jobs: int, top: int = 12) -> d
 
 
 def _short(where: str) -> str:
-    for marker in ("site-packages/", "/work/main/", "lib/python3"):
+    for marker in ("site-packages/", f"{ROOT}/", "lib/python3"):
         if marker in where:
             return where.split(marker, 1)[1]
     return where

@@ -8,7 +8,8 @@ with flow control on, the admission and release Lua scripts.
 
 raw arq: ``create_pool`` + ``enqueue_job("noop")`` N times (sequential awaits, one job at a time),
 then ``Worker(functions=[noop], burst=True, max_jobs=100)`` with arq's defaults (pickle, results kept
-1 h) except ``poll_delay``, set to flexq's 0.2 s so that both poll the queue equally often.
+1 h) except ``poll_delay``, set to flexq's (``worker.runtime.POLL_DELAY_S``) so that both poll the queue
+equally often.
 
 Worker throughput = N / (first job start -> last job end), from arq's ``on_job_start`` and
 ``after_job_end`` hooks (the same hooks on both sides). Enqueue time is measured separately.

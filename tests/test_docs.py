@@ -74,13 +74,7 @@ PAGE_SERVICES: dict[str, tuple[str, ...]] = {
 
 #: Blocks that cannot run as they stand, in pages owned elsewhere (flow-control, benchmarks, gemini-wire):
 #: fix the page, then remove its entry (strict: a block that starts passing fails until then).
-XFAIL: dict[str, str] = {
-    "docs/benchmarks.md:3": (
-        "the fence has no language tag, so it is neither run nor declared as output; it holds "
-        "`python -m bench.run ...` commands: tag it ```sh and they run (REWRITES checks their "
-        "arguments with bench.run's own parser)"
-    ),
-}
+XFAIL: dict[str, str] = {}
 
 
 # -- rewrites --------------------------------------------------------------------------------------
