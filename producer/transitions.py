@@ -172,19 +172,15 @@ def schedule_retry(record: JobRecord, *, next_tier: Tier, now: datetime) -> JobR
 
 
 def fail(record: JobRecord, *, kind: str, message: str, now: datetime, http_status: int | None = None) -> JobRecord:
-    return _copy(
-        record, status=Status.FAILED, error=JobError(kind=kind, message=message, http_status=http_status),
-        updated_at=now,
-    )
+    error = JobError(kind=kind, message=message, http_status=http_status)
+    return _copy(record, status=Status.FAILED, error=error, updated_at=now)
 
 
 def cancel(record: JobRecord, *, now: datetime) -> JobRecord:
     """Cancel a job that is not running (a running one is aborted by its worker instead)."""
     new = interrupt_open_attempt(record, now=now, reason="cancelled") if record.open_attempt else record
-    return _copy(
-        new, status=Status.CANCELLED, cancel_requested=True,
-        error=JobError(kind="cancelled", message="cancelled on request"), updated_at=now,
-    )
+    error = JobError(kind="cancelled", message="cancelled on request")
+    return _copy(new, status=Status.CANCELLED, cancel_requested=True, error=error, updated_at=now)
 
 
 def request_cancel(record: JobRecord, *, now: datetime) -> JobRecord:
