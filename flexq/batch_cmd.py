@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -61,7 +62,39 @@ def main(argv: Sequence[str]) -> int:
     return exits.run(lambda: asyncio.run(run(command, args)), interrupted=hint, after_progress=True)
 
 
+class Interrupt:
+    """Ctrl-C stops a batch even if a library swallows the first cancellation (asyncio.run cancels the
+    main task once, and only a second Ctrl-C would raise): cancel again every half second until the
+    batch is closing, then let the clean-up finish."""
+
+    RECANCEL_S = 0.5
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.requested = False
+        self.closing = False
+
+    def __call__(self) -> None:
+        self.requested = True
+        if not self.task.done() and not self.closing:
+            self.task.cancel()
+            asyncio.get_running_loop().call_later(self.RECANCEL_S, self)
+
+
 async def run(command: str, args: argparse.Namespace) -> int:
+    task = asyncio.current_task()
+    assert task is not None
+    interrupt = Interrupt(task)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGINT, interrupt)
+    try:
+        return await _prepare(command, args, interrupt)
+    except asyncio.CancelledError:
+        if interrupt.requested:
+            raise KeyboardInterrupt from None
+        raise
+
+
+async def _prepare(command: str, args: argparse.Namespace, interrupt: Interrupt) -> int:
     settings = WorkerConfig()
     demo = command == "demo"
     embedded = "REDIS_URL" not in os.environ
@@ -87,12 +120,12 @@ async def run(command: str, args: argparse.Namespace) -> int:
     with log_path.open("a", encoding="utf-8") as log_file:
         logs.configure("json", stream=log_file)
         return await _run(settings, args, source, output, embedded=embedded, simulate=simulate,
-                          sim=DEMO_SIM if demo else None, log_path=log_path, console=err)
+                          sim=DEMO_SIM if demo else None, log_path=log_path, console=err, interrupt=interrupt)
 
 
 async def _run(
     settings: WorkerConfig, args: argparse.Namespace, source: Path, output: Path, *, embedded: bool,
-    simulate: bool, sim: SimConfig | None, log_path: Path, console: Console,
+    simulate: bool, sim: SimConfig | None, log_path: Path, console: Console, interrupt: Interrupt,
 ) -> int:
     runtime = await open_runtime(settings, embedded=embedded, simulate=simulate, sim_config=sim)
     try:
@@ -110,6 +143,7 @@ async def _run(
         with display:
             result = await job.run(lines, bad)
     finally:
+        interrupt.closing = True
         await runtime.close()
     summary = summarize_batch(result)
     summary["batch"]["output"], summary["batch"]["log"] = str(output), str(log_path)
