@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check producer worker flexq simulator tests bench
+	$(BIN)/ruff check producer worker flexq simulator tests bench examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

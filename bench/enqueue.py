@@ -75,7 +75,7 @@ async def one_run(redis_url: str, shape: str, jobs: int) -> dict[str, float]:
         # The split, on fresh ids: validation only, then the Redis write only.
         specs = specs_for(shape, jobs, "s")
         started = time.perf_counter()
-        records = [queue._prepare(spec) for spec in specs]
+        records = [queue._prepare(spec, {}) for spec in specs]
         prepare_s = time.perf_counter() - started
         started = time.perf_counter()
         for start in range(0, len(records), 1000):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from flexq.jsonl import Line, LineError, parse_jsonl, stable_line_id
+from producer.blobs import extension
 from producer.models import JobRecord
 from producer.queue import FlexQueue
 from producer.stats import add_up, attempt_counts, cost_counts, summarize
@@ -31,13 +32,25 @@ def journal_path(out: Path) -> Path:
     return out.with_name(out.name + ".progress")
 
 
-def output_line(record: JobRecord, line: int) -> dict[str, Any]:
+def images_dir(out: Path) -> Path:
+    """Where a batch writes its answers' images: ``OUT.images/<id>-<index>.<ext>``."""
+    return out.with_name(out.name + ".images")
+
+
+def output_line(record: JobRecord, line: int, image_paths: list[str] | None = None) -> dict[str, Any]:
     result = record.result
+    images = [
+        {**image.model_dump(), "path": path}
+        for image, path in zip(result.images if result else [], image_paths or [], strict=False)
+    ]
     return {
         "id": record.id,
         "line": line,
         "status": str(record.status),
         "text": result.text if result else None,
+        "function_calls": [call.model_dump() for call in result.function_calls] if result else [],
+        "parsed": result.parsed if result else None,
+        "images": images,
         "finish_reason": result.finish_reason if result else None,
         "usage": result.usage.model_dump() if result else None,
         "tier": result.tier if result else None,
@@ -123,6 +136,21 @@ class BatchJob:
     fallback: str = "none"
     on_progress: Callable[[Progress], None] = lambda _p: None
     previous: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: output lines of this run's jobs as they ended (and of lines whose parent in the batch failed)
+    _output: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    async def _save_images(self, record: JobRecord) -> list[str]:
+        """Write a succeeded job's images next to the output; their paths, in answer order."""
+        if record.result is None or not record.result.images:
+            return []
+        folder = images_dir(self.out)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for image in record.result.images:
+            path = folder / f"{record.id}-{image.index}{extension(image.mime_type)}"
+            path.write_bytes(await self.queue.blob(image.sha256))
+            paths.append(str(path))
+        return paths
 
     def parse(self) -> tuple[list[Line], list[LineError]]:
         text = self.source.read_text(encoding="utf-8")
@@ -142,22 +170,59 @@ class BatchJob:
         progress = Progress(total=len(lines), reused=len(lines) - len(todo))
         reused = [self.previous[str(line.spec.job_id)] for line in lines if line.spec.job_id in self.previous]
         progress.reused_succeeded = sum(item["status"] == Status.SUCCEEDED for item in reused)
-        enqueued = await self.queue.enqueue_many([line.spec for line in todo])
-        for item in enqueued:  # a job left failed by an earlier run on this Redis: run it again
-            if not item.created and item.record.error and item.record.error.kind in RERUN_KINDS:
-                await self.queue.retry(item.id, deadline_s=self.deadline_s)
-        records = await self._follow([item.id for item in enqueued], by_id, progress)
+        # a line that continues another line of this batch waits until that line's job has succeeded
+        waiting = [line for line in todo if line.continue_from in by_id and line.continue_from not in self.previous]
+        waiting_ids = {line.spec.job_id for line in waiting}
+        ready = [line for line in todo if line.spec.job_id not in waiting_ids]
+        enqueued = await self._enqueue(ready)
+        records = await self._follow([item.id for item in enqueued], by_id, progress, waiting)
         out_lines = []
         for line in lines:
             job_id = str(line.spec.job_id)
-            out_lines.append(self.previous.get(job_id) or output_line(records[job_id], line.line))
+            out_lines.append(self.previous.get(job_id) or self._output.get(job_id)
+                             or output_line(records[job_id], line.line))
         self._write_output(out_lines)
         return BatchResult(out_lines, bad, records, progress, time.monotonic() - started)
 
-    async def _follow(self, ids: list[str], by_id: dict[str | None, Line], progress: Progress) -> dict[str, JobRecord]:
+    async def _enqueue(self, lines: list[Line]) -> list[Any]:
+        enqueued = await self.queue.enqueue_many([line.spec for line in lines])
+        for item in enqueued:  # a job left failed by an earlier run on this Redis: run it again
+            if not item.created and item.record.error and item.record.error.kind in RERUN_KINDS:
+                await self.queue.retry(item.id, deadline_s=self.deadline_s)
+        return enqueued
+
+    async def _release_children(
+        self, final: dict[str, JobRecord], waiting: list[Line], sink: Any
+    ) -> tuple[list[str], list[Line]]:
+        """Enqueue the waiting lines whose parent succeeded; fail those whose parent did not."""
+        started: list[Line] = []
+        still: list[Line] = []
+        for line in waiting:
+            parent = final.get(str(line.continue_from))
+            if parent is None:
+                still.append(line)
+            elif parent.status == Status.SUCCEEDED:
+                started.append(line)
+            else:
+                item: dict[str, Any] = {
+                    "id": line.spec.job_id, "line": line.line, "status": str(Status.FAILED), "text": None,
+                    "function_calls": [], "parsed": None, "images": [], "finish_reason": None, "usage": None,
+                    "tier": None, "attempts": 0, "cost_usd": None, "standard_cost_usd": None,
+                    "error": {"kind": "parent_failed", "http_status": None,
+                              "message": f"the job it continues, {parent.id!r}, ended {parent.status}"},
+                }
+                self._output[str(line.spec.job_id)] = item
+                sink.write(json.dumps(item) + "\n")
+        enqueued = await self._enqueue(started) if started else []
+        return [item.id for item in enqueued], still
+
+    async def _follow(
+        self, ids: list[str], by_id: dict[str | None, Line], progress: Progress, waiting: list[Line] | None = None
+    ) -> dict[str, JobRecord]:
         """Poll until every job ends; journal each as it does."""
         final: dict[str, JobRecord] = {}
         pending = list(ids)
+        waiting = list(waiting or [])
         journal = journal_path(self.out)
         journal.parent.mkdir(parents=True, exist_ok=True)
         with journal.open("a", encoding="utf-8") as sink:
@@ -169,15 +234,20 @@ class BatchJob:
                         record = await self.queue.store.get(job_id)
                     if record.terminal:
                         final[job_id] = record
-                        sink.write(json.dumps(output_line(record, by_id[job_id].line)) + "\n")
+                        item = output_line(record, by_id[job_id].line, await self._save_images(record))
+                        self._output[job_id] = item
+                        sink.write(json.dumps(item) + "\n")
                     else:
                         active.append(record)
+                released, waiting = await self._release_children(final, waiting, sink) if waiting else ([], [])
                 sink.flush()
                 os.fsync(sink.fileno())
-                pending = [r.id for r in active]
+                pending = [r.id for r in active] + released
                 self._count(progress, final, active)
+                progress.queued += len(waiting)
+                progress.failed += len(self._output) - len(final)
                 self.on_progress(progress)
-                if not pending:
+                if not pending and not waiting:
                     return final
                 await asyncio.sleep(POLL_S)  # progress polling of the output, not a retry backoff
 

@@ -80,14 +80,21 @@ async def cmd_enqueue(args: argparse.Namespace, settings: ProducerSettings) -> i
             return EXIT_ERROR if errors else 0
 
         return await _with_queue(settings, many)
-    if not args.model or not args.prompt:
-        raise UsageError("enqueue needs --model and --prompt (or --file F.jsonl)")
+    if args.continue_from:
+        if not args.prompt:
+            raise UsageError("enqueue --continue-from ID needs --prompt (the next user turn)")
+        request: dict[str, Any] = {"continue_from": args.continue_from, "prompt": args.prompt}
+        if args.model:
+            request["model"] = args.model
+    elif not args.model or not args.prompt:
+        raise UsageError("enqueue needs --model and --prompt (or --file F.jsonl, or --continue-from ID)")
+    else:
+        request = {"model": args.model, "prompt": args.prompt}
     tags = dict(_kv(t) for t in args.tag or [])
 
     async def one(queue: FlexQueue) -> int:
         done = await queue.enqueue(
-            {"model": args.model, "prompt": args.prompt}, job_id=args.id, deadline_s=args.deadline_s,
-            fallback=args.fallback, tags=tags,
+            request, job_id=args.id, deadline_s=args.deadline_s, fallback=args.fallback, tags=tags,
         )
         if done.created:
             print(done.id)
@@ -111,7 +118,53 @@ async def cmd_status(args: argparse.Namespace, settings: ProducerSettings) -> in
         if args.json:
             _print_json(_jsonable(record))
         else:
-            _render().status(_console(), record)
+            thread = await queue.thread(record.id) if record.parent_id else [record]
+            _render().status(_console(), record, thread=[r.id for r in thread],
+                             children=await queue.children(record.id))
+        return 0
+
+    return await _with_queue(settings, body)
+
+
+async def cmd_result(args: argparse.Namespace, settings: ProducerSettings) -> int:
+    """A succeeded job's answer: text, function calls, parsed JSON; images saved with --save DIR."""
+
+    async def body(queue: FlexQueue) -> int:
+        record = await queue.get(args.id)
+        if record.result is None:
+            why = f": {record.error.message}" if record.error else ""
+            print(f"flexq: job {record.id!r} is {record.status} and has no answer{why}", file=sys.stderr)
+            return EXIT_ERROR
+        result = record.result
+        saved: list[str | None] = []
+        for image in result.images:
+            if args.save is None:
+                saved.append(None)
+                continue
+            data = await queue.blob(image.sha256)
+            from producer.blobs import extension
+
+            target = Path(args.save) / f"{record.id}-{image.index}{extension(image.mime_type)}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+            saved.append(str(target))
+        if args.json:
+            _print_json({
+                "id": record.id, "text": result.text, "function_calls": _jsonable(result.function_calls),
+                "parsed": result.parsed,
+                "images": [{**_jsonable(image), "path": p} for image, p in zip(result.images, saved, strict=True)],
+            })
+            return 0
+        if result.text is not None:
+            print(result.text)
+        for call in result.function_calls:
+            print(f"function call {call.name}({json.dumps(call.args)}) id={call.id}")
+        if result.parsed is not None and result.text is None:
+            _print_json(result.parsed)
+        for image, path in zip(result.images, saved, strict=True):
+            size = f"{image.width}x{image.height} " if image.width and image.height else ""
+            where = path or "(use --save DIR to write it)"
+            print(f"image {image.index}: {image.mime_type} {size}{image.bytes} bytes -> {where}")
         return 0
 
     return await _with_queue(settings, body)
@@ -207,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline-s", type=float, default=None, help="give up after this long (default 24 h)")
     p.add_argument("--fallback", choices=["none", "standard"], default="none")
     p.add_argument("--tag", action="append", metavar="KEY=VALUE")
+    p.add_argument("--continue-from", metavar="ID", help="continue this succeeded job's thread; --prompt is the turn")
+
+    p = sub.add_parser("result", help="print a job's answer (text, function calls, JSON); --save DIR writes images")
+    p.add_argument("id")
+    p.add_argument("--save", metavar="DIR", help="write each image to DIR/<id>-<index>.<ext>")
+    p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("status", help="show one job and its attempts")
     p.add_argument("id")
@@ -244,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 ASYNC_COMMANDS: dict[str, Callable[[argparse.Namespace, Any], Coroutine[Any, Any, int]]] = {
-    "enqueue": cmd_enqueue, "status": cmd_status, "wait": cmd_wait, "list": cmd_list,
+    "enqueue": cmd_enqueue, "status": cmd_status, "result": cmd_result, "wait": cmd_wait, "list": cmd_list,
     "retry": cmd_retry, "cancel": cmd_cancel, "stats": cmd_stats,
 }
 #: Commands that need the worker's settings (flow control, the Gemini key); the rest read only a producer's.

@@ -6,13 +6,16 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from producer.errors import InvalidRequestError
 from producer.queue import JobSpec
 from producer.request import check_job_id, parse_request
+from producer.thread import parse_continue
 
 REQUEST_FIELDS = ("model", "prompt", "contents", "system_instruction", "config")
-LINE_FIELDS = {*REQUEST_FIELDS, "id", "tags"}
+THREAD_FIELDS = ("continue_from", "parts")
+LINE_FIELDS = {*REQUEST_FIELDS, *THREAD_FIELDS, "id", "tags"}
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,13 @@ class LineError:
 class Line:
     line: int
     spec: JobSpec
+
+    @property
+    def continue_from(self) -> str | None:
+        request = self.spec.request
+        if isinstance(request, dict) and request.get("continue_from") is not None:
+            return str(request["continue_from"])
+        return None
 
 
 def parse_jsonl(
@@ -57,7 +67,15 @@ def parse_jsonl(
             bad.append(LineError(number, f"unknown field {unknown[0]!r} (allowed: {', '.join(sorted(LINE_FIELDS))})"))
             continue
         try:
-            request = parse_request({k: data[k] for k in REQUEST_FIELDS if k in data}, max_bytes=max_bytes)
+            request: Any
+            if data.get("continue_from") is not None:  # a thread's next turn: the queue builds it at enqueue
+                fields = {k: data[k] for k in (*REQUEST_FIELDS, *THREAD_FIELDS) if k in data}
+                parse_continue(fields)
+                request = fields
+            else:
+                if "parts" in data:
+                    raise InvalidRequestError("parts: only a line with continue_from has parts", field="parts")
+                request = parse_request({k: data[k] for k in REQUEST_FIELDS if k in data}, max_bytes=max_bytes)
             job_id = data.get("id")
             job_id = check_job_id(str(job_id)) if job_id is not None else default_id(number, text)
             tags = data.get("tags") or {}

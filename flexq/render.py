@@ -24,7 +24,9 @@ def _short(text: str | None, width: int = 60) -> str:
     return escape(text if len(text) <= width else text[: width - 1] + "…")
 
 
-def status(console: Console, record: JobRecord) -> None:
+def status(
+    console: Console, record: JobRecord, *, thread: list[str] | None = None, children: list[str] | None = None
+) -> None:
     head = Table.grid(padding=(0, 2))
     head.add_row("id", record.id)
     head.add_row("status", f"[bold]{record.status}[/bold]")
@@ -33,6 +35,10 @@ def status(console: Console, record: JobRecord) -> None:
     head.add_row("updated", _t(record.updated_at))
     head.add_row("deadline", _t(record.deadline_at))
     head.add_row("fallback", record.fallback)
+    if thread and len(thread) > 1:
+        head.add_row("thread", escape(" -> ".join(thread)) + f" (turn {len(thread)})")
+    if children:
+        head.add_row("continued by", escape(", ".join(children)))
     if record.tags:
         head.add_row("tags", escape(", ".join(f"{k}={v}" for k, v in record.tags.items())))
     if record.cost_usd is not None:
@@ -42,6 +48,12 @@ def status(console: Console, record: JobRecord) -> None:
     if record.result:
         head.add_row("finish", f"{record.result.finish_reason} on {record.result.tier}")
         head.add_row("text", _short(record.result.text, 200))
+        for call in record.result.function_calls:
+            head.add_row("function call", escape(_short(f"{call.name}({call.args}) id={call.id}", 200)))
+        for image in record.result.images:
+            size = f" {image.width}x{image.height}" if image.width and image.height else ""
+            head.add_row("image", f"{image.index}: {image.mime_type}{size}, {image.bytes} bytes "
+                         f"(flexq result {escape(record.id)} --save DIR)")
     console.print(head)
     if not record.attempts:
         return

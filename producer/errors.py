@@ -74,3 +74,14 @@ class InvalidJobError(FlexqError):
         super().__init__(f"job {job_id!r} has an unreadable record: {reason}")
         self.job_id = job_id
         self.reason = reason
+
+
+class BlobMissingError(FlexqError, KeyError):
+    """A record refers to a blob (image bytes, inline data) the blob store no longer holds."""
+
+    def __init__(self, sha256: str) -> None:
+        super().__init__(sha256)
+        self.sha256 = sha256
+
+    def __str__(self) -> str:
+        return f"blob sha256:{self.sha256} is missing from the blob store (expired or never stored)"

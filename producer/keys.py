@@ -42,6 +42,10 @@ class Keys:
         """Sorted set of live worker names scored by last heartbeat (epoch s)."""
         return f"{self.queue}:workers"
 
+    def children(self, job_id: str) -> str:
+        """Set of the ids of jobs that continue ``job_id`` (threads)."""
+        return f"{self.queue}:children:{job_id}"
+
     def flow(self, name: str) -> str:
         """Flow-control state shared by all workers (permits, pauses, breakers)."""
         return f"{self.queue}:flow:{name}"

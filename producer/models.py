@@ -7,6 +7,7 @@ Field names here are stable and documented in docs/job-record.md (generated from
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,6 +26,17 @@ class Usage(BaseModel):
         default=0, description="thinking tokens (`thoughtsTokenCount`), billed at the output rate"
     )
     total_tokens: int = Field(default=0, description="the API's `totalTokenCount`")
+    cached_tokens: int = Field(default=0, description="prompt tokens served from a context cache")
+    tool_use_prompt_tokens: int = Field(
+        default=0, description="prompt tokens of tool results (`toolUsePromptTokenCount`)"
+    )
+    prompt_details: dict[str, int] = Field(
+        default_factory=dict, description="prompt tokens per modality, e.g. `{\"TEXT\": 12, \"IMAGE\": 258}`"
+    )
+    output_details: dict[str, int] = Field(
+        default_factory=dict, description="answer tokens per modality, e.g. `{\"IMAGE\": 1120}` for one image"
+    )
+    traffic_type: str | None = Field(default=None, description="the API's `trafficType`, when it sends one")
 
 
 class Attempt(BaseModel):
@@ -54,6 +66,23 @@ class Attempt(BaseModel):
     worker: str | None = Field(default=None, description="the worker process that ran it: `host:pid:random`")
 
 
+class ImageRef(BaseModel):
+    index: int = Field(description="0, 1, ... in the order the images appear in the answer")
+    candidate: int = Field(default=0, description="the candidate the image belongs to (0: the first)")
+    part_index: int = Field(description="the image's position in its candidate's `content.parts`")
+    mime_type: str = Field(description="e.g. `image/png`")
+    bytes: int = Field(description="size of the image in bytes")
+    sha256: str = Field(description="hex digest: the image's key in the blob store")
+    width: int | None = Field(default=None, description="pixels, read from the image header")
+    height: int | None = Field(default=None, description="pixels, read from the image header")
+
+
+class FunctionCall(BaseModel):
+    id: str | None = Field(default=None, description="the call's id, to send back in the `function_response`")
+    name: str = Field(description="the declared function's name")
+    args: dict[str, Any] = Field(default_factory=dict, description="the arguments, as the model wrote them")
+
+
 class JobResult(BaseModel):
     text: str | None = Field(
         description="the answer's text parts joined, thoughts left out; null when there is none "
@@ -63,6 +92,27 @@ class JobResult(BaseModel):
     usage: Usage = Field(description="token usage of the successful call")
     model_version: str | None = Field(description="the model version the API reports")
     tier: str = Field(description="the tier served (the requested tier when the API does not say)")
+    finish_message: str | None = Field(default=None, description="the candidate's `finishMessage`, if any")
+    content: dict[str, Any] | None = Field(
+        default=None,
+        description="the first candidate's `Content` exactly as returned (thoughts, `thought_signature`s, function "
+        "calls with their ids...), inline bytes replaced by `inline_data.blob_sha256` references",
+    )
+    function_calls: list[FunctionCall] = Field(default_factory=list, description="the function calls in `content`")
+    images: list[ImageRef] = Field(
+        default_factory=list, description="the images in the answer (their bytes are in the blob store)"
+    )
+    parsed: Any = Field(default=None, description="the answer parsed as JSON, when JSON output was asked for")
+    safety_ratings: list[dict[str, Any]] | None = Field(default=None, description="the candidate's safety ratings")
+    citation_metadata: dict[str, Any] | None = Field(default=None, description="the candidate's citations")
+    grounding_metadata: dict[str, Any] | None = Field(default=None, description="search grounding, if used")
+    url_context_metadata: dict[str, Any] | None = Field(default=None, description="URL context tool metadata")
+    prompt_feedback: dict[str, Any] | None = Field(default=None, description="the response's `promptFeedback`")
+    response_id: str | None = Field(default=None, description="the API's `responseId`")
+    candidates: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="other candidates (`candidate_count` > 1), each as `{content, finish_reason, ...}`",
+    )
 
 
 class JobError(BaseModel):
@@ -108,6 +158,9 @@ class JobRecord(BaseModel):
         "the job fails at `FLEXQ_MAX_INTERRUPTS`",
     )
     enqueues: int = Field(default=1, description="1, plus one per `flexq retry`")
+    parent_id: str | None = Field(
+        default=None, description="the job this one continues (`continue_from`): its request holds that thread"
+    )
 
     @property
     def terminal(self) -> bool:

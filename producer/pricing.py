@@ -61,7 +61,8 @@ def cost_usd(model: str, usage: Usage, tier: Tier | str) -> float | None:
         return None
     factor = FLEX_DISCOUNT if str(tier) == Tier.FLEX else 1.0
     if price.images:
-        return round(image_cost_usd(usage.output_tokens, price.images) * factor, 10)
+        image_tokens = usage.output_details.get("IMAGE", usage.output_tokens)  # text beside images: not priced
+        return round(image_cost_usd(image_tokens, price.images) * factor, 10)
     long = usage.prompt_tokens > LONG_PROMPT_TOKENS and price.long_input_per_m is not None
     input_per_m = price.long_input_per_m if long and price.long_input_per_m else price.input_per_m
     output_per_m = price.long_output_per_m if long and price.long_output_per_m else price.output_per_m

@@ -18,13 +18,22 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from producer import transitions
-from producer.errors import InvalidRequestError, JobStateError, StoreUnavailableError, WaitTimeoutError
-from producer.models import JobRecord, utcnow
-from producer.request import GenerateRequest, check_job_id, parse_request
+from producer.blobs import fill, open_blob_store
+from producer.errors import (
+    BlobMissingError,
+    InvalidRequestError,
+    JobNotFoundError,
+    JobStateError,
+    StoreUnavailableError,
+    WaitTimeoutError,
+)
+from producer.models import ImageRef, JobRecord, utcnow
+from producer.request import STORED, GenerateRequest, check_job_id, parse_request
 from producer.settings import ProducerSettings
 from producer.stats import summarize
 from producer.status import ACTIVE, TERMINAL, Fallback, Status
 from producer.store import JobStore
+from producer.thread import parse_continue, thread_contents
 
 MAX_DEADLINE_S = transitions.MAX_DEADLINE_S  # (kept here too: the producer API's own vocabulary)
 
@@ -73,7 +82,10 @@ class FlexQueue:
     def __init__(self, redis: Redis, settings: ProducerSettings, *, owns_redis: bool = False) -> None:
         self.redis = redis
         self.settings = settings
-        self.store = JobStore(redis, queue=settings.queue, retention_s=settings.retention_s)
+        self.store = JobStore(
+            redis, queue=settings.queue, retention_s=settings.retention_s,
+            blobs=open_blob_store(settings.blob_store, redis=redis, queue=settings.queue),
+        )
         self._owns_redis = owns_redis
 
     @classmethod
@@ -95,16 +107,76 @@ class FlexQueue:
 
     # -- enqueue ------------------------------------------------------------------------------
 
-    def _prepare(self, spec: JobSpec) -> JobRecord:
-        request = parse_request(spec.request, max_bytes=self.settings.max_request_bytes)
+    def _prepare(self, spec: JobSpec, parents: Mapping[str, JobRecord]) -> JobRecord:
+        parent_id = _parent_of(spec.request)
+        data: Any = spec.request
+        if parent_id is not None:
+            data = self._continuation(spec.request, parents[parent_id])
+        request = parse_request(
+            data, max_bytes=self.settings.max_request_bytes,
+            max_blob_bytes=self.settings.max_blob_bytes, max_job_blob_bytes=self.settings.max_job_blob_bytes,
+        )
         job_id = check_job_id(spec.job_id) if spec.job_id is not None else uuid.uuid4().hex
         deadline_s = self.settings.deadline_s if spec.deadline_s is None else spec.deadline_s
         if spec.fallback not in ("none", "standard"):
             raise InvalidRequestError("fallback: must be 'none' or 'standard'", field="fallback")
         tags = {str(k): str(v) for k, v in spec.tags.items()}
         return transitions.new_record(
-            job_id, request, now=utcnow(), deadline_s=deadline_s, fallback=spec.fallback, tags=tags
+            job_id, request, now=utcnow(), deadline_s=deadline_s, fallback=spec.fallback, tags=tags,
+            parent_id=parent_id,
         )
+
+    @staticmethod
+    def _continuation(data: Any, parent: JobRecord) -> GenerateRequest:
+        """The whole request of a thread's next turn: parent's contents, parent's answer, the new turn."""
+        turn = parse_continue(data)
+        if parent.status != Status.SUCCEEDED or parent.result is None or parent.result.content is None:
+            state = "succeeded without an answer content" if parent.status == Status.SUCCEEDED else parent.status
+            raise InvalidRequestError(
+                f"continue_from: job {parent.id!r} is {state}; a thread continues a succeeded job",
+                field="continue_from",
+            )
+        assert parent.request is not None
+        contents = thread_contents(parent.request, parent.result.content, turn.turn())
+        fields = {
+            "model": turn.model or parent.request.model, "contents": contents,
+            "system_instruction": turn.system_instruction if turn.system_instruction is not None
+            else parent.request.system_instruction,
+            "config": turn.config if turn.config is not None else parent.request.config,
+        }
+        # earlier turns were checked when they were enqueued and hold blob references: not re-checked
+        return GenerateRequest.model_validate(fields, context=STORED)
+
+    async def _parents(self, specs: Iterable[JobSpec]) -> dict[str, JobRecord]:
+        """The records of the jobs these specs continue; ``InvalidRequestError`` if one does not exist."""
+        out: dict[str, JobRecord] = {}
+        for spec in specs:
+            parent_id = _parent_of(spec.request)
+            if parent_id is None or parent_id in out:
+                continue
+            check_job_id(parent_id)
+            try:
+                out[parent_id] = await self.store.get(parent_id)
+            except JobNotFoundError:
+                raise InvalidRequestError(
+                    f"continue_from: no job with id {parent_id!r} (never enqueued, or expired)", field="continue_from"
+                ) from None
+        return out
+
+    async def thread(self, job_id: str) -> list[JobRecord]:
+        """The thread ``job_id`` ends: the first job, each continuation, then ``job_id`` itself."""
+        chain = [await self.store.get(job_id)]
+        while chain[0].parent_id is not None and len(chain) < 1000:
+            try:
+                chain.insert(0, await self.store.get(chain[0].parent_id))
+            except JobNotFoundError:
+                break  # an expired early turn: the thread starts where the records do
+        return chain
+
+    async def children(self, job_id: str) -> list[str]:
+        """Ids of the jobs that continue ``job_id``, sorted."""
+        members: set[Any] = await self.redis.smembers(self.store.keys.children(job_id))  # type: ignore[misc]
+        return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
 
     async def enqueue(
         self,
@@ -117,7 +189,7 @@ class FlexQueue:
     ) -> Enqueued:
         """Validate and enqueue one job. An existing ``job_id`` is not enqueued again."""
         spec = JobSpec(request, job_id=job_id, deadline_s=deadline_s, fallback=fallback, tags=tags or {})
-        record = self._prepare(spec)  # a single request's error names the field without an [index]
+        record = self._prepare(spec, await self._parents([spec]))  # an error names the field, no [index]
         existing = (await self.store.create([record]))[0]
         return Enqueued(record=existing or record, created=existing is None)
 
@@ -126,10 +198,12 @@ class FlexQueue:
 
         An ``InvalidRequestError`` names the item: ``[3] prompt: must not be empty``.
         """
+        specs = list(specs)
         records: list[JobRecord] = []
+        parents = await self._parents(specs)
         for index, spec in enumerate(specs):
             try:
-                records.append(self._prepare(spec))
+                records.append(self._prepare(spec, parents))
             except InvalidRequestError as err:
                 raise InvalidRequestError(f"[{index}] {err}", field=err.field) from None
         out: list[Enqueued] = []
@@ -143,6 +217,29 @@ class FlexQueue:
 
     async def get(self, job_id: str) -> JobRecord:
         return await self.store.get(job_id)
+
+    async def blob(self, sha256: str) -> bytes:
+        """The bytes of one blob (an image of a result, inline data of a request)."""
+        data = await self.store.blobs.get(sha256)
+        if data is None:
+            raise BlobMissingError(sha256)
+        return data
+
+    async def images(self, job_id: str) -> list[tuple[ImageRef, bytes]]:
+        """A succeeded job's images with their bytes, in answer order (empty for a text answer)."""
+        record = await self.store.get(job_id)
+        if record.result is None:
+            return []
+        return [(image, await self.blob(image.sha256)) for image in record.result.images]
+
+    async def content(self, job_id: str) -> dict[str, Any] | None:
+        """A succeeded job's answer ``Content`` with its bytes filled back in, ready for
+        ``types.Content.model_validate``; None when the job has no answer."""
+        record = await self.store.get(job_id)
+        if record.result is None or record.result.content is None:
+            return None
+        filled: dict[str, Any] = await fill(record.result.content, self.store.blobs)
+        return filled
 
     async def wait(self, job_id: str, timeout_s: float, *, poll_s: float = 0.5) -> JobRecord:
         """Poll until the job is terminal; ``WaitTimeoutError`` after ``timeout_s``."""
@@ -197,8 +294,16 @@ class FlexQueue:
 
         change = await self.store.update(job_id, decide)
         assert change is not None
+        await self.store.keep_blobs([change.record], utcnow())  # the new deadline keeps its blobs longer
         return change.record
 
     async def active_count(self) -> int:
         counts = await self.store.counts()
         return sum(counts[str(s)] for s in ACTIVE)
+
+
+def _parent_of(request: Any) -> str | None:
+    """The ``continue_from`` of a request given as a mapping (a ``GenerateRequest`` never has one)."""
+    if isinstance(request, Mapping) and request.get("continue_from") is not None:
+        return str(request["continue_from"])
+    return None

@@ -8,8 +8,18 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from producer.blobs import Blob, strip_inline
 from producer.errors import InvalidRequestError, first_error, one_line
 
 JOB_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -35,14 +45,19 @@ class GenerateRequest(BaseModel):
     contents: list[dict[str, Any]] | None = Field(
         default=None, description="a list of Gemini `Content` objects (checked with the SDK's own types at enqueue)"
     )
-    system_instruction: str | dict[str, Any] | None = Field(
-        default=None, description="a string or a Gemini `Content`"
-    )
+    system_instruction: str | dict[str, Any] | None = Field(default=None, description="a string or a Gemini `Content`")
     config: dict[str, Any] | None = Field(
         default=None,
         description="a `GenerateContentConfig` as a dict; `service_tier` and `http_options` are refused "
         "(the queue sets the tier, timeouts and retries)",
     )
+
+    #: Inline bytes taken out of ``contents`` at enqueue, not yet in the blob store (never serialised).
+    _pending_blobs: list[Blob] = PrivateAttr(default_factory=list)
+
+    @property
+    def pending_blobs(self) -> list[Blob]:
+        return self._pending_blobs
 
     @field_validator("model")
     @classmethod
@@ -69,7 +84,7 @@ class GenerateRequest(BaseModel):
         if not value:
             raise ValueError("must hold at least one Content")
         if not _stored(info):
-            sdk = _sdk_types()
+            sdk = sdk_types()
             for index, item in enumerate(value):
                 try:
                     sdk.Content.model_validate(item)
@@ -84,7 +99,7 @@ class GenerateRequest(BaseModel):
     ) -> str | dict[str, Any] | None:
         if isinstance(value, dict) and not _stored(info):
             try:
-                _sdk_types().Content.model_validate(value)
+                sdk_types().Content.model_validate(value)
             except ValidationError as err:
                 raise ValueError(f"is not a Gemini Content: {one_line(err)}") from None
         return value
@@ -99,9 +114,10 @@ class GenerateRequest(BaseModel):
                 raise ValueError(f"{key!r} may not be set: {why}")
         if not _stored(info):
             try:
-                _sdk_types().GenerateContentConfig.model_validate(value)
+                sdk_types().GenerateContentConfig.model_validate(value)
             except ValidationError as err:
                 raise ValueError(f"is not a GenerateContentConfig: {one_line(err)}") from None
+            _check_json_schema(value.get("response_json_schema", value.get("responseJsonSchema")))
         return value
 
     @model_validator(mode="after")
@@ -122,6 +138,18 @@ class GenerateRequest(BaseModel):
         )
 
 
+def _check_json_schema(schema: Any) -> None:
+    """A ``response_json_schema`` the worker could not check answers against is refused at enqueue."""
+    if schema is None:
+        return
+    import jsonschema
+
+    try:
+        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
+    except jsonschema.exceptions.SchemaError as err:
+        raise ValueError(f"response_json_schema is not a valid JSON Schema: {err.message}") from None
+
+
 #: Validation context of a record read back from the store: its request was checked at enqueue.
 STORED = {"stored": True}
 
@@ -130,15 +158,21 @@ def _stored(info: ValidationInfo) -> bool:
     return bool(info.context and info.context.get("stored"))
 
 
-def _sdk_types() -> Any:
+def sdk_types() -> Any:
     """google.genai.types, imported on first use (about 0.7 s): only enqueue and the worker need it."""
     from google.genai import types
 
     return types
 
 
-def parse_request(data: Any, *, max_bytes: int) -> GenerateRequest:
-    """Validate a request (a dict or a ``GenerateRequest``); raise ``InvalidRequestError`` naming the field."""
+def parse_request(
+    data: Any, *, max_bytes: int, max_blob_bytes: int | None = None, max_job_blob_bytes: int | None = None
+) -> GenerateRequest:
+    """Validate a request (a dict or a ``GenerateRequest``); raise ``InvalidRequestError`` naming the field.
+
+    Inline data in ``contents`` comes back as blob references, the bytes in ``request.pending_blobs``
+    (the store writes them with the record); ``max_bytes`` applies to the request without them.
+    """
     if isinstance(data, GenerateRequest):
         request = data
     else:
@@ -154,6 +188,13 @@ def parse_request(data: Any, *, max_bytes: int) -> GenerateRequest:
             if kind == "missing":
                 message = "is required"
             raise InvalidRequestError(f"{field}: {message}" if field else message, field=field) from None
+    if request.contents is not None:
+        contents, blobs = strip_inline(
+            request.contents, max_part_bytes=max_blob_bytes, max_total_bytes=max_job_blob_bytes
+        )
+        if blobs:
+            request = request.model_copy(update={"contents": contents})
+            request._pending_blobs = blobs
     size = len(request.model_dump_json(exclude_none=True).encode())
     if size > max_bytes:
         raise InvalidRequestError(

@@ -49,6 +49,18 @@ class ProducerSettings(BaseSettings):
         description="seconds from enqueue to a job's deadline (its retry budget) when the producer gives none",
     )
 
+    blob_store: str = Field(
+        default="redis",
+        description="where image bytes and inline data live, apart from records: `redis`, or `file:///DIR` "
+        "(a directory every producer and worker shares)",
+    )
+    max_blob_bytes: int = Field(
+        default=20 * 1024 * 1024, gt=0, description="largest inline part (an image, a PDF) accepted, in bytes"
+    )
+    max_job_blob_bytes: int = Field(
+        default=64 * 1024 * 1024, gt=0, description="largest total of distinct inline parts in one request, in bytes"
+    )
+
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, value: SecretStr) -> SecretStr:

@@ -31,6 +31,8 @@ class Outcome(StrEnum):
     CONNECTION_ERROR = "connection_error"
     CLIENT_ERROR = "client_error"  # other 4xx
     BLOCKED = "blocked"  # safety / prohibited content / prompt block
+    NO_IMAGE = "no_image"  # an image was asked for and none came back: re-asked a bounded number of times
+    INVALID_OUTPUT = "invalid_output"  # JSON asked for, and the answer does not parse or fit the schema
     INTERRUPTED = "interrupted"  # worker died or shut down mid-attempt
 
 

@@ -21,7 +21,8 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError, WatchError
 
-from producer import arq_wire
+from producer import arq_wire, blobs
+from producer.blobs import BlobStore, RedisBlobStore
 from producer.errors import InvalidJobError, JobNotFoundError, StoreUnavailableError, one_line
 from producer.keys import Keys
 from producer.models import Attempt, JobError, JobRecord, utcnow
@@ -50,10 +51,12 @@ def epoch_s(moment: datetime) -> float:
 class JobStore:
     """Reads and writes job records of one queue."""
 
-    def __init__(self, redis: Redis, *, queue: str, retention_s: int) -> None:
+    def __init__(self, redis: Redis, *, queue: str, retention_s: int, blobs: BlobStore | None = None) -> None:
         self.redis = redis
         self.keys = Keys(queue)
         self.retention_s = retention_s
+        #: Image bytes and inline data, apart from records (``producer.blobs``); Redis by default.
+        self.blobs: BlobStore = blobs if blobs is not None else RedisBlobStore(redis, queue=queue)
         self._enqueue_script = redis.register_script(_script("enqueue"))
 
     # -- create -------------------------------------------------------------------------------
@@ -66,6 +69,7 @@ class JobStore:
         """
         now = utcnow()
         now_ms = int(now.timestamp() * 1000)
+        await self.keep_blobs(records, now)  # before any record refers to them
         async with self.redis.pipeline(transaction=False) as pipe:
             for record in records:
                 keys = self.keys
@@ -86,14 +90,34 @@ class JobStore:
                     ],
                     client=pipe,
                 )
+                if record.parent_id is not None:
+                    pipe.sadd(keys.children(record.parent_id), record.id)
+                    pipe.expire(keys.children(record.parent_id), ttl_s)
             try:
                 replies = await pipe.execute()
             except RedisError as err:
                 raise StoreUnavailableError(f"could not enqueue: {type(err).__name__}: {err}") from err
+        replies = [reply for reply in replies if not isinstance(reply, int)]  # drop SADD/EXPIRE replies
         out: list[JobRecord | None] = []
         for record, reply in zip(records, replies, strict=True):
             out.append(None if reply is None else self._parse(record.id, reply))
         return out
+
+    async def keep_blobs(self, records: Sequence[JobRecord], now: datetime) -> None:
+        """Store the records' new inline bytes, and keep every blob they refer to as long as the record."""
+        try:
+            for record in records:
+                if record.request is None or not record.request.contents:
+                    continue
+                ttl_s = self._record_ttl_s(record, now)
+                pending = record.request.pending_blobs
+                if pending:
+                    await self.blobs.put(pending, ttl_s=ttl_s)
+                older = blobs.refs(record.request.contents) - {blob.sha256 for blob in pending}
+                if older:
+                    await self.blobs.touch(older, ttl_s=ttl_s)
+        except RedisError as err:
+            raise StoreUnavailableError(f"could not store blobs: {type(err).__name__}: {err}") from err
 
     # -- read ---------------------------------------------------------------------------------
 

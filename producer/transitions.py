@@ -70,11 +70,11 @@ def _copy(record: JobRecord, **changes: Any) -> JobRecord:
 
 def new_record(
     job_id: str, request: GenerateRequest, *, now: datetime, deadline_s: float, fallback: Fallback,
-    tags: dict[str, str],
+    tags: dict[str, str], parent_id: str | None = None,
 ) -> JobRecord:
     return JobRecord(
         id=job_id, status=Status.QUEUED, created_at=now, updated_at=now, fallback=fallback, tags=dict(tags),
-        deadline_at=now + timedelta(seconds=check_deadline_s(deadline_s)), request=request,
+        deadline_at=now + timedelta(seconds=check_deadline_s(deadline_s)), request=request, parent_id=parent_id,
     )
 
 

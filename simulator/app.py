@@ -13,9 +13,17 @@ from typing import Any
 
 from aiohttp import web
 
-from simulator import wire
+from simulator import outputs, signatures, wire
 from simulator.config import SimConfig, SimStats
-from simulator.faults import FINISH_KINDS, MODIFIER_KINDS, Directives, Fault, directive_key, parse_directives
+from simulator.faults import (
+    FINISH_KINDS,
+    MODIFIER_KINDS,
+    SHAPE_KINDS,
+    Directives,
+    Fault,
+    directive_key,
+    parse_directives,
+)
 from simulator.request import FLEX, BadRequest, ParsedRequest, parse_request
 
 TIER_HEADER = "x-gemini-service-tier"
@@ -158,9 +166,14 @@ class Simulator:
             return _json(400, wire.invalid_argument("Invalid JSON payload received. Unexpected token."))
         try:
             req = parse_request(body)
+            outputs.validate(model, req)
         except BadRequest as exc:
             return _json(400, wire.invalid_argument(exc.message, exc.field))
         self.stats.count_tier(req.tier)
+        check = signatures.check_signatures(model, req.body)
+        self.stats.count_signatures(check.checked, rejected=check.error is not None)
+        if check.error is not None:
+            return _json(400, wire.invalid_argument(check.error.message, check.error.field))
         directives = parse_directives(req.texts)
         if directives.errors:
             message = f"Simulator: unknown directive(s): {', '.join(directives.errors)}"
@@ -183,8 +196,8 @@ class Simulator:
             if fault.kind in MODIFIER_KINDS:
                 thinking = True
                 continue
-            if fault.kind in FINISH_KINDS or fault.kind == "block":
-                finish = FINISH_KINDS.get(fault.kind, "BLOCK")
+            if fault.kind in FINISH_KINDS or fault.kind in SHAPE_KINDS or fault.kind == "block":
+                finish = FINISH_KINDS.get(fault.kind) or SHAPE_KINDS.get(fault.kind, "BLOCK")
                 return await self._answer(call, request, self._service_time(call), thinking, finish)
             return await self._fault_response(call, fault)
         return await self._answer(call, request, self._service_time(call), thinking, None)
@@ -318,13 +331,19 @@ class Simulator:
             await self._sleep(deadline_s + SERVER_TIMEOUT_GRACE_S)
             return _json(504, wire.deadline_exceeded())
         await self._sleep(service_s)
-        answer = wire.plan_answer(call.req, thinking=thinking, finish_kind=finish)
+        if finish is None:
+            await outputs.prepare(call.model, call.req)
+        answer = outputs.plan(call.req, call.model, thinking=thinking, finish_kind=finish, new_id=self._call_id)
         resp_id = wire.response_id(self._id_rng)
         self.stats.count_ok(call.tier)
+        self.stats.count_output(answer.output)
         if not call.stream:
             return _json(200, wire.success_body(call.req, answer, call.model, resp_id, call.tier), call.tier)
         chunks = wire.stream_chunks(call.req, answer, call.model, resp_id, call.tier)
         return await self._stream(request, chunks, call.tier)
+
+    def _call_id(self) -> str:
+        return "call-" + wire.response_id(self._id_rng)[:12]
 
     async def _stream(self, request: web.Request, chunks: list[dict[str, Any]], tier: str) -> web.StreamResponse:
         response = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream", TIER_HEADER: tier})

@@ -131,9 +131,27 @@ class SimStats:
     connection_resets: int = 0
     #: flex 503s by cause: "capacity" (the pool was full) or "random" (shed whatever the load)
     sheds: dict[str, int] = field(default_factory=dict)
+    signatures_checked: int = 0  # thought signatures examined in model turns sent back (Gemini 3)
+    signatures_rejected: int = 0  # requests refused with 400 for a missing or invalid signature
+    images_served: int = 0
+    function_calls_served: int = 0
+    json_answers_served: int = 0
 
     def count_shed(self, cause: str) -> None:
         self.sheds[cause] = self.sheds.get(cause, 0) + 1
+
+    def count_signatures(self, checked: int, *, rejected: bool) -> None:
+        self.signatures_checked += checked
+        self.signatures_rejected += int(rejected)
+
+    def count_output(self, output: str) -> None:
+        """Count a 200 by what it carried: "image", "function_call", "json" (plain text is not counted)."""
+        if output == "image":
+            self.images_served += 1
+        elif output == "function_call":
+            self.function_calls_served += 1
+        elif output == "json":
+            self.json_answers_served += 1
 
     def count_status(self, status: int) -> None:
         self.by_status[status] = self.by_status.get(status, 0) + 1

@@ -23,12 +23,20 @@ FINISH_KINDS: dict[str, str] = {
     "recitation": "RECITATION",
     "prohibited": "PROHIBITED_CONTENT",
     "image_safety": "IMAGE_SAFETY",
+    "image_prohibited": "IMAGE_PROHIBITED_CONTENT",
+    "image_other": "IMAGE_OTHER",
+    "no_image": "NO_IMAGE",
+    "malformed_call": "MALFORMED_FUNCTION_CALL",
     "max_tokens": "MAX_TOKENS",
 }
+# HTTP 200 answers whose shape a directive changes, keyed by directive kind -> what outputs.plan is told
+SHAPE_KINDS: dict[str, str] = {"text_only": "TEXT_ONLY", "bad_json": "BAD_JSON", "truncated_json": "TRUNCATED_JSON"}
 CONNECTION_KINDS: frozenset[str] = frozenset({"reset", "hang"})
 OTHER_KINDS: frozenset[str] = frozenset({"block"})
 MODIFIER_KINDS: frozenset[str] = frozenset({"thinking"})  # change a success, never stop it
-KNOWN_KINDS: frozenset[str] = ERROR_KINDS | frozenset(FINISH_KINDS) | CONNECTION_KINDS | OTHER_KINDS | MODIFIER_KINDS
+KNOWN_KINDS: frozenset[str] = (
+    ERROR_KINDS | frozenset(FINISH_KINDS) | frozenset(SHAPE_KINDS) | CONNECTION_KINDS | OTHER_KINDS | MODIFIER_KINDS
+)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 FLEX = "flex"
@@ -29,6 +29,8 @@ class ParsedRequest:
     max_output_tokens: int | None
     thinking_budget: int | None
     include_thoughts: bool
+    #: the decoded request body, for what the fields above do not cover (tools, schemas, imageConfig)
+    body: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def full_text(self) -> str:
@@ -141,4 +143,5 @@ def parse_request(body: Any) -> ParsedRequest:
         max_output_tokens=_int_or_none(field_of(gen, "maxOutputTokens", "max_output_tokens")),
         thinking_budget=_int_or_none(field_of(thinking, "thinkingBudget", "thinking_budget")),
         include_thoughts=bool(field_of(thinking, "includeThoughts", "include_thoughts")),
+        body=body,
     )

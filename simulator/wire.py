@@ -194,10 +194,21 @@ class Answer:
     finish_reason: str
     blocked: bool = False  # promptFeedback.blockReason, no candidates
     safety_ratings: bool = False
+    #: parts after the text (inlineData images, functionCall), all in the last chunk of a stream
+    extra_parts: tuple[dict[str, Any], ...] = ()
+    part_tokens: int = 0  # output tokens of the extra parts billed as text (function calls)
+    image_tokens: int = 0  # output tokens of the extra image parts
+    text_signature: str | None = None  # thoughtSignature on the (first) text part
+    finish_message: str | None = None
+    no_content: bool = False  # a candidate without any `content` key
+    output: str = "text"  # "text" | "json" | "image" | "function_call", for the stats
 
 
-def plan_answer(req: ParsedRequest, *, thinking: bool, finish_kind: str | None) -> Answer:
-    """Decide text, thoughts and finishReason for a request (finish_kind from a directive)."""
+def plan_answer(req: ParsedRequest, *, thinking: bool, finish_kind: str | None, text: str | None = None) -> Answer:
+    """Decide text, thoughts and finishReason for a request (finish_kind from a directive).
+
+    `text` replaces the usual answer text (a JSON answer, the text of an image answer, ...).
+    """
     if finish_kind == "BLOCK":
         return Answer(text=None, thought=None, thoughts_tokens=0, finish_reason="", blocked=True)
     if finish_kind is not None and finish_kind != "MAX_TOKENS":
@@ -211,7 +222,7 @@ def plan_answer(req: ParsedRequest, *, thinking: bool, finish_kind: str | None) 
     thought = f"Thinking about: {req.last_user_text[:40]}" if (thinking or req.include_thoughts) else None
     if not thoughts_tokens:
         thought = None
-    text = answer_text(req)
+    text = answer_text(req) if text is None else text
     finish = "STOP"
     if finish_kind == "MAX_TOKENS":
         text, finish = text[: max(1, len(text) // 2)], "MAX_TOKENS"
@@ -223,11 +234,19 @@ def plan_answer(req: ParsedRequest, *, thinking: bool, finish_kind: str | None) 
     return Answer(text=text or None, thought=thought, thoughts_tokens=thoughts_tokens, finish_reason=finish)
 
 
-def usage_metadata(req: ParsedRequest, candidates_tokens: int, thoughts_tokens: int, tier: str) -> dict[str, Any]:
+def usage_metadata(
+    req: ParsedRequest,
+    candidates_tokens: int,
+    thoughts_tokens: int,
+    tier: str,
+    candidates_details: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     prompt = req.prompt_tokens
     usage: dict[str, Any] = {"promptTokenCount": prompt}
     if candidates_tokens:
         usage["candidatesTokenCount"] = candidates_tokens
+    if candidates_details:
+        usage["candidatesTokensDetails"] = candidates_details
     if thoughts_tokens:
         usage["thoughtsTokenCount"] = thoughts_tokens
     usage["totalTokenCount"] = prompt + candidates_tokens + thoughts_tokens
@@ -240,21 +259,40 @@ def usage_metadata(req: ParsedRequest, candidates_tokens: int, thoughts_tokens: 
 
 
 def candidate(answer: Answer, text: str | None, *, final: bool, with_thought: bool = True) -> dict[str, Any]:
-    """One candidate carrying `text` (a slice of answer.text when streaming)."""
+    """One candidate carrying `text` (a slice of answer.text when streaming; the first slice has
+    the thought part and the text signature, the last the extra parts and the finishReason)."""
     parts: list[dict[str, Any]] = []
     if answer.thought is not None and with_thought:
         parts.append({"text": answer.thought, "thought": True})
     if text:
-        parts.append({"text": text})
-    cand: dict[str, Any] = {"content": {"parts": parts, "role": "model"} if parts else {}}
+        part: dict[str, Any] = {"text": text}
+        if answer.text_signature is not None and with_thought:
+            part["thoughtSignature"] = answer.text_signature
+        parts.append(part)
+    if final:
+        parts.extend(answer.extra_parts)
+    cand: dict[str, Any] = {} if answer.no_content else {"content": {"parts": parts, "role": "model"} if parts else {}}
     if final:
         cand["finishReason"] = answer.finish_reason
+        if answer.finish_message is not None:
+            cand["finishMessage"] = answer.finish_message
     if answer.safety_ratings:
         cand["safetyRatings"] = [
             {"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "HIGH", "blocked": True}
         ]
     cand["index"] = 0
     return cand
+
+
+def _usage(req: ParsedRequest, answer: Answer, text_sent: str, final: bool, tier: str) -> dict[str, Any]:
+    """Cumulative usage after `text_sent`; the extra parts count from the final chunk on."""
+    text_tokens = tokens_of(text_sent)
+    extra = answer.part_tokens + answer.image_tokens if final else 0
+    details: list[dict[str, Any]] | None = None
+    if answer.image_tokens and final:
+        details = [{"modality": "TEXT", "tokenCount": text_tokens}] if text_tokens else []
+        details.append({"modality": "IMAGE", "tokenCount": answer.image_tokens})
+    return usage_metadata(req, text_tokens + extra, answer.thoughts_tokens, tier, details)
 
 
 def success_body(req: ParsedRequest, answer: Answer, model: str, resp_id: str, tier: str) -> dict[str, Any]:
@@ -267,10 +305,9 @@ def success_body(req: ParsedRequest, answer: Answer, model: str, resp_id: str, t
             "modelVersion": model,
             "responseId": resp_id,
         }
-    candidates_tokens = tokens_of(answer.text or "")
     return {
         "candidates": [candidate(answer, answer.text, final=True)],
-        "usageMetadata": usage_metadata(req, candidates_tokens, answer.thoughts_tokens, tier),
+        "usageMetadata": _usage(req, answer, answer.text or "", True, tier),
         "modelVersion": model,
         "responseId": resp_id,
     }
@@ -290,13 +327,12 @@ def stream_chunks(
     for index, piece in enumerate(slices):
         final = index == len(slices) - 1
         sent += len(piece)
-        thoughts = answer.thoughts_tokens
         # the thought part only rides on the first chunk
         cand = candidate(answer, piece, final=final, with_thought=index == 0)
         chunks.append(
             {
                 "candidates": [cand],
-                "usageMetadata": usage_metadata(req, tokens_of(text[:sent]), thoughts, tier),
+                "usageMetadata": _usage(req, answer, text[:sent], final, tier),
                 "modelVersion": model,
                 "responseId": resp_id,
             }

@@ -191,3 +191,37 @@ def test_demo_finishes_with_every_job_accounted_for(tmp_path: Path) -> None:
                       "demo-200": "client_error"}
     assert summary["attempts"]["by_outcome"]["overloaded"] > 0  # a peak hour: flex calls are shed
     assert summary["cost"]["saved_usd"] > 0
+
+
+def test_images_are_written_beside_the_output_and_threads_wait_for_their_parent(tmp_path: Path) -> None:
+    from simulator.images import png_bytes
+
+    tools = [{"function_declarations": [{"name": "lookup", "parameters": {"type": "OBJECT"}}]}]
+    lines = [
+        {"id": "pic", "model": "gemini-3-pro-image-preview", "prompt": "a lighthouse"},
+        {"id": "pic-edit", "continue_from": "pic", "prompt": "make it purple"},
+        {"id": "call", "model": "gemini-3-flash-preview", "prompt": "look it up", "config": {"tools": tools}},
+        {"id": "call-2", "continue_from": "call",
+         "parts": [{"function_response": {"name": "lookup", "response": {"value": 1}}}]},
+        {"id": "doomed", "model": MODEL, "prompt": "refused [[fault:400]]"},
+        {"id": "orphan", "continue_from": "doomed", "prompt": "never sent"},
+    ]
+    source = write_input(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out.jsonl"
+    done = run_batch([str(source), "-o", str(out), "--simulate", "--json"], batch_env())
+    assert done.returncode == 0, done.stderr
+    rows = {row["id"]: row for row in map(json.loads, out.read_text().splitlines())}
+    assert {k: r["status"] for k, r in rows.items()} == {
+        "pic": "succeeded", "pic-edit": "succeeded", "call": "succeeded", "call-2": "succeeded",
+        "doomed": "failed", "orphan": "failed",
+    }
+    image = rows["pic"]["images"][0]
+    assert Path(image["path"]) == tmp_path / "out.jsonl.images" / "pic-0.png"
+    assert Path(image["path"]).read_bytes() == png_bytes(1024, 1024)
+    assert (image["width"], image["height"], image["mime_type"]) == (1024, 1024, "image/png")
+    assert Path(rows["pic-edit"]["images"][0]["path"]).is_file()
+    assert [c["name"] for c in rows["call"]["function_calls"]] == ["lookup"]
+    assert rows["call-2"]["function_calls"] == [] and rows["call-2"]["text"]
+    assert rows["orphan"]["error"]["kind"] == "parent_failed" and "'doomed'" in rows["orphan"]["error"]["message"]
+    summary = json.loads(done.stdout)
+    assert summary["batch"]["failures"]["orphan"].startswith("parent_failed")

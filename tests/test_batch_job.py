@@ -331,8 +331,9 @@ def test_output_line_of_a_failed_record() -> None:
     )
     record = transitions.fail(record, kind="client_error", message="400 nope", now=utcnow(), http_status=400)
     assert output_line(record, 7) == {
-        "id": "f1", "line": 7, "status": "failed", "text": None, "finish_reason": None, "usage": None, "tier": None,
-        "attempts": 0, "error": {"kind": "client_error", "message": "400 nope", "http_status": 400},
+        "id": "f1", "line": 7, "status": "failed", "text": None, "function_calls": [], "parsed": None, "images": [],
+        "finish_reason": None, "usage": None, "tier": None, "attempts": 0,
+        "error": {"kind": "client_error", "message": "400 nope", "http_status": 400},
         "cost_usd": None, "standard_cost_usd": None,
     }
 

@@ -8,6 +8,9 @@ to the in-process simulator, so that errors are the SDK's own.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -15,6 +18,7 @@ from google.genai import errors as genai_errors
 from google.genai import types
 from pydantic import SecretStr
 
+from producer.blobs import fill_with
 from producer.errors import ConfigError
 from producer.models import Usage
 from producer.request import GenerateRequest
@@ -54,14 +58,71 @@ def outcome(answer: Answer) -> Outcome:
 
 # -- to_answer -------------------------------------------------------------------------------------
 
+PNG_2x3 = (b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + (2).to_bytes(4, "big") + (3).to_bytes(4, "big")
+           + b"\x08\x02\x00\x00\x00" + b"rest-of-the-image")
+
+
+def test_full_content_is_kept_with_signatures_and_blobs_apart() -> None:
+    signature = base64.b64encode(b"opaque-signature-bytes").decode()
+    png = base64.b64encode(PNG_2x3).decode()
+    body = with_parts(
+        {"text": "plan", "thought": True},
+        {"functionCall": {"id": "call-1", "name": "lookup", "args": {"q": "x"}}, "thoughtSignature": signature},
+        {"inlineData": {"mimeType": "image/png", "data": png}, "thoughtSignature": signature},
+        {"executableCode": {"language": "PYTHON", "code": "print(1)"}},
+        {"codeExecutionResult": {"outcome": "OUTCOME_OK", "output": "1"}},
+    )
+    body["candidates"][0]["finishMessage"] = "done"
+    got = to_answer(response(body))
+    sha = hashlib.sha256(PNG_2x3).hexdigest()
+    assert got.content is not None
+    image_part = got.content["parts"][2]["inline_data"]
+    assert image_part == {"mime_type": "image/png", "blob_sha256": sha}  # no bytes in the record
+    assert [b.sha256 for b in got.blobs] == [sha] and got.blobs[0].data == PNG_2x3
+    assert [(i.index, i.part_index, i.width, i.height, i.bytes) for i in got.images] == [(0, 2, 2, 3, len(PNG_2x3))]
+    assert [(c.id, c.name, c.args) for c in got.function_calls] == [("call-1", "lookup", {"q": "x"})]
+    assert got.finish_message == "done"
+    filled = fill_with(got.content, {sha: PNG_2x3})
+    sdk = types.Content.model_validate(filled)  # the SDK's own Content, signatures byte-exact
+    assert sdk.parts is not None
+    assert sdk.parts[1].thought_signature == b"opaque-signature-bytes"
+    assert sdk.parts[2].inline_data is not None and sdk.parts[2].inline_data.data == PNG_2x3
+    assert sdk.parts[3].executable_code is not None and sdk.parts[4].code_execution_result is not None
+
+
+def test_usage_details_other_candidates_and_metadata_are_kept() -> None:
+    body = with_parts({"text": "first"}, responseId="resp-1", promptFeedback={"safetyRatings": []})
+    body["usageMetadata"] = {
+        **USAGE_WIRE, "cachedContentTokenCount": 3, "toolUsePromptTokenCount": 2, "trafficType": "ON_DEMAND_FLEX",
+        "promptTokensDetails": [{"modality": "TEXT", "tokenCount": 4}, {"modality": "IMAGE", "tokenCount": 258}],
+        "candidatesTokensDetails": [{"modality": "IMAGE", "tokenCount": 1120}],
+    }
+    body["candidates"][0]["safetyRatings"] = [{"category": "HARM_CATEGORY_HARASSMENT", "probability": "NEGLIGIBLE"}]
+    body["candidates"][0]["groundingMetadata"] = {"webSearchQueries": ["flex tier"]}
+    body["candidates"].append({"content": {"role": "model", "parts": [{"text": "second"}]}, "finishReason": "STOP",
+                               "index": 1})
+    got = to_answer(response(body))
+    usage = got.usage
+    assert (usage.cached_tokens, usage.tool_use_prompt_tokens, usage.traffic_type) == (3, 2, "ON_DEMAND_FLEX")
+    assert usage.prompt_details == {"TEXT": 4, "IMAGE": 258} and usage.output_details == {"IMAGE": 1120}
+    result = got.result("flex")
+    assert result.response_id == "resp-1"
+    assert result.safety_ratings == [{"category": "HARM_CATEGORY_HARASSMENT", "probability": "NEGLIGIBLE"}]
+    assert result.grounding_metadata == {"web_search_queries": ["flex tier"]}
+    assert [c["text"] for c in result.candidates] == ["second"]
+    assert result.text == "first"
+
+
 
 def test_text_answer() -> None:
     got = to_answer(response(with_parts({"text": "Hel"}, {"text": "lo"}), {"X-Gemini-Service-Tier": "FLEX"}))
-    assert got == Answer(
+    plain = Answer(
         has_candidates=True, finish_reason="STOP", block_reason=None, text="Hello",
         usage=Usage(prompt_tokens=12, output_tokens=5, thoughts_tokens=40, total_tokens=57),
         model_version="gemini-2.5-flash-001", served_tier="flex",
     )
+    assert replace(got, content=None, extras={}) == plain
+    assert got.content == {"role": "model", "parts": [{"text": "Hel"}, {"text": "lo"}]}
     assert outcome(got) == Outcome.OK
 
 
@@ -149,7 +210,7 @@ def test_prompt_block_has_no_candidates_and_a_reason() -> None:
         ("IMAGE_SAFETY", Outcome.BLOCKED),
         ("IMAGE_PROHIBITED_CONTENT", Outcome.BLOCKED),
         ("IMAGE_RECITATION", Outcome.BLOCKED),
-        ("NO_IMAGE", Outcome.BLOCKED),
+        ("NO_IMAGE", Outcome.NO_IMAGE),
     ],
 )
 def test_finish_reason_names_reach_the_policy(finish: str, expected: Outcome) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
+from producer import blobs
 from producer.errors import InvalidRequestError
 from producer.models import Attempt, JobError, JobRecord, JobResult, Usage
 from producer.request import QUEUE_OWNED_CONFIG_FIELDS, GenerateRequest, check_job_id, parse_request
@@ -67,8 +69,28 @@ def test_parse_request_accepts(data: dict[str, Any]) -> None:
     assert isinstance(request, GenerateRequest)
     assert request.model == data["model"]
     assert request.prompt == data.get("prompt")
-    assert request.contents == data.get("contents")
+    assert blobs.fill_with(request.contents, {b.sha256: b.data for b in request.pending_blobs}) == (
+        _with_bytes(data.get("contents"))
+    )
     assert request.config == data.get("config")
+
+
+def _with_bytes(contents: Any) -> Any:
+    """Inline data as parse_request keeps it: snake_case, bytes decoded (the record holds a reference)."""
+    if contents is None:
+        return None
+    out = []
+    for content in contents:
+        parts = []
+        for part in content.get("parts", []):
+            inline = part.get("inlineData") or part.get("inline_data")
+            if inline is None:
+                parts.append(part)
+                continue
+            mime = inline.get("mimeType") or inline.get("mime_type")
+            parts.append({"inline_data": {"mime_type": mime, "data": base64.b64decode(inline["data"])}})
+        out.append({**content, "parts": parts})
+    return out
 
 
 def test_parse_request_passes_a_model_through() -> None:
@@ -158,6 +180,15 @@ def test_request_is_frozen() -> None:
         pytest.param(
             {"model": MODEL, "prompt": "Hi", "service_tier": "flex"}, "service_tier", "unknown field",
             id="top-level-service-tier",
+        ),
+        pytest.param(
+            {"model": MODEL, "prompt": "Hi", "config": {"response_mime_type": "application/json",
+                                                        "response_json_schema": {"type": "no-such-type"}}},
+            "config", "response_json_schema is not a valid JSON Schema", id="bad-json-schema",
+        ),
+        pytest.param(
+            {"model": MODEL, "contents": [{"parts": [{"inline_data": {"mime_type": "image/png", "data": "%%%"}}]}]},
+            "contents", "base64", id="inline-data-not-base64",
         ),
         pytest.param(["not", "an", "object"], None, "must be a JSON object", id="list"),
         pytest.param("Hi", None, "must be a JSON object", id="string"),

@@ -16,11 +16,13 @@ import pytest
 from aiohttp.client_reqrep import ConnectionKey
 from google.genai import errors as genai_errors
 
-from producer.status import Outcome, Tier
+from producer.status import Fallback, Outcome, Tier
 from worker.classify import (
     BLOCKING_FINISH_REASONS,
+    FINISH_REASONS,
     PERMANENT,
     RETRYABLE,
+    UNUSABLE,
     Classified,
     QuotaKind,
     classify_api_error,
@@ -156,9 +158,10 @@ def test_outcome_for_status(code: int, expected: Outcome) -> None:
     assert outcome_for_status(code) == expected
 
 
-def test_retryable_and_permanent_partition_the_failures() -> None:
+def test_retryable_permanent_and_unusable_partition_the_failures() -> None:
     assert not RETRYABLE & PERMANENT
-    assert set(Outcome) == RETRYABLE | PERMANENT | {Outcome.OK}
+    assert not UNUSABLE & (RETRYABLE | PERMANENT)
+    assert set(Outcome) == RETRYABLE | PERMANENT | UNUSABLE | {Outcome.OK}
 
 
 # -- parse_duration_s ----------------------------------------------------------------------------
@@ -467,7 +470,11 @@ def test_classify_exception_message_has_no_trailing_separator() -> None:
         pytest.param(True, "BLOCKLIST", None, Outcome.BLOCKED, id="blocklist"),
         pytest.param(True, "IMAGE_SAFETY", None, Outcome.BLOCKED, id="image-safety"),
         pytest.param(True, "IMAGE_PROHIBITED_CONTENT", None, Outcome.BLOCKED, id="image-prohibited"),
-        pytest.param(True, "NO_IMAGE", None, Outcome.BLOCKED, id="no-image"),
+        pytest.param(True, "NO_IMAGE", None, Outcome.NO_IMAGE, id="no-image"),
+        pytest.param(True, "IMAGE_OTHER", None, Outcome.NO_IMAGE, id="image-other"),
+        pytest.param(True, "MALFORMED_FUNCTION_CALL", None, Outcome.CLIENT_ERROR, id="malformed-call"),
+        pytest.param(True, "MISSING_THOUGHT_SIGNATURE", None, Outcome.CLIENT_ERROR, id="missing-signature"),
+        pytest.param(True, "OTHER", None, Outcome.SERVER_ERROR, id="other"),
         pytest.param(True, "STOP", None, Outcome.OK, id="stop"),
         pytest.param(True, "MAX_TOKENS", None, Outcome.OK, id="max-tokens"),
         pytest.param(True, None, None, Outcome.OK, id="no-finish-reason"),
@@ -489,7 +496,10 @@ def test_classify_response(
 
 
 def test_blocking_finish_reasons_match_the_wire_doc() -> None:
-    assert {"SAFETY", "RECITATION", "PROHIBITED_CONTENT", "IMAGE_SAFETY", "NO_IMAGE"} <= BLOCKING_FINISH_REASONS
+    assert {"SAFETY", "RECITATION", "PROHIBITED_CONTENT", "IMAGE_SAFETY", "IMAGE_PROHIBITED_CONTENT"} <= (
+        BLOCKING_FINISH_REASONS
+    )
+    assert "NO_IMAGE" not in BLOCKING_FINISH_REASONS  # re-asked a bounded number of times, not final
     assert "MAX_TOKENS" not in BLOCKING_FINISH_REASONS
     assert "STOP" not in BLOCKING_FINISH_REASONS
 
@@ -737,3 +747,59 @@ def test_decide_retry_never_lands_past_deadline(rand_value: float, tier_failures
     else:
         assert decision.error_kind == "deadline_exceeded"
         assert decision.delay_s == 0.0
+
+
+def test_every_finish_reason_the_sdk_knows_is_classified_on_purpose() -> None:
+    from google.genai import types
+
+    assert {reason.value for reason in types.FinishReason} == set(FINISH_REASONS)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "outcome", "in_message"),
+    [
+        pytest.param({"wants_image": True, "has_image": True}, Outcome.OK, None, id="image-asked-and-given"),
+        pytest.param(
+            {"wants_image": True, "has_image": False, "text": "I can only describe it"}, Outcome.NO_IMAGE,
+            "I can only describe it", id="image-asked-text-only",
+        ),
+        pytest.param({"wants_image": False, "has_image": False}, Outcome.OK, None, id="text-asked"),
+        pytest.param({"output_error": "the answer is not valid JSON"}, Outcome.INVALID_OUTPUT, "not valid JSON",
+                     id="bad-json"),
+        pytest.param({"finish_reason": "NO_IMAGE", "text": "nope"}, Outcome.NO_IMAGE, "nope", id="no-image-reason"),
+        pytest.param({"finish_reason": "IMAGE_SAFETY", "wants_image": True, "finish_message": "not charged"},
+                     Outcome.BLOCKED, "not charged", id="image-safety-beats-no-image"),
+        pytest.param({"finish_reason": "BRAND_NEW", "has_content": False}, Outcome.SERVER_ERROR, "BRAND_NEW",
+                     id="unknown-reason-no-content"),
+        pytest.param({"finish_reason": "MALFORMED_FUNCTION_CALL"}, Outcome.CLIENT_ERROR, "parameter schemas",
+                     id="malformed-call-says-what-to-fix"),
+    ],
+)
+def test_classify_response_images_and_outputs(kwargs: dict[str, Any], outcome: Outcome, in_message: str | None) -> None:
+    args: dict[str, Any] = {"has_candidates": True, "finish_reason": "STOP", "block_reason": None, **kwargs}
+    classified = classify_response(**args)
+    assert classified.outcome == outcome
+    if in_message is not None:
+        assert classified.message is not None and in_message in classified.message
+
+
+@pytest.mark.parametrize(
+    ("outcome", "failures", "max_retries", "fallback", "action", "tier"),
+    [
+        pytest.param(Outcome.NO_IMAGE, 1, 2, "none", Action.RETRY, Tier.FLEX, id="first-no-image-retried"),
+        pytest.param(Outcome.NO_IMAGE, 3, 2, "none", Action.FAIL, Tier.FLEX, id="past-the-bound-fails"),
+        pytest.param(Outcome.INVALID_OUTPUT, 2, 2, "standard", Action.RETRY, Tier.FLEX, id="never-escalates"),
+        pytest.param(Outcome.INVALID_OUTPUT, 1, 0, "none", Action.FAIL, Tier.FLEX, id="no-retries-allowed"),
+    ],
+)
+def test_decide_unusable_answers(
+    outcome: Outcome, failures: int, max_retries: int, fallback: Fallback, action: Action, tier: Tier
+) -> None:
+    budget = RetryBudget(
+        now_s=0.0, deadline_s=10_000.0, fallback=fallback, tier=Tier.FLEX, tier_failures=0, flex_attempts=failures,
+        max_flex_attempts=1, base_s=1.0, cap_s=10.0, output_failures=failures, max_output_retries=max_retries,
+    )
+    decision = decide(Classified(outcome, 200, "why"), budget, lambda: 0.5)
+    assert (decision.action, decision.tier) == (action, tier)
+    if action == Action.FAIL:
+        assert decision.error_kind == str(outcome) and "why" in decision.reason

@@ -202,7 +202,10 @@ def test_empty_env_values_mean_unset(clean_env: pytest.MonkeyPatch) -> None:
 
 def test_a_producer_sees_only_what_it_needs() -> None:
     """A web app's settings: where Redis is, the queue, the limits of a request; no worker knobs."""
-    fields = {"redis_url", "queue", "max_request_bytes", "retention_s", "deadline_s"}
+    fields = {
+        "redis_url", "queue", "max_request_bytes", "retention_s", "deadline_s",
+        "blob_store", "max_blob_bytes", "max_job_blob_bytes",  # a producer stores inline data at enqueue
+    }
     assert set(ProducerSettings.model_fields) == fields
     assert set(ProducerSettings.model_fields) < set(WorkerConfig.model_fields)
     assert not any(name.startswith(("flow", "breaker", "gemini")) for name in ProducerSettings.model_fields)

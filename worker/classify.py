@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import Any
 
 from producer.status import Outcome
+from worker.finish_reasons import FINISH_REASONS
 
 RETRYABLE = frozenset(
     {
@@ -26,19 +27,11 @@ RETRYABLE = frozenset(
     }
 )
 PERMANENT = frozenset({Outcome.CLIENT_ERROR, Outcome.BLOCKED})
+#: Answered, but not as asked: re-asked at most ``max_output_retries`` times, then the job fails.
+UNUSABLE = frozenset({Outcome.NO_IMAGE, Outcome.INVALID_OUTPUT})
 #: Candidate finish reasons that mean "refused", not "answered".
 BLOCKING_FINISH_REASONS = frozenset(
-    {
-        "SAFETY",
-        "RECITATION",
-        "PROHIBITED_CONTENT",
-        "SPII",
-        "BLOCKLIST",
-        "IMAGE_SAFETY",
-        "IMAGE_PROHIBITED_CONTENT",
-        "IMAGE_RECITATION",
-        "NO_IMAGE",
-    }
+    name for name, verdict in FINISH_REASONS.items() if verdict is not None and verdict[0] == Outcome.BLOCKED
 )
 _CONNECTION_ERROR_NAMES = frozenset(
     {
@@ -159,13 +152,28 @@ def classify_exception(exc: BaseException) -> Classified:
 
 
 def classify_response(
-    *, has_candidates: bool, finish_reason: str | None, block_reason: str | None
+    *, has_candidates: bool, finish_reason: str | None, block_reason: str | None,
+    wants_image: bool = False, has_image: bool = False, has_content: bool = True,
+    text: str | None = None, output_error: str | None = None, finish_message: str | None = None,
 ) -> Classified:
-    """An HTTP 200 is an answer unless the prompt or the candidate was blocked."""
+    """An HTTP 200 is an answer unless the prompt or the candidate was refused, an image was asked
+    for and none came, or the JSON asked for is unusable (``output_error``, from ``worker.outputs``)."""
     if not has_candidates:
         if block_reason:
             return Classified(Outcome.BLOCKED, 200, f"prompt blocked: {block_reason}")
         return Classified(Outcome.SERVER_ERROR, 200, "response had no candidates and no block reason")
-    if finish_reason in BLOCKING_FINISH_REASONS:
-        return Classified(Outcome.BLOCKED, 200, f"candidate blocked: finish_reason={finish_reason}")
+    said = f" ({finish_message})" if finish_message else ""
+    if finish_reason is not None and finish_reason not in FINISH_REASONS and not has_content:
+        return Classified(Outcome.SERVER_ERROR, 200, f"no answer: unknown finish_reason={finish_reason}{said}")
+    verdict = FINISH_REASONS.get(finish_reason or "STOP")
+    if verdict is not None:
+        outcome, why = verdict
+        if outcome == Outcome.NO_IMAGE and text:
+            why = f"{why}; the model said: {text}"
+        lead = "candidate blocked: " if outcome == Outcome.BLOCKED else ""
+        return Classified(outcome, 200, f"{lead}finish_reason={finish_reason}: {why}{said}")
+    if wants_image and not has_image:
+        return Classified(Outcome.NO_IMAGE, 200, f"no image in the answer; the model said: {text or '(nothing)'}")
+    if output_error is not None:
+        return Classified(Outcome.INVALID_OUTPUT, 200, output_error)
     return Classified(Outcome.OK, 200)

@@ -69,6 +69,11 @@ class WorkerConfig(ProducerSettings):
     max_interrupts: int = Field(
         default=5, ge=1, description="a job whose attempts were cut short this many times fails with `interrupted`"
     )
+    max_output_retries: int = Field(
+        default=2, ge=0,
+        description="re-asks after an answer that is unusable as asked (`no_image`: an image request answered "
+        "without one; `invalid_output`: JSON that does not parse or fit the schema); then the job fails",
+    )
     flow: bool = Field(default=True, description="shared flow control on, or off with `0` or `false`")
     flow_initial: float = Field(
         default=32.0, ge=1,

@@ -37,7 +37,9 @@ BreakerEvent = Literal["success", "failure", "neutral"]
 #: The outcomes the limit learns from: answers and 503s. Others leave it alone.
 LIMIT_OUTCOMES = frozenset({Outcome.OK, Outcome.OVERLOADED})
 #: The service answered: it is up (a 4xx or a safety block proves that too).
-BREAKER_SUCCESS = frozenset({Outcome.OK, Outcome.CLIENT_ERROR, Outcome.BLOCKED})
+BREAKER_SUCCESS = frozenset(
+    {Outcome.OK, Outcome.CLIENT_ERROR, Outcome.BLOCKED, Outcome.NO_IMAGE, Outcome.INVALID_OUTPUT}
+)
 BREAKER_FAILURE = frozenset({Outcome.OVERLOADED, Outcome.SERVER_ERROR, Outcome.TIMEOUT, Outcome.CONNECTION_ERROR})
 #: Admission refusals whose wait is unknown: retry soon, with jitter.
 POLL_REASONS = frozenset({"probe_busy"})

@@ -7,14 +7,15 @@ plain data. It does not decide anything: exceptions propagate to the policy.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from google import genai
 from google.genai import types
 
+from producer.blobs import REF, Blob, image_size
 from producer.errors import ConfigError
-from producer.models import Usage
+from producer.models import FunctionCall, ImageRef, JobResult, Usage
 from producer.request import GenerateRequest
 from producer.status import Tier
 from worker.config import WorkerConfig
@@ -26,7 +27,7 @@ NO_RETRIES = types.HttpRetryOptions(attempts=1)
 
 @dataclass(frozen=True)
 class Answer:
-    """A 200 response, reduced to what a job record keeps."""
+    """A 200 response, reduced to plain data: what a job record keeps, blobs set apart."""
 
     has_candidates: bool
     finish_reason: str | None
@@ -35,6 +36,21 @@ class Answer:
     usage: Usage
     model_version: str | None
     served_tier: str | None
+    finish_message: str | None = None
+    content: dict[str, Any] | None = None  # first candidate's Content, inline bytes as blob references
+    blobs: tuple[Blob, ...] = ()  # the bytes those references point at (images...)
+    images: tuple[ImageRef, ...] = ()
+    function_calls: tuple[FunctionCall, ...] = ()
+    extras: dict[str, Any] = field(default_factory=dict)  # safety, citations, grounding, response id, ...
+    candidates: tuple[dict[str, Any], ...] = ()  # the other candidates, same shape
+
+    def result(self, tier: str, parsed: Any = None) -> JobResult:
+        return JobResult(
+            text=self.text, finish_reason=self.finish_reason, usage=self.usage, model_version=self.model_version,
+            tier=self.served_tier or tier, finish_message=self.finish_message, content=self.content,
+            function_calls=list(self.function_calls), images=list(self.images), parsed=parsed,
+            candidates=list(self.candidates), **self.extras,
+        )
 
 
 def require_api_key(settings: WorkerConfig) -> str:
@@ -69,6 +85,8 @@ class GeminiClient:
         config = types.GenerateContentConfig.model_validate(request.config or {})
         config.service_tier = types.ServiceTier.FLEX if tier == Tier.FLEX else types.ServiceTier.STANDARD
         config.http_options = types.HttpOptions(timeout=_ms(timeout_s), retry_options=NO_RETRIES)
+        # the queue never runs a function: a turn with function calls is an answer for the pipeline
+        config.automatic_function_calling = types.AutomaticFunctionCallingConfig(disable=True)
         if request.system_instruction is not None:
             config.system_instruction = request.system_instruction  # type: ignore[assignment]
         contents: Any = request.prompt if request.prompt is not None else request.contents
@@ -89,25 +107,105 @@ def to_answer(response: types.GenerateContentResponse) -> Answer:
     block_reason = None
     if response.prompt_feedback is not None and response.prompt_feedback.block_reason is not None:
         block_reason = _enum_name(response.prompt_feedback.block_reason)
-    text = None
-    if first is not None and first.content is not None and first.content.parts:
-        pieces = [p.text for p in first.content.parts if p.text is not None and not p.thought]
-        text = "".join(pieces) if pieces else None
-    meta = response.usage_metadata
-    usage = Usage(
-        prompt_tokens=(meta.prompt_token_count or 0) if meta else 0,
-        output_tokens=(meta.candidates_token_count or 0) if meta else 0,
-        thoughts_tokens=(meta.thoughts_token_count or 0) if meta else 0,
-        total_tokens=(meta.total_token_count or 0) if meta else 0,
-    )
+    blobs: list[Blob] = []
+    images: list[ImageRef] = []
+    others: list[dict[str, Any]] = []
+    content: dict[str, Any] | None = None
+    for index, cand in enumerate(candidates):
+        dumped = _content_json(cand.content, index, blobs, images)
+        if index == 0:
+            content = dumped
+        else:
+            others.append({"index": index, "content": dumped, "finish_reason": _enum_name(cand.finish_reason),
+                           "finish_message": cand.finish_message, "text": _text(cand.content)})
+    extras: dict[str, Any] = {"response_id": response.response_id}
+    if response.prompt_feedback is not None:
+        extras["prompt_feedback"] = _json(response.prompt_feedback)
+    if first is not None:
+        extras["safety_ratings"] = [_json(r) for r in first.safety_ratings] if first.safety_ratings else None
+        for name in ("citation_metadata", "grounding_metadata", "url_context_metadata"):
+            value = getattr(first, name)
+            extras[name] = _json(value) if value is not None else None
+    calls = [
+        FunctionCall(id=p.function_call.id, name=p.function_call.name or "", args=dict(p.function_call.args or {}))
+        for p in (first.content.parts or [] if first is not None and first.content is not None else [])
+        if p.function_call is not None
+    ]
     return Answer(
         has_candidates=bool(candidates),
         finish_reason=finish_reason,
         block_reason=block_reason,
-        text=text,
-        usage=usage,
+        text=_text(first.content) if first is not None else None,
+        usage=to_usage(response.usage_metadata),
         model_version=response.model_version,
         served_tier=served_tier(response),
+        finish_message=first.finish_message if first is not None else None,
+        content=content,
+        blobs=tuple({b.sha256: b for b in blobs}.values()),
+        images=tuple(images),
+        function_calls=tuple(calls),
+        extras=extras,
+        candidates=tuple(others),
+    )
+
+
+def _json(value: Any) -> Any:
+    return value.model_dump(mode="json", exclude_none=True)
+
+
+def _text(content: types.Content | None) -> str | None:
+    if content is None or not content.parts:
+        return None
+    pieces = [p.text for p in content.parts if p.text is not None and not p.thought]
+    return "".join(pieces) if pieces else None
+
+
+def _content_json(
+    content: types.Content | None, candidate: int, blobs: list[Blob], images: list[ImageRef]
+) -> dict[str, Any] | None:
+    """The Content as the SDK dumps it (base64 for bytes), each inline blob replaced by its reference."""
+    if content is None:
+        return None
+    dumped: dict[str, Any] = _json(content)
+    for index, part in enumerate(content.parts or []):
+        inline = part.inline_data
+        if inline is None or inline.data is None:
+            continue
+        mime = inline.mime_type or "application/octet-stream"
+        blob = Blob.of(inline.data, mime)
+        blobs.append(blob)
+        ref = {k: v for k, v in dumped["parts"][index]["inline_data"].items() if k != "data"}
+        dumped["parts"][index]["inline_data"] = {**ref, "mime_type": mime, REF: blob.sha256}
+        if mime.startswith("image/"):
+            size = image_size(inline.data)
+            images.append(ImageRef(
+                index=len(images), candidate=candidate, part_index=index, mime_type=mime, bytes=len(inline.data),
+                sha256=blob.sha256, width=size[0] if size else None, height=size[1] if size else None,
+            ))
+    return dumped
+
+
+def _modalities(details: list[types.ModalityTokenCount] | None) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in details or []:
+        name = _enum_name(item.modality) or "UNSPECIFIED"
+        out[name] = out.get(name, 0) + (item.token_count or 0)
+    return out
+
+
+def to_usage(meta: types.GenerateContentResponseUsageMetadata | None) -> Usage:
+    if meta is None:
+        return Usage()
+    return Usage(
+        prompt_tokens=meta.prompt_token_count or 0,
+        output_tokens=meta.candidates_token_count or 0,
+        thoughts_tokens=meta.thoughts_token_count or 0,
+        total_tokens=meta.total_token_count or 0,
+        cached_tokens=meta.cached_content_token_count or 0,
+        tool_use_prompt_tokens=meta.tool_use_prompt_token_count or 0,
+        prompt_details=_modalities(meta.prompt_tokens_details),
+        output_details=_modalities(meta.candidates_tokens_details),
+        traffic_type=_enum_name(meta.traffic_type),
     )
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from producer.status import Fallback, Outcome, Tier
-from worker.classify import PERMANENT, Classified, QuotaKind
+from worker.classify import PERMANENT, UNUSABLE, Classified, QuotaKind
 
 #: ``retryDelay`` is truncated to whole seconds by the API: wait this much more.
 RETRY_INFO_MARGIN_S = 1.0
@@ -78,6 +78,8 @@ class RetryBudget:
     base_s: float
     cap_s: float
     margin_s: float = DEADLINE_MARGIN_S
+    output_failures: int = 0  # answers unusable as asked (no image, bad JSON) so far, this one included
+    max_output_retries: int = 2
     #: With shared flow control on, a 503 is handled by the shared limit: the job itself only needs
     #: a short jittered pause (this base, growing to at most ``overload_cap_s``), not the full
     #: backoff, which at a 45% shed rate would strand a few unlucky jobs for minutes. None: the full backoff.
@@ -95,10 +97,16 @@ def decide(classified: Classified, budget: RetryBudget, rand: Callable[[], float
         return Decision(Action.FAIL, tier=budget.tier, error_kind=kind, reason=classified.message or str(outcome))
     # The standard tier shares the project's daily quota and billing: escalating cannot help those.
     can_escalate = (
-        budget.tier == Tier.FLEX
+        outcome not in UNUSABLE  # the standard tier runs the same model: it would answer the same
+        and budget.tier == Tier.FLEX
         and budget.fallback == "standard"
         and classified.quota not in (QuotaKind.PER_DAY, QuotaKind.BILLING)
     )
+    if outcome in UNUSABLE and budget.output_failures > budget.max_output_retries:
+        return Decision(
+            Action.FAIL, tier=budget.tier, error_kind=str(outcome),
+            reason=f"{classified.message or outcome} (after {budget.output_failures} answers)",
+        )
     if budget.now_s >= budget.deadline_s:
         return Decision(Action.FAIL, tier=budget.tier, error_kind="deadline_exceeded", reason="deadline passed")
     if can_escalate and budget.max_flex_attempts is not None and budget.flex_attempts >= budget.max_flex_attempts:

@@ -13,14 +13,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from producer import transitions
-from producer.errors import InvalidJobError, JobNotFoundError
-from producer.models import Attempt, JobRecord, JobResult, utcnow
+from producer import blobs, transitions
+from producer.errors import BlobMissingError, InvalidJobError, JobNotFoundError
+from producer.models import Attempt, JobRecord, utcnow
 from producer.pricing import cost_usd
+from producer.request import GenerateRequest
 from producer.status import Outcome, Status, Tier
 from producer.store import JobStore
 from producer.transitions import Cost
-from worker import classify, policy
+from worker import classify, outputs, policy
 from worker.config import WorkerConfig
 from worker.flow import Admission, Permit, Release, defer_s, estimate_tokens
 from worker.flow_store import FlowControl
@@ -148,17 +149,32 @@ class Runner:
         left_s = record.deadline_at.timestamp() - time.time()
         timeout_s = max(MIN_ATTEMPT_TIMEOUT_S, min(self.settings.request_timeout_s, left_s))
         answer: Answer | None = None
+        parsed: Any = None
         try:
-            answer = await self.gemini.generate(record.request, tier=tier, timeout_s=timeout_s)
+            request = await self._sendable(record.request)
+            answer = await self.gemini.generate(request, tier=tier, timeout_s=timeout_s)
         except asyncio.CancelledError:
             raise
+        except BlobMissingError as err:  # not a call: the request cannot be sent as it was enqueued
+            classified = classify.Classified(Outcome.CLIENT_ERROR, None, f"the request cannot be sent: {err}")
         except Exception as exc:  # every failure is classified; none escapes to arq
             classified = classify.classify_exception(exc)
         else:
+            output_error = None
+            if outputs.wants_json(record.request) and answer.has_candidates and not answer.function_calls:
+                parsed, output_error = outputs.check_json(
+                    answer.text, outputs.json_schema(record.request), answer.finish_reason
+                )
             classified = classify.classify_response(
                 has_candidates=answer.has_candidates,
                 finish_reason=answer.finish_reason,
                 block_reason=answer.block_reason,
+                wants_image=outputs.wants_image(record.request),
+                has_image=bool(answer.images),
+                has_content=answer.content is not None,
+                text=answer.text,
+                output_error=output_error,
+                finish_message=answer.finish_message,
             )
         if classified.message:
             classified = classify.Classified(
@@ -166,11 +182,24 @@ class Runner:
                 classified.retry_after_s, classified.quota, classified.quota_id,
             )
         learned = await self._release(permit, classified.outcome, classified, answer)
-        return await self._finish(record.id, number, tier, classified, answer, learned.verdict if learned else None)
+        if classified.outcome == Outcome.OK and answer is not None and answer.blobs:
+            # the bytes go in first: a record never refers to a blob that is not there
+            await self.store.blobs.put(answer.blobs, ttl_s=self.store.retention_s)
+        return await self._finish(
+            record.id, number, tier, classified, answer, learned.verdict if learned else None, parsed
+        )
+
+    async def _sendable(self, request: GenerateRequest) -> GenerateRequest:
+        """The request with its inline bytes put back from the blob store (a no-op for most requests)."""
+        if not request.contents or not blobs.refs(request.contents):
+            return request
+        contents = await blobs.fill(request.contents, self.store.blobs)
+        return request.model_copy(update={"contents": contents})
 
     def _budget(self, record: JobRecord, tier: Tier, now_s: float) -> policy.RetryBudget:
         on_tier = [a for a in record.attempts if a.tier == tier and a.outcome in classify.RETRYABLE]
         flex = [a for a in record.attempts if a.tier == Tier.FLEX and a.outcome != Outcome.INTERRUPTED]
+        unusable = [a for a in record.attempts if a.outcome in classify.UNUSABLE]
         return policy.RetryBudget(
             now_s=now_s,
             deadline_s=record.deadline_at.timestamp(),
@@ -178,6 +207,8 @@ class Runner:
             tier=tier,
             tier_failures=len(on_tier),
             flex_attempts=len(flex),
+            output_failures=len(unusable),
+            max_output_retries=self.settings.max_output_retries,
             max_flex_attempts=self.settings.max_flex_attempts,
             base_s=self.settings.retry_base_s,
             cap_s=self.settings.retry_max_s,
@@ -187,7 +218,7 @@ class Runner:
 
     async def _finish(
         self, job_id: str, number: int, tier: Tier, classified: classify.Classified, answer: Answer | None,
-        verdict: str | None = None,
+        verdict: str | None = None, parsed: Any = None,
     ) -> float | None:
         """Close the attempt and apply the policy's decision; the deferral, or None when done."""
         now = utcnow()
@@ -221,10 +252,7 @@ class Runner:
                 model = closed.request.model
                 usd, standard_usd = cost_usd(model, answer.usage, tier), cost_usd(model, answer.usage, Tier.STANDARD)
                 cost = Cost(str(tier), usd, standard_usd)
-                result = JobResult(
-                    text=answer.text, finish_reason=answer.finish_reason, usage=answer.usage,
-                    model_version=answer.model_version, tier=answer.served_tier or str(tier),
-                )
+                result = answer.result(str(tier), parsed)
                 done = transitions.succeed(
                     closed, result=result, now=now, cost_usd=cost.usd, standard_cost_usd=cost.standard_usd
                 )

@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from producer import arq_wire
+from producer.blobs import open_blob_store
 from producer.queue import connect_redis
 from producer.store import JobStore
 from worker import logs
@@ -84,7 +85,10 @@ async def startup(ctx: dict[str, Any]) -> None:
         logs.register_secret(secret)
     redis = ctx.get("flexq_redis") or await connect_redis(settings)
     ctx.setdefault("flexq_owns_redis", "flexq_redis" not in ctx)
-    store = JobStore(redis, queue=settings.queue, retention_s=settings.retention_s)
+    store = JobStore(
+        redis, queue=settings.queue, retention_s=settings.retention_s,
+        blobs=open_blob_store(settings.blob_store, redis=redis, queue=settings.queue),
+    )
     name = worker_name()
     gemini = ctx.get("flexq_gemini_factory", GeminiClient)(settings)
     flow = FlowControl(redis, store.keys, config_from_settings(settings), worker=name) if settings.flow else None
