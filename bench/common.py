@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import redis as sync_redis
@@ -142,6 +143,41 @@ def private_redis(prefix: str = "flexq-redis-") -> Iterator[str]:
         finally:
             proc.kill()
             proc.wait(5)
+
+
+class RedisServer:
+    """A private ``redis-server`` with AOF (``appendfsync always``) in ``directory``, on a fixed port,
+    that a test kills (SIGKILL) and starts again: the data comes back from the AOF."""
+
+    def __init__(self, directory: Path, port: int | None = None) -> None:
+        self.directory = directory
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed")
+        self.proc = subprocess.Popen(  # noqa: S603 - fixed arguments
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+             "--appendfsync", "always", "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout_s
+        while not redis_answers(self.url):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server did not start on port {self.port} within {timeout_s:g} s")
+            time.sleep(0.05)  # polling for the server, with the deadline above
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
 
 
 def raise_nofile_limit() -> int:

@@ -18,6 +18,7 @@ from typing import Any
 
 from flexq.jsonl import Line, LineError, parse_jsonl, stable_line_id
 from producer.blobs import extension
+from producer.errors import InvalidRequestError
 from producer.models import JobRecord
 from producer.queue import FlexQueue
 from producer.stats import add_up, attempt_counts, cost_counts, summarize
@@ -185,7 +186,18 @@ class BatchJob:
         return BatchResult(out_lines, bad, records, progress, time.monotonic() - started)
 
     async def _enqueue(self, lines: list[Line]) -> list[Any]:
-        enqueued = await self.queue.enqueue_many([line.spec for line in lines])
+        try:
+            enqueued = await self.queue.enqueue_many([line.spec for line in lines])
+        except InvalidRequestError:  # one line the queue refuses (a continuation of a missing job...)
+            enqueued = []
+            for line in lines:  # enqueue the others; fail that one alone
+                try:
+                    enqueued.append(await self.queue.enqueue(
+                        line.spec.request, job_id=line.spec.job_id, deadline_s=line.spec.deadline_s,
+                        fallback=line.spec.fallback, tags=line.spec.tags,
+                    ))
+                except InvalidRequestError as err:
+                    self._output[str(line.spec.job_id)] = _never_ran(line, "invalid_request", str(err))
         for item in enqueued:  # a job left failed by an earlier run on this Redis: run it again
             if not item.created and item.record.error and item.record.error.kind in RERUN_KINDS:
                 await self.queue.retry(item.id, deadline_s=self.deadline_s)
@@ -204,13 +216,7 @@ class BatchJob:
             elif parent.status == Status.SUCCEEDED:
                 started.append(line)
             else:
-                item: dict[str, Any] = {
-                    "id": line.spec.job_id, "line": line.line, "status": str(Status.FAILED), "text": None,
-                    "function_calls": [], "parsed": None, "images": [], "finish_reason": None, "usage": None,
-                    "tier": None, "attempts": 0, "cost_usd": None, "standard_cost_usd": None,
-                    "error": {"kind": "parent_failed", "http_status": None,
-                              "message": f"the job it continues, {parent.id!r}, ended {parent.status}"},
-                }
+                item = _never_ran(line, "parent_failed", f"the job it continues, {parent.id!r}, ended {parent.status}")
                 self._output[str(line.spec.job_id)] = item
                 sink.write(json.dumps(item) + "\n")
         enqueued = await self._enqueue(started) if started else []
@@ -271,6 +277,16 @@ class BatchJob:
             os.fsync(sink.fileno())
         tmp.replace(self.out)
         journal_path(self.out).unlink(missing_ok=True)
+
+
+def _never_ran(line: Line, kind: str, message: str) -> dict[str, Any]:
+    """The output line of an input line that never became a job."""
+    return {
+        "id": line.spec.job_id, "line": line.line, "status": str(Status.FAILED), "text": None,
+        "function_calls": [], "parsed": None, "images": [], "finish_reason": None, "usage": None,
+        "tier": None, "attempts": 0, "cost_usd": None, "standard_cost_usd": None,
+        "error": {"kind": kind, "http_status": None, "message": message},
+    }
 
 
 def summarize_batch(result: BatchResult) -> dict[str, Any]:

@@ -45,9 +45,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         parser.add_argument("--simulate", action="store_true", help="use the bundled simulator, not the real API")
     else:
         parser.add_argument("-o", "--output", type=Path, default=None, help="results file (default: a temp dir)")
-    parser.add_argument("--concurrency", type=int, default=None, help="in-process jobs in flight (default 100)")
-    parser.add_argument("--workers", type=int, default=1, help="in-process workers (0: rely on `flexq worker`s)")
-    parser.add_argument("--deadline-s", type=float, default=None, help="per-job deadline (default 24 h)")
+    parser.add_argument("--concurrency", type=exits.count(1), default=None,
+                        help="in-process jobs in flight (default 100)")
+    parser.add_argument("--workers", type=exits.count(0), default=1,
+                        help="in-process workers (0: rely on `flexq worker`s)")
+    parser.add_argument("--deadline-s", type=exits.seconds, default=None, help="per-job deadline (default 24 h)")
     parser.add_argument("--fallback", choices=["none", "standard"], default="none")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     return parser
@@ -195,7 +197,7 @@ def print_summary(console: Console, s: dict[str, Any]) -> None:
         console.print(f"resumed: {batch['reused_from_earlier_run']} result(s) reused from an earlier run")
     failures = list(batch["failures"].items())
     for job_id, reason in failures[:20]:
-        console.print(f"failed {job_id}: {reason}", highlight=False)
+        console.print(render.clean(f"failed {job_id}: {reason}"), highlight=False, markup=False)
     if len(failures) > 20:
         console.print(f"… and {len(failures) - 20} more failures (see the output file)")
     console.print(f"answers: {batch['output']}   log: {batch['log']}", highlight=False)

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flexq.exits import EXIT_ERROR, UsageError, run
+from flexq.exits import EXIT_ERROR, UsageError, count, duration, run, seconds
 from producer.status import Status
 
 if TYPE_CHECKING:
@@ -133,7 +133,8 @@ async def cmd_result(args: argparse.Namespace, settings: ProducerSettings) -> in
         record = await queue.get(args.id)
         if record.result is None:
             why = f": {record.error.message}" if record.error else ""
-            print(f"flexq: job {record.id!r} is {record.status} and has no answer{why}", file=sys.stderr)
+            message = f"flexq: job {record.id!r} is {record.status} and has no answer{why}"
+            print(_render().clean(message), file=sys.stderr)
             return EXIT_ERROR
         result = record.result
         saved: list[str | None] = []
@@ -155,10 +156,11 @@ async def cmd_result(args: argparse.Namespace, settings: ProducerSettings) -> in
                 "images": [{**_jsonable(image), "path": p} for image, p in zip(result.images, saved, strict=True)],
             })
             return 0
+        clean = _render().clean
         if result.text is not None:
-            print(result.text)
+            print(clean(result.text))
         for call in result.function_calls:
-            print(f"function call {call.name}({json.dumps(call.args)}) id={call.id}")
+            print(clean(f"function call {call.name}({json.dumps(call.args)}) id={call.id}"))
         if result.parsed is not None and result.text is None:
             _print_json(result.parsed)
         for image, path in zip(result.images, saved, strict=True):
@@ -224,6 +226,33 @@ async def cmd_stats(args: argparse.Namespace, settings: WorkerConfig) -> int:
     return await _with_queue(settings, body)
 
 
+async def cmd_pause(args: argparse.Namespace, settings: WorkerConfig) -> int:
+    """Pause a model for every worker (jobs wait; one whose deadline falls inside the pause fails)."""
+
+    from producer.request import MODEL_RE
+
+    if not MODEL_RE.fullmatch(args.model):
+        raise UsageError(f"{args.model!r} is not a model name such as 'gemini-2.5-flash'")
+
+    async def body(queue: FlexQueue) -> int:
+        import time
+
+        from worker.flow import config_from_settings
+        from worker.flow_store import FlowControl
+
+        flow = FlowControl(queue.redis, queue.store.keys, config_from_settings(settings))
+        if args.command == "resume":
+            await flow.resume(args.model)
+            woken = await queue.store.wake_waiting(args.model)
+            print(f"{args.model}: resumed (pause and quota alert lifted); {woken} waiting job(s) due now")
+        else:
+            await flow.pause(args.model, time.time() + args.for_s, args.reason)
+            print(f"{args.model}: paused for {args.for_s:g}s by every worker ({args.reason})")
+        return 0
+
+    return await _with_queue(settings, body)
+
+
 def cmd_worker(args: argparse.Namespace, settings: WorkerConfig) -> int:
     from worker.gemini import require_api_key
     from worker.runtime import create_worker
@@ -257,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt")
     p.add_argument("--file", help="JSONL: one {id?, model, prompt|contents, config?, system_instruction?} a line")
     p.add_argument("--id", help="job id (idempotency key): [A-Za-z0-9._:-]{1,128}")
-    p.add_argument("--deadline-s", type=float, default=None, help="give up after this long (default 24 h)")
+    p.add_argument("--deadline-s", type=seconds, default=None, help="give up after this long (default 24 h)")
     p.add_argument("--fallback", choices=["none", "standard"], default="none")
     p.add_argument("--tag", action="append", metavar="KEY=VALUE")
     p.add_argument("--continue-from", metavar="ID", help="continue this succeeded job's thread; --prompt is the turn")
@@ -273,17 +302,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("wait", help="wait until a job ends; exit 0 if it succeeded")
     p.add_argument("id")
-    p.add_argument("--timeout-s", type=float, default=900.0)
+    p.add_argument("--timeout-s", type=seconds, default=900.0)
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("list", help="list jobs, newest first")
     p.add_argument("--status", choices=[s.value for s in Status])
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=count(1), default=50)
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("retry", help="run a failed or cancelled job again (history kept)")
     p.add_argument("id")
-    p.add_argument("--deadline-s", type=float, default=None)
+    p.add_argument("--deadline-s", type=seconds, default=None)
 
     p = sub.add_parser("cancel", help="cancel a queued, retrying or running job")
     p.add_argument("id")
@@ -291,8 +320,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stats", help="jobs by status, attempts by outcome, 503/429 rates, latency, tokens, cost")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("pause", help="pause a model for every worker, e.g. `flexq pause gemini-2.5-flash --for 10m`")
+    p.add_argument("model")
+    p.add_argument("--for", dest="for_s", type=duration, required=True, metavar="DURATION",
+                   help="how long: 90s, 10m, 2h (a longer pause already set is kept)")
+    p.add_argument("--reason", default="paused by an operator")
+
+    p = sub.add_parser("resume", help="lift a model's pause and quota alert")
+    p.add_argument("model")
+
     p = sub.add_parser("worker", help="run an arq worker (also: arq worker.runtime.WorkerSettings)")
-    p.add_argument("--concurrency", type=int, default=None, help="jobs in flight (default FLEXQ_CONCURRENCY, 100)")
+    p.add_argument("--concurrency", type=count(1), default=None,
+                   help="jobs in flight (default FLEXQ_CONCURRENCY, 100)")
     p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
 
     sub.add_parser("simulate", help="run the Gemini simulator (flexq simulate --help)", add_help=False)
@@ -304,10 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 ASYNC_COMMANDS: dict[str, Callable[[argparse.Namespace, Any], Coroutine[Any, Any, int]]] = {
     "enqueue": cmd_enqueue, "status": cmd_status, "result": cmd_result, "wait": cmd_wait, "list": cmd_list,
-    "retry": cmd_retry, "cancel": cmd_cancel, "stats": cmd_stats,
+    "retry": cmd_retry, "cancel": cmd_cancel, "stats": cmd_stats, "pause": cmd_pause, "resume": cmd_pause,
 }
 #: Commands that need the worker's settings (flow control, the Gemini key); the rest read only a producer's.
-WORKER_SIDE = frozenset({"stats", "worker"})
+WORKER_SIDE = frozenset({"stats", "worker", "pause", "resume"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

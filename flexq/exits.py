@@ -57,3 +57,45 @@ def _settings_line(err: Exception) -> str:
     from worker.config import WorkerConfig
 
     return settings_error(err, WorkerConfig)
+
+
+# -- argument types: a bad number is a one-line usage error, never a traceback ------------------------
+
+
+def seconds(text: str) -> float:
+    """A positive, finite number of seconds (``nan``, ``inf``, ``0`` and ``-1`` are refused)."""
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def count(minimum: int) -> Callable[[str], int]:
+    """A whole number of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        import argparse
+
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text!r}")
+        return value
+
+    parse.__name__ = f"count_from_{minimum}"
+    return parse
+
+
+def duration(text: str) -> float:
+    """``90s``, ``10m``, ``2h``, ``1d`` or plain seconds, as seconds."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+    unit = text[-1:].lower()
+    return seconds(text[:-1]) * units[unit] if unit in units else seconds(text)

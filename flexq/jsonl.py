@@ -10,7 +10,7 @@ from typing import Any
 
 from producer.errors import InvalidRequestError
 from producer.queue import JobSpec
-from producer.request import check_job_id, parse_request
+from producer.request import MAX_DEPTH, GenerateRequest, check_job_id, check_tags, nesting_depth, parse_request
 from producer.thread import parse_continue
 
 REQUEST_FIELDS = ("model", "prompt", "contents", "system_instruction", "config")
@@ -59,6 +59,12 @@ def parse_jsonl(
         except json.JSONDecodeError as err:
             bad.append(LineError(number, f"not valid JSON ({err.msg} at column {err.colno})"))
             continue
+        except RecursionError:
+            bad.append(LineError(number, f"nested deeper than {MAX_DEPTH} levels"))
+            continue
+        if nesting_depth(data) > MAX_DEPTH:
+            bad.append(LineError(number, f"nested deeper than {MAX_DEPTH} levels"))
+            continue
         if not isinstance(data, dict):
             bad.append(LineError(number, "not a JSON object"))
             continue
@@ -67,20 +73,7 @@ def parse_jsonl(
             bad.append(LineError(number, f"unknown field {unknown[0]!r} (allowed: {', '.join(sorted(LINE_FIELDS))})"))
             continue
         try:
-            request: Any
-            if data.get("continue_from") is not None:  # a thread's next turn: the queue builds it at enqueue
-                fields = {k: data[k] for k in (*REQUEST_FIELDS, *THREAD_FIELDS) if k in data}
-                parse_continue(fields)
-                request = fields
-            else:
-                if "parts" in data:
-                    raise InvalidRequestError("parts: only a line with continue_from has parts", field="parts")
-                request = parse_request({k: data[k] for k in REQUEST_FIELDS if k in data}, max_bytes=max_bytes)
-            job_id = data.get("id")
-            job_id = check_job_id(str(job_id)) if job_id is not None else default_id(number, text)
-            tags = data.get("tags") or {}
-            if not isinstance(tags, dict):
-                raise InvalidRequestError("tags: must be an object of strings", field="tags")
+            request, job_id, tags = _line(data, max_bytes, default_id(number, text))
         except InvalidRequestError as err:
             bad.append(LineError(number, str(err)))
             continue
@@ -91,6 +84,31 @@ def parse_jsonl(
             seen[job_id] = number
         good.append(Line(number, JobSpec(request, job_id=job_id, tags=tags, **spec_defaults)))  # type: ignore[arg-type]
     return good, bad
+
+
+def _line(data: dict[str, Any], max_bytes: int, default_id: str | None) -> tuple[Any, str | None, dict[str, str]]:
+    """(request, job id, tags) of one parsed line; ``InvalidRequestError`` naming what is wrong."""
+    request: Any
+    if data.get("continue_from") is not None:  # a thread's next turn: the queue builds it at enqueue
+        fields = {k: data[k] for k in (*REQUEST_FIELDS, *THREAD_FIELDS) if k in data}
+        parse_continue(fields)
+        request = fields
+    else:
+        if "parts" in data:
+            raise InvalidRequestError("parts: only a line with continue_from has parts", field="parts")
+        request = parse_request({k: data[k] for k in REQUEST_FIELDS if k in data}, max_bytes=max_bytes)
+    job_id = data.get("id")
+    job_id = check_job_id(str(job_id)) if job_id is not None else default_id
+    tags = check_tags(data.get("tags") or {})
+    size = len(json.dumps(tags).encode()) if tags else 0
+    size += (len(request.model_dump_json(exclude_none=True).encode()) if isinstance(request, GenerateRequest)
+             else len(json.dumps(request).encode()))
+    if size > max_bytes:
+        raise InvalidRequestError(
+            f"the request and its tags ({size} bytes) are over the {max_bytes}-byte limit (FLEXQ_MAX_REQUEST_BYTES)",
+            field="tags",
+        )
+    return request, job_id, tags
 
 
 def stable_line_id(source: str) -> Callable[[int, str], str]:

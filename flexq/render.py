@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any
 
@@ -10,6 +11,15 @@ from rich.markup import escape
 from rich.table import Table
 
 from producer.models import JobRecord
+
+#: Characters that would drive the operator's terminal (ANSI escapes, carriage returns, bidi overrides).
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def clean(text: str) -> str:
+    """``text`` with control characters shown as escapes (``\\x1b``); newlines and tabs kept."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}",
+                        text)
 
 
 def _t(moment: datetime | None) -> str:
@@ -20,7 +30,7 @@ def _short(text: str | None, width: int = 60) -> str:
     """One line, cut to ``width``, with rich markup escaped (prompts may hold ``[[...]]``)."""
     if not text:
         return ""
-    text = " ".join(text.split())
+    text = clean(" ".join(text.split()))
     return escape(text if len(text) <= width else text[: width - 1] + "…")
 
 
@@ -40,11 +50,11 @@ def status(
     if children:
         head.add_row("continued by", escape(", ".join(children)))
     if record.tags:
-        head.add_row("tags", escape(", ".join(f"{k}={v}" for k, v in record.tags.items())))
+        head.add_row("tags", escape(clean(", ".join(f"{k}={v}" for k, v in record.tags.items()))))
     if record.cost_usd is not None:
         head.add_row("cost", f"${record.cost_usd:.6f} (standard would be ${record.standard_cost_usd or 0:.6f})")
     if record.error:
-        head.add_row("error", escape(f"{record.error.kind}: {record.error.message}"))
+        head.add_row("error", escape(clean(f"{record.error.kind}: {record.error.message}")))
     if record.result:
         head.add_row("finish", f"{record.result.finish_reason} on {record.result.tier}")
         head.add_row("text", _short(record.result.text, 200))

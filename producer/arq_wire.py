@@ -86,6 +86,11 @@ def schedule(pipe: Any, queue: str, job_id: str, *, now_ms: int, delay_ms: int, 
     pipe.zadd(queue_key(queue), {job_id: now_ms + delay_ms})
 
 
+def wake(pipe: Any, queue: str, job_id: str, *, now_ms: int) -> None:
+    """Make a deferred arq job due now (only if it is queued: a running one is left alone)."""
+    pipe.zadd(queue_key(queue), {job_id: now_ms}, xx=True)
+
+
 def unschedule(pipe: Any, queue: str, job_id: str) -> None:
     pipe.delete(job_key(job_id), retry_key(job_id))
     pipe.zrem(queue_key(queue), job_id)

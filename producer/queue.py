@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -28,7 +29,7 @@ from producer.errors import (
     WaitTimeoutError,
 )
 from producer.models import ImageRef, JobRecord, utcnow
-from producer.request import STORED, GenerateRequest, check_job_id, parse_request
+from producer.request import STORED, GenerateRequest, check_job_id, check_tags, parse_request
 from producer.settings import ProducerSettings
 from producer.stats import summarize
 from producer.status import ACTIVE, TERMINAL, Fallback, Status
@@ -120,7 +121,14 @@ class FlexQueue:
         deadline_s = self.settings.deadline_s if spec.deadline_s is None else spec.deadline_s
         if spec.fallback not in ("none", "standard"):
             raise InvalidRequestError("fallback: must be 'none' or 'standard'", field="fallback")
-        tags = {str(k): str(v) for k, v in spec.tags.items()}
+        tags = check_tags(dict(spec.tags) if isinstance(spec.tags, Mapping) else spec.tags)
+        tag_bytes = len(json.dumps(tags).encode()) if tags else 0
+        request_bytes = len(request.model_dump_json(exclude_none=True).encode())
+        if tag_bytes + request_bytes > self.settings.max_request_bytes:
+            raise InvalidRequestError(
+                f"tags: the request and its tags ({request_bytes + tag_bytes} bytes) are over the "
+                f"{self.settings.max_request_bytes}-byte limit (FLEXQ_MAX_REQUEST_BYTES)", field="tags",
+            )
         return transitions.new_record(
             job_id, request, now=utcnow(), deadline_s=deadline_s, fallback=spec.fallback, tags=tags,
             parent_id=parent_id,

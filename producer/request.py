@@ -24,6 +24,8 @@ from producer.errors import InvalidRequestError, first_error, one_line
 
 JOB_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 MODEL_RE = re.compile(r"(?:models/|tunedModels/)?[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+#: Deepest nesting of lists and objects accepted in a request (the SDK and JSON parsers recurse).
+MAX_DEPTH = 64
 #: Config fields the queue owns: a request may not set them.
 QUEUE_OWNED_CONFIG_FIELDS = {
     "service_tier": "the queue chooses the tier (flex, or standard on fallback)",
@@ -165,6 +167,31 @@ def sdk_types() -> Any:
     return types
 
 
+def nesting_depth(value: Any, limit: int = MAX_DEPTH) -> int:
+    """How deep lists and dicts nest in ``value`` (iterative; stops counting past ``limit``)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            depth += 1
+            deepest = max(deepest, depth)
+            if depth > limit:
+                return depth
+            stack.extend((child, depth) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def check_tags(tags: Any) -> dict[str, str]:
+    """Tags are an object of strings; ``InvalidRequestError`` naming the first that is not."""
+    if not isinstance(tags, dict):
+        raise InvalidRequestError("tags: must be an object of strings", field="tags")
+    for key, value in tags.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidRequestError(f"tags: {str(key)[:40]!r} must map a string to a string", field="tags")
+    return dict(tags)
+
+
 def parse_request(
     data: Any, *, max_bytes: int, max_blob_bytes: int | None = None, max_job_blob_bytes: int | None = None
 ) -> GenerateRequest:
@@ -178,6 +205,8 @@ def parse_request(
     else:
         if not isinstance(data, dict):
             raise InvalidRequestError("a request must be a JSON object", field=None)
+        if nesting_depth(data) > MAX_DEPTH:
+            raise InvalidRequestError(f"request: nested deeper than {MAX_DEPTH} levels", field="request")
         try:
             request = GenerateRequest.model_validate(data)
         except ValidationError as err:

@@ -48,6 +48,10 @@ def epoch_s(moment: datetime) -> float:
     return moment.timestamp()
 
 
+#: A worker that has not beaten for this long is forgotten (its name leaves the heartbeat set).
+WORKER_FORGET_S = 24 * 3600
+
+
 class JobStore:
     """Reads and writes job records of one queue."""
 
@@ -256,11 +260,35 @@ class JobStore:
             else:
                 pipe.hincrbyfloat(self.keys.stats, key, value)
 
+    async def wake_waiting(self, model: str, *, chunk: int = 1000) -> int:
+        """Make every queued or retrying job of ``model`` due now (``flexq resume``: the jobs a pause
+        deferred come back at once, not when the pause would have ended). The number woken."""
+        name = model.removeprefix("models/")
+        woken = 0
+        now_ms = int(utcnow().timestamp() * 1000)
+        for status in (Status.QUEUED, Status.RETRYING):
+            ids = [m.decode() if isinstance(m, bytes) else str(m) for m in await self.redis.zrange(
+                self.keys.index(status), 0, -1)]
+            for start in range(0, len(ids), chunk):
+                part = ids[start : start + chunk]
+                records = await self.get_many(part)
+                due = [r.id for r in records if r is not None and r.request is not None
+                       and r.request.model.removeprefix("models/") == name and not r.terminal]
+                if due:
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        for job_id in due:
+                            arq_wire.wake(pipe, self.keys.queue, job_id, now_ms=now_ms)
+                        await pipe.execute()
+                woken += len(due)
+        return woken
+
     async def heartbeat(self, worker: str, job_ids: Iterable[str], *, lease_s: float, now_s: float) -> None:
         """Renew the leases of the jobs a worker runs, and record that the worker is alive."""
         async with self.redis.pipeline(transaction=False) as pipe:
             arq_wire.hold_leases(pipe, job_ids, ttl_ms=int(lease_s * 1000))
             pipe.zadd(self.keys.workers, {worker: now_s})
+            pipe.zremrangebyscore(self.keys.workers, "-inf", now_s - WORKER_FORGET_S)  # long-gone processes
+            pipe.expire(self.keys.workers, WORKER_FORGET_S)
             await pipe.execute()
 
     async def arq_jobs_exist(self, job_ids: Sequence[str]) -> builtins.list[bool]:
@@ -271,6 +299,21 @@ class JobStore:
             return [bool(found) for found in await pipe.execute()]
 
     # -- list and count -----------------------------------------------------------------------
+
+    async def index_page(self, status: Status, start: int, count: int) -> builtins.list[str]:
+        """``count`` ids of one status index from position ``start``, oldest first."""
+        members = await self.redis.zrange(self.keys.index(status), start, start + count - 1)
+        return [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+
+    async def live_workers(self, *, within_s: float) -> set[str]:
+        """Workers whose heartbeat is at most ``within_s`` old."""
+        cutoff = utcnow().timestamp() - within_s
+        members = await self.redis.zrangebyscore(self.keys.workers, cutoff, "+inf")
+        return {m.decode() if isinstance(m, bytes) else str(m) for m in members}
+
+    async def trim_terminal_indexes(self) -> None:
+        """Drop ended jobs older than the retention from the status indexes (their records expired)."""
+        await self._trim_terminal_indexes()
 
     async def _trim_terminal_indexes(self) -> None:
         cutoff = utcnow().timestamp() - self.retention_s

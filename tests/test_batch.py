@@ -225,3 +225,18 @@ def test_images_are_written_beside_the_output_and_threads_wait_for_their_parent(
     assert rows["orphan"]["error"]["kind"] == "parent_failed" and "'doomed'" in rows["orphan"]["error"]["message"]
     summary = json.loads(done.stdout)
     assert summary["batch"]["failures"]["orphan"].startswith("parent_failed")
+
+
+def test_a_line_the_queue_refuses_fails_alone(tmp_path: Path) -> None:
+    lines = [
+        {"id": "fine", "model": MODEL, "prompt": "hello"},
+        {"id": "lost", "continue_from": "no-such-job", "prompt": "more"},
+    ]
+    source = write_input(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out.jsonl"
+    done = run_batch([str(source), "-o", str(out), "--simulate"], batch_env())
+    assert done.returncode == 0, done.stderr
+    rows = {row["id"]: row for row in map(json.loads, out.read_text().splitlines())}
+    assert rows["fine"]["status"] == "succeeded"
+    assert rows["lost"]["status"] == "failed" and rows["lost"]["error"]["kind"] == "invalid_request"
+    assert "no job with id 'no-such-job'" in rows["lost"]["error"]["message"]

@@ -147,7 +147,6 @@ async def test_keeper_loop_runs_the_reconciler(fake_queue: FlexQueue, fake_redis
     await enqueue(fake_queue, "lost")
     await lose_arq_job(fake_redis, fake_queue, "lost")
     keeper = LeaseKeeper(fake_queue.store, set(), lease_s=0.3, worker_name=WORKER)
-    keeper._last_reconcile = float("-inf")  # due at once, whatever the machine's uptime
     keeper.start()
     try:
         async def rescheduled() -> bool | None:
@@ -295,3 +294,42 @@ async def test_reconcile_gets_past_a_job_it_cannot_read(
     else:
         with pytest.raises(JobNotFoundError):
             await fake_queue.get("ghost")
+
+
+async def test_reconcile_pages_through_every_active_id_past_dangling_ones(
+    fake_queue: FlexQueue, fake_redis: Redis
+) -> None:
+    store = fake_queue.store
+    for n in range(7):
+        await enqueue(fake_queue, f"lost-{n}")
+        await lose_arq_job(fake_redis, fake_queue, f"lost-{n}")
+    for n in range(3):  # ids whose records are gone (a manual DEL, retention shorter than a queued job's life)
+        await fake_redis.zadd(store.keys.index(Status.QUEUED), {f"dangling-{n}": 0.0})
+    assert await reconcile(store, lock_owner=WORKER, lock_s=30, page=2) == 7  # 4 pages of 2 (and more)
+    for n in range(7):
+        assert await arq_job_due(fake_redis, fake_queue, f"lost-{n}")
+    assert not any(m.startswith(b"dangling") for m in await fake_redis.zrange(store.keys.index(Status.QUEUED), 0, -1))
+
+
+async def test_reconcile_leaves_a_running_job_to_its_live_worker(fake_queue: FlexQueue, fake_redis: Redis) -> None:
+    store = fake_queue.store
+    await enqueue(fake_queue, "mine")
+    await edit(fake_queue, "mine", open_by="alive-worker", status=Status.RUNNING)
+    await enqueue(fake_queue, "orphan")
+    await edit(fake_queue, "orphan", open_by="dead-worker", status=Status.RUNNING)
+    for job_id in ("mine", "orphan"):
+        await lose_arq_job(fake_redis, fake_queue, job_id)  # e.g. a stale worker's arq finish deleted it
+    await store.heartbeat("alive-worker", [], lease_s=30, now_s=time.time())
+    await store.heartbeat("dead-worker", [], lease_s=30, now_s=time.time() - 600)
+    assert await reconcile(store, lock_owner=WORKER, lock_s=30, lease_s=30) == 1
+    mine, orphan = await fake_queue.get("mine"), await fake_queue.get("orphan")
+    assert mine.open_attempt is not None and mine.status == Status.RUNNING  # untouched: its call goes on
+    assert orphan.open_attempt is None and orphan.attempts[-1].outcome == Outcome.INTERRUPTED
+
+
+async def test_reconcile_stops_when_another_worker_holds_the_lock(fake_queue: FlexQueue, fake_redis: Redis) -> None:
+    await enqueue(fake_queue, "lost")
+    await lose_arq_job(fake_redis, fake_queue, "lost")
+    await fake_redis.set(fake_queue.store.keys.flow("reconcile-lock"), "someone-else", ex=30)
+    assert await reconcile(fake_queue.store, lock_owner=WORKER, lock_s=30) == 0
+    assert not await arq_job_due(fake_redis, fake_queue, "lost")

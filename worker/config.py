@@ -74,6 +74,16 @@ class WorkerConfig(ProducerSettings):
         description="re-asks after an answer that is unusable as asked (`no_image`: an image request answered "
         "without one; `invalid_output`: JSON that does not parse or fit the schema); then the job fails",
     )
+    redis_outage_s: float = Field(
+        default=600.0, gt=0, allow_inf_nan=False,
+        description="how long a worker keeps trying to record an ended attempt (a paid answer, maybe) while "
+        "Redis is unreachable, before it gives up on that write",
+    )
+    allow_eviction: bool = Field(
+        default=False,
+        description="start even if Redis's `maxmemory-policy` is not `noeviction` (records and schedules may "
+        "then be evicted: jobs lost)",
+    )
     flow: bool = Field(default=True, description="shared flow control on, or off with `0` or `false`")
     flow_initial: float = Field(
         default=32.0, ge=1,

@@ -22,7 +22,7 @@ quota alert, the TPM correction. Times are the Redis server's (``TIME``) unless 
 Keys (``Keys.flow``): ``state:{model}:{tier}`` hash (limit, controller, breaker),
 ``permits:{model}:{tier}`` zset, ``waiters:{model}:{tier}`` zset, ``levels:{model}:{tier}`` hash
 (decayed calls and 503s per in-flight level), ``pause:{model}`` / ``quota:{model}`` /
-``rate:{model}`` hashes, ``woken`` hash, ``scopes`` set, ``log`` list of breaker and quota
+``rate:{model}`` hashes, ``woken`` hash, ``scopes_seen`` (scopes by last use), ``log`` list of breaker and quota
 transitions. A single Redis (not Cluster): keys share no hash tag. Redis errors propagate; a
 release that never arrives costs one permit for ``permit_ttl_s``. ``snapshot()`` is the
 ``flexq stats`` document, ``flow_lines()`` its console lines.
@@ -147,7 +147,7 @@ class FlowControl:
             "worker": self.worker,
         }
         reply = await self._acquire(
-            keys=[state, permits, pause, rate, self.keys.flow("scopes"), self.keys.flow("log"),
+            keys=[state, permits, pause, rate, self.keys.flow("scopes_seen"), self.keys.flow("log"),
                   self._waiters(model, tier), self.keys.flow("woken"), self.keys.arq_queue],
             args=[json.dumps(call), self._acquire_cfg],
         )
@@ -247,7 +247,9 @@ class FlowControl:
         if now_s is None:
             seconds, micros = await self.redis.time()
             now_s = seconds + micros / 1e6
-        members = await cast("Awaitable[set[bytes]]", self.redis.smembers(self.keys.flow("scopes")))
+        seen_since = (now_s if now_s is not None else time.time()) - self.cfg.state_ttl_s
+        members = await cast("Awaitable[list[bytes]]", self.redis.zrangebyscore(
+            self.keys.flow("scopes_seen"), seen_since, "+inf"))
         scopes = sorted(_text(m).split(" ", 1) for m in members)
         models = sorted({model for model, _ in scopes})
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+
+from redis.exceptions import RedisError
 
 from producer import blobs, transitions
 from producer.errors import BlobMissingError, InvalidJobError, JobNotFoundError
@@ -29,6 +31,10 @@ from worker.gemini import Answer
 from worker.logs import get_logger, redact
 
 log = get_logger("flexq.worker")
+T = TypeVar("T")
+#: While Redis is unreachable, a result write is tried again after this long, doubling up to the cap.
+REDIS_RETRY_BASE_S = 0.2
+REDIS_RETRY_MAX_S = 5.0
 #: Shortest per-attempt timeout, even when the deadline is closer.
 MIN_ATTEMPT_TIMEOUT_S = 1.0
 #: Why a success was recorded into an attempt that had been given up on (its worker lost the lease).
@@ -57,7 +63,10 @@ class Runner:
             admission = await self._admit(job_id)
             if admission is not None and not admission.admitted:
                 assert self.flow is not None
-                return defer_s(admission, self.flow.cfg, self.rand)  # no permit: not an attempt
+                delay_s = defer_s(admission, self.flow.cfg, self.rand)  # no permit: not an attempt
+                if admission.reason == "paused" and await self._pause_outlasts_deadline(job_id, delay_s):
+                    return None
+                return delay_s
             permit = admission.permit if admission is not None else None
             record, opened = await self._begin(job_id)
         except JobNotFoundError:
@@ -97,6 +106,22 @@ class Runner:
         return await self.flow.acquire(
             job_id, record.request.model, str(record.next_tier), est, since_s=record.created_at.timestamp()
         )
+
+    async def _pause_outlasts_deadline(self, job_id: str, delay_s: float) -> bool:
+        """A model paused (a 429, or ``flexq pause``) past this job's deadline: fail the job now rather
+        than let it wait the pause out. The pause covers both tiers (one project quota): no fallback."""
+        now = utcnow()
+
+        def decide(record: JobRecord) -> transitions.Change[None] | None:
+            if record.terminal or now.timestamp() + delay_s < record.deadline_at.timestamp():
+                return None
+            message = f"its model is paused for {delay_s:.0f}s more (a 429 or `flexq pause`), past the deadline"
+            return transitions.Change(transitions.fail(record, kind="deadline_exceeded", message=message, now=now))
+
+        change = await self.store.update(job_id, decide)
+        if change is not None:
+            self._log_terminal(change.record)
+        return change is not None
 
     async def _release(
         self, permit: Permit | None, outcome: Outcome | None, classified: classify.Classified | None = None,
@@ -184,7 +209,8 @@ class Runner:
         learned = await self._release(permit, classified.outcome, classified, answer)
         if classified.outcome == Outcome.OK and answer is not None and answer.blobs:
             # the bytes go in first: a record never refers to a blob that is not there
-            await self.store.blobs.put(answer.blobs, ttl_s=self.store.retention_s)
+            blobs_ = answer.blobs
+            await self._through_outage(record.id, lambda: self.store.blobs.put(blobs_, ttl_s=self.store.retention_s))
         return await self._finish(
             record.id, number, tier, classified, answer, learned.verdict if learned else None, parsed
         )
@@ -270,7 +296,7 @@ class Runner:
             )
             return transitions.Change(failed, decided=decision, counted=(failed.attempts[-1],))
 
-        change = await self.store.update(job_id, decide)
+        change = await self._through_outage(job_id, lambda: self.store.update(job_id, decide))
         if change is None:
             log.warning("lease_lost", job_id=job_id, attempt=number, outcome=str(classified.outcome),
                         detail="outcome not recorded: a newer attempt, or the job's end, owns the job")
@@ -283,6 +309,24 @@ class Runner:
         if change.record.terminal:
             self._log_terminal(change.record)
         return decision.delay_s if decision.action == policy.Action.RETRY else None
+
+    async def _through_outage(self, job_id: str, write: Callable[[], Awaitable[T]]) -> T:
+        """A write that records an attempt's end (a paid answer, maybe): tried again, with capped
+        backoff, while Redis is unreachable (a restart, a failover), for up to ``redis_outage_s``."""
+        give_up = time.monotonic() + self.settings.redis_outage_s
+        wait_s = REDIS_RETRY_BASE_S
+        while True:
+            try:
+                return await write()
+            except (RedisError, OSError) as err:
+                if time.monotonic() + wait_s > give_up:
+                    log.error("redis_write_failed", job_id=job_id, error=f"{type(err).__name__}: {err}",
+                              detail=f"gave up after FLEXQ_REDIS_OUTAGE_S={self.settings.redis_outage_s:g}")
+                    raise
+                if wait_s == REDIS_RETRY_BASE_S:
+                    log.warning("redis_write_waiting", job_id=job_id, error=f"{type(err).__name__}: {err}")
+                await asyncio.sleep(wait_s)  # waiting for Redis to come back, with the answer in hand
+                wait_s = min(REDIS_RETRY_MAX_S, wait_s * 2)
 
     # -- interruption -----------------------------------------------------------------------------
 

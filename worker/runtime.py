@@ -14,8 +14,10 @@ Run with ``flexq worker`` or ``arq worker.runtime.WorkerSettings``.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
+import time
 import uuid
 from typing import Any
 
@@ -27,6 +29,7 @@ from redis.exceptions import RedisError
 
 from producer import arq_wire
 from producer.blobs import open_blob_store
+from producer.errors import ConfigError
 from producer.queue import connect_redis
 from producer.store import JobStore
 from worker import logs
@@ -35,7 +38,7 @@ from worker.flow import config_from_settings
 from worker.flow_store import FlowControl
 from worker.gemini import GeminiClient
 from worker.lease import LeaseKeeper
-from worker.runner import Runner
+from worker.runner import REDIS_RETRY_BASE_S, REDIS_RETRY_MAX_S, Runner
 
 _arq_log_redis_info = getattr(arq_worker, "log_redis_info")  # noqa: B009 - not re-exported by arq
 
@@ -49,6 +52,51 @@ async def _log_redis_info(redis: Any, log_func: Any) -> None:
 
 
 setattr(arq_worker, "log_redis_info", _log_redis_info)  # noqa: B010 - see _log_redis_info
+
+class FlexqWorker(Worker):
+    """arq's worker, kept alive through Redis restarts and failovers.
+
+    arq 0.28 ends its worker on the first Redis error of a poll (and leaks the slot of a job whose
+    start failed half-way). Here a failed poll is logged, waited out with capped backoff and tried
+    again; calls in flight go on, and the runner writes their results once Redis answers again.
+    """
+
+    _redis_down_since: float | None = None
+    _redis_wait_s: float = REDIS_RETRY_BASE_S
+
+    async def _poll_iteration(self) -> None:
+        try:
+            await super()._poll_iteration()
+        except (RedisError, OSError) as err:
+            await self._redis_failed(err)
+            return
+        if self._redis_down_since is not None:
+            logs.get_logger("flexq.worker").warning(
+                "redis_back", down_s=round(time.monotonic() - self._redis_down_since, 1)
+            )
+            self._redis_down_since, self._redis_wait_s = None, REDIS_RETRY_BASE_S
+
+    async def _redis_failed(self, err: BaseException) -> None:
+        if self._redis_down_since is None:
+            self._redis_down_since = time.monotonic()
+            logs.get_logger("flexq.worker").error(
+                "redis_unavailable", error=f"{type(err).__name__}: {err}", detail="calls in flight go on; retrying"
+            )
+        await asyncio.sleep(self._redis_wait_s)  # the poll loop's own pause while Redis is away, not a job's
+        self._redis_wait_s = min(REDIS_RETRY_MAX_S, self._redis_wait_s * 2)
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        """arq's start_jobs, one job at a time, so a Redis error gives the slot back."""
+        for job_id in job_ids:
+            before = self.job_counter
+            try:
+                await super().start_jobs([job_id])
+            except BaseException:
+                if self.job_counter > before and job_id.decode() not in self.tasks:
+                    self.job_counter -= 1
+                    self.sem.release()
+                raise
+
 
 #: arq counts each Retry as a try; the deadline bounds retries, so this only stops runaway loops.
 UNBOUNDED_TRIES = 1_000_000_000
@@ -77,6 +125,27 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
+async def check_redis(redis: Redis, settings: WorkerConfig) -> dict[str, str]:
+    """Refuse a Redis that may evict keys (a queue must lose none); say how it persists.
+    A server that hides CONFIG (some managed services, the in-process stand-in) is taken as it is."""
+    try:
+        raw = await redis.config_get("maxmemory-policy")
+        raw.update(await redis.config_get("appendonly"))
+        raw.update(await redis.config_get("appendfsync"))
+        raw.update(await redis.config_get("save"))
+    except (RedisError, AttributeError, NotImplementedError):
+        return {}
+    found = {(k.decode() if isinstance(k, bytes) else str(k)): (v.decode() if isinstance(v, bytes) else str(v))
+             for k, v in raw.items()}
+    policy = found.get("maxmemory-policy", "noeviction")
+    if policy != "noeviction" and not settings.allow_eviction:
+        raise ConfigError(
+            f"Redis maxmemory-policy is {policy!r}: it may evict job records and schedules. Set it to "
+            "'noeviction' (CONFIG SET maxmemory-policy noeviction), or FLEXQ_ALLOW_EVICTION=1 to run anyway"
+        )
+    return found
+
+
 async def startup(ctx: dict[str, Any]) -> None:
     settings: WorkerConfig = ctx.get("flexq_settings") or WorkerConfig()
     if ctx.get("flexq_configure_logs", True):
@@ -84,6 +153,12 @@ async def startup(ctx: dict[str, Any]) -> None:
     for secret in settings.secrets:
         logs.register_secret(secret)
     redis = ctx.get("flexq_redis") or await connect_redis(settings)
+    found = await check_redis(redis, settings)
+    if found:
+        logs.get_logger("flexq.worker").info(
+            "redis_persistence", maxmemory_policy=found.get("maxmemory-policy"), appendonly=found.get("appendonly"),
+            appendfsync=found.get("appendfsync"), save=found.get("save") or "off",
+        )
     ctx.setdefault("flexq_owns_redis", "flexq_redis" not in ctx)
     store = JobStore(
         redis, queue=settings.queue, retention_s=settings.retention_s,
@@ -162,7 +237,9 @@ def create_worker(
     if redis is not None:
         context.update(flexq_redis=redis, flexq_owns_redis=owns_redis)
         extra["redis_pool"] = ArqRedis(connection_pool=redis.connection_pool)
-    worker = Worker(**{**worker_kwargs(settings, concurrency=concurrency, burst=burst), "ctx": context, **extra})
+    worker = FlexqWorker(
+        **{**worker_kwargs(settings, concurrency=concurrency, burst=burst), "ctx": context, **extra}
+    )
     # Short in-progress TTL from the first moment: a worker killed before the job's first lease
     # renewal is still recovered within the lease, not after the job timeout.
     worker.in_progress_timeout_s = settings.lease_s

@@ -23,7 +23,8 @@
 local a, cfg = cjson.decode(ARGV[1]), cjson.decode(ARGV[2])
 local job, now, cost, model, tier = a.job, clock(a.now), tonumber(a.cost), a.model, a.tier
 local rpm, tpm, ttl, window = tonumber(a.rpm), tonumber(a.tpm), cfg.permit_ttl_s, cfg.rate_window_s
-redis.call('SADD', KEYS[5], model .. ' ' .. tier)
+redis.call('ZADD', KEYS[5], num(now), model .. ' ' .. tier)  -- scopes by last use: stats show recent ones
+redis.call('EXPIRE', KEYS[5], cfg.state_ttl_s)
 local s = redis.call('HMGET', KEYS[1], 'limit', 'state', 'open_until_s', 'probe_until_s', 'probe')
 local limit = clamp(tonumber(s[1]) or cfg.initial, cfg.min, cfg.max)
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', num(now))

@@ -33,6 +33,7 @@
 local a, cfg = cjson.decode(ARGV[1]), cjson.decode(ARGV[2])
 local job, now, started, model, tier = a.job, clock(a.now), tonumber(a.started), a.model, a.tier
 local outcome, event = a.outcome, a.breaker
+local WOKEN_MAX = 10000  -- wakes kept before the stale ones are swept
 local APP_LIMITED = 0.5
 -- variance factor of an exponentially weighted mean over `excess_window` outcomes
 local alpha = 1 / cfg.excess_window
@@ -216,6 +217,15 @@ if wake > 0 and not pause_s and not paused then
       redis.call('HSET', KEYS[9], head[1], now_ms)
       wake = wake - 1
     end
+  end
+  -- wakes of jobs that never came back to spend them (cancelled, ended elsewhere) must not pile up
+  redis.call('EXPIRE', KEYS[9], cfg.state_ttl_s)
+  if redis.call('HLEN', KEYS[9]) > WOKEN_MAX then
+    local all, stale = redis.call('HGETALL', KEYS[9]), {}
+    for i = 1, #all, 2 do
+      if tonumber(all[i + 1]) < now_ms - 1000 * cfg.permit_ttl_s then stale[#stale + 1] = all[i] end
+    end
+    for i = 1, #stale, 1000 do redis.call('HDEL', KEYS[9], unpack(stale, i, math.min(i + 999, #stale))) end
   end
 end
 -- 429: pause the model for every worker; per-day and billing quotas raise an alert
