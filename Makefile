@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test lint typecheck check bench-smoke clean
+.PHONY: demo test lint typecheck check bench-smoke chaos clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit("flexq needs Python >= 3.11 (found %s)" % sys.version.split()[0]) if sys.version_info < (3, 11) else None'
@@ -26,6 +26,9 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 check: lint typecheck test
+
+chaos: $(STAMP)
+	$(BIN)/python -m bench.chaos
 
 bench-smoke: $(STAMP)
 	$(BIN)/python -m bench.run --smoke

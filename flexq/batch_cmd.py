@@ -38,7 +38,7 @@ DEMO_KNOBS = {"retry_base_s": 0.5, "retry_max_s": 4.0}
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog)
+    parser = exits.Parser(prog=prog)
     if prog.endswith("batch"):
         parser.add_argument("input", type=Path, help="JSONL requests, one a line")
         parser.add_argument("-o", "--output", type=Path, required=True, help="JSONL results, in input order")

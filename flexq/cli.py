@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flexq.exits import EXIT_ERROR, UsageError, count, duration, run, seconds
+from flexq.exits import EXIT_ERROR, Parser, UsageError, count, duration, run, seconds
 from producer.status import Status
 
 if TYPE_CHECKING:
@@ -278,7 +278,7 @@ def cmd_simulate(argv: Sequence[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flexq", description="Durable Gemini flex-tier job queue")
+    parser = Parser(prog="flexq", description="Durable Gemini flex-tier job queue")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("enqueue", help="enqueue one job (--model/--prompt) or a JSONL file (--file)")

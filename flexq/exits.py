@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import re
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -62,9 +65,29 @@ def _settings_line(err: Exception) -> str:
 # -- argument types: a bad number is a one-line usage error, never a traceback ------------------------
 
 
+#: Characters that would drive the operator's terminal (ANSI escapes, carriage returns, bidi overrides).
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def clean(text: str) -> str:
+    """``text`` with control characters shown as escapes (``\\x1b``); newlines and tabs kept."""
+    return _CONTROL.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with control characters in what the user typed escaped in its error message."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(clean(message).replace("\n", "\\n").replace("\t", "\\t"))  # one line, always
+
+
 def seconds(text: str) -> float:
     """A positive, finite number of seconds (``nan``, ``inf``, ``0`` and ``-1`` are refused)."""
-    import argparse
     import math
 
     try:
@@ -80,8 +103,6 @@ def count(minimum: int) -> Callable[[str], int]:
     """A whole number of at least ``minimum``."""
 
     def parse(text: str) -> int:
-        import argparse
-
         try:
             value = int(text)
         except ValueError:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from typing import Any
 
@@ -10,17 +9,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from flexq.exits import clean
 from producer.models import JobRecord
 
-#: Characters that would drive the operator's terminal (ANSI escapes, carriage returns, bidi overrides).
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-
-
-def clean(text: str) -> str:
-    """``text`` with control characters shown as escapes (``\\x1b``); newlines and tabs kept."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}",
-                        text)
-
+__all__ = ["clean", "job_list", "stats", "status"]
 
 def _t(moment: datetime | None) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else "-"

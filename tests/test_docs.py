@@ -134,6 +134,13 @@ REWRITES: tuple[Rewrite, ...] = (
         ),
         "benchmarks take minutes: their arguments are checked by bench.run's own parser",
     ),
+    Rewrite(
+        re.compile(r"(?P<python>\S*python) -m bench\.chaos(?P<args>[^\n#]*)"),
+        lambda m, _c: f"(cd {shlex.quote(str(ROOT))} && {m['python']} -m bench.chaos{m['args'].rstrip()})"
+        + m["args"][len(m["args"].rstrip()) :],
+        "bench/ is not installed: the chaos run starts from the clone (a page only asks for its --help; "
+        "tests/test_chaos.py runs it)",
+    ),
 )
 
 

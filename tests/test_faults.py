@@ -216,3 +216,24 @@ def test_a_worker_refuses_a_redis_that_evicts(restartable_redis: RedisServer) ->
                              env={**env, "FLEXQ_ALLOW_EVICTION": "1"}, text=True, timeout=60)
     assert allowed.returncode == 0, allowed.stderr
     assert "redis_persistence" in allowed.stdout + allowed.stderr
+
+
+async def test_a_worker_that_lost_its_job_leaves_the_new_owners_arq_state(fake_redis: Any) -> None:
+    """A worker frozen past its lease wakes up after another took the job over: its arq finish must not
+    delete the arq job, queue entry and in-progress key that now belong to the new owner."""
+    from producer import arq_wire
+    from worker.runtime import create_worker
+
+    worker = create_worker(make_settings(), redis=fake_redis, handle_signals=False)
+    runner = type("R", (), {"disowned": {"taken"}})()
+    worker.ctx["flexq_runner"] = runner
+    for job_id in ("taken", "mine"):
+        await fake_redis.set(arq_wire.job_key(job_id), b"{}")
+        await fake_redis.set(arq_wire.in_progress_key(job_id), b"1")
+        await fake_redis.zadd(arq_wire.queue_key("flexq-test"), {job_id: 1})
+    for job_id in ("taken", "mine"):
+        await worker.finish_job(job_id, True, None, None, False, None, None)
+    assert await fake_redis.exists(arq_wire.job_key("taken"), arq_wire.in_progress_key("taken")) == 2
+    assert await fake_redis.zscore(arq_wire.queue_key("flexq-test"), "taken") == 1
+    assert await fake_redis.exists(arq_wire.job_key("mine"), arq_wire.in_progress_key("mine")) == 0
+    assert runner.disowned == set()  # forgotten once skipped

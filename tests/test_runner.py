@@ -597,11 +597,13 @@ async def test_a_late_success_wins_over_a_newer_attempt_still_in_flight(fake_que
         ("worker-a", Outcome.OK), ("worker-b", Outcome.INTERRUPTED)
     ]
     assert "superseded" in (record.attempts[1].error or "")
+    assert frozen.disowned == set()  # A's answer was recorded: its arq finish is its own
     gate_b.set()
     assert await task_b is None
     after = await fake_queue.get("j1")
     assert after.result is not None and after.result.text == "late, from A"
     assert after.attempts == record.attempts
+    assert taker.disowned == {"j1"}  # B's outcome was not recorded: arq's finish must skip its deletes
 
 
 async def _newer_attempt_failed(queue: FlexQueue) -> None:

@@ -54,6 +54,8 @@ class Runner:
     rand: Callable[[], float] = field(default=random.random)
     #: Job ids whose arq in-progress key this process keeps alive (see worker.lease).
     leases: set[str] = field(default_factory=set)
+    #: Jobs this process lost to another worker mid-attempt: arq's finish leaves their arq state alone.
+    disowned: set[str] = field(default_factory=set)
     #: Shared flow control (AIMD permits, breaker, 429 pauses, RPM/TPM); None when FLEXQ_FLOW=0.
     flow: FlowControl | None = None
 
@@ -300,6 +302,7 @@ class Runner:
         if change is None:
             log.warning("lease_lost", job_id=job_id, attempt=number, outcome=str(classified.outcome),
                         detail="outcome not recorded: a newer attempt, or the job's end, owns the job")
+            self.disowned.add(job_id)  # arq's finish must not touch the new owner's arq state
             return None
         decision = change.decided
         assert decision is not None

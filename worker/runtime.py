@@ -85,6 +85,18 @@ class FlexqWorker(Worker):
         await asyncio.sleep(self._redis_wait_s)  # the poll loop's own pause while Redis is away, not a job's
         self._redis_wait_s = min(REDIS_RETRY_MAX_S, self._redis_wait_s * 2)
 
+    async def finish_job(self, job_id: str, finish: bool, *args: Any, **kwargs: Any) -> None:
+        """arq's finish, unless this worker lost the job to another (frozen past its lease, say):
+        then the arq job, its queue entry and in-progress key belong to the new owner."""
+        runner: Runner | None = self.ctx.get("flexq_runner")
+        if runner is not None and job_id in runner.disowned:
+            runner.disowned.discard(job_id)
+            logs.get_logger("flexq.worker").warning(
+                "arq_finish_skipped", job_id=job_id, detail="another worker owns the job now"
+            )
+            return
+        await super().finish_job(job_id, finish, *args, **kwargs)
+
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """arq's start_jobs, one job at a time, so a Redis error gives the slot back."""
         for job_id in job_ids:
