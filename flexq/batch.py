@@ -8,6 +8,7 @@ and sends only the rest. OUT itself is written whole, in input order, when every
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import time
@@ -21,11 +22,12 @@ from producer.blobs import extension
 from producer.errors import InvalidRequestError
 from producer.models import JobRecord
 from producer.queue import FlexQueue
+from producer.request import GenerateRequest
 from producer.stats import add_up, attempt_counts, cost_counts, summarize
 from producer.status import Outcome, Status
 
 #: Failures worth running again on resume; permanent ones (client_error, blocked…) are kept.
-RERUN_KINDS = frozenset({"deadline_exceeded", "interrupted", "cancelled"})
+RERUN_KINDS = frozenset({"deadline_exceeded", "interrupted", "cancelled", "parent_failed", "invalid_request"})
 POLL_S = 0.5
 
 
@@ -36,6 +38,13 @@ def journal_path(out: Path) -> Path:
 def images_dir(out: Path) -> Path:
     """Where a batch writes its answers' images: ``OUT.images/<id>-<index>.<ext>``."""
     return out.with_name(out.name + ".images")
+
+
+def request_key(line: Line) -> str:
+    """A digest of a line's request: a result saved by an earlier run is reused only for the same one."""
+    request = line.spec.request
+    data = request.model_dump(mode="json", exclude_none=True) if isinstance(request, GenerateRequest) else request
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def output_line(record: JobRecord, line: int, image_paths: list[str] | None = None) -> dict[str, Any]:
@@ -165,8 +174,13 @@ class BatchJob:
 
     async def run(self, lines: list[Line], bad: list[LineError]) -> BatchResult:
         started = time.monotonic()
-        self.previous = load_previous(self.out)
         by_id = {line.spec.job_id: line for line in lines}
+        # an earlier result counts only for the same request (an edited line runs again), at its line now
+        self.previous = {
+            job_id: {**item, "line": by_id[job_id].line}
+            for job_id, item in load_previous(self.out).items()
+            if job_id in by_id and item.get("request_sha256") == request_key(by_id[job_id])
+        }
         todo = [line for line in lines if line.spec.job_id not in self.previous]
         progress = Progress(total=len(lines), reused=len(lines) - len(todo))
         reused = [self.previous[str(line.spec.job_id)] for line in lines if line.spec.job_id in self.previous]
@@ -181,7 +195,7 @@ class BatchJob:
         for line in lines:
             job_id = str(line.spec.job_id)
             out_lines.append(self.previous.get(job_id) or self._output.get(job_id)
-                             or output_line(records[job_id], line.line))
+                             or {**output_line(records[job_id], line.line), "request_sha256": request_key(line)})
         self._write_output(out_lines)
         return BatchResult(out_lines, bad, records, progress, time.monotonic() - started)
 
@@ -241,6 +255,7 @@ class BatchJob:
                     if record.terminal:
                         final[job_id] = record
                         item = output_line(record, by_id[job_id].line, await self._save_images(record))
+                        item["request_sha256"] = request_key(by_id[job_id])
                         self._output[job_id] = item
                         sink.write(json.dumps(item) + "\n")
                     else:
@@ -281,7 +296,7 @@ class BatchJob:
 
 def _never_ran(line: Line, kind: str, message: str) -> dict[str, Any]:
     """The output line of an input line that never became a job."""
-    return {
+    return {"request_sha256": request_key(line),
         "id": line.spec.job_id, "line": line.line, "status": str(Status.FAILED), "text": None,
         "function_calls": [], "parsed": None, "images": [], "finish_reason": None, "usage": None,
         "tier": None, "attempts": 0, "cost_usd": None, "standard_cost_usd": None,

@@ -240,3 +240,19 @@ def test_a_line_the_queue_refuses_fails_alone(tmp_path: Path) -> None:
     assert rows["fine"]["status"] == "succeeded"
     assert rows["lost"]["status"] == "failed" and rows["lost"]["error"]["kind"] == "invalid_request"
     assert "no job with id 'no-such-job'" in rows["lost"]["error"]["message"]
+
+
+def test_resume_reuses_a_result_only_for_the_same_request_at_its_new_line(tmp_path: Path) -> None:
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(source, [{"id": "a", "model": MODEL, "prompt": "first"}, {"id": "b", "model": MODEL, "prompt": "old"}])
+    assert run_batch([str(source), "-o", str(out), "--simulate"], batch_env()).returncode == 0
+    before = {row["id"]: row for row in map(json.loads, out.read_text().splitlines())}
+    # b edited, and the lines swapped: a's result is reused (at line 2 now), b runs again
+    write_input(source, [{"id": "b", "model": MODEL, "prompt": "new"}, {"id": "a", "model": MODEL, "prompt": "first"}])
+    done = run_batch([str(source), "-o", str(out), "--simulate", "--json"], batch_env())
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(text) for text in out.read_text().splitlines()]
+    assert [(row["id"], row["line"]) for row in rows] == [("b", 1), ("a", 2)]
+    assert rows[1]["text"] == before["a"]["text"] and rows[1]["request_sha256"] == before["a"]["request_sha256"]
+    assert "new" in rows[0]["text"] and rows[0]["request_sha256"] != before["b"]["request_sha256"]
+    assert json.loads(done.stdout)["batch"]["reused_from_earlier_run"] == 1

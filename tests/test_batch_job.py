@@ -8,6 +8,7 @@ without waiting out deferrals; the batch's own progress poll is shortened to a m
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -195,11 +196,14 @@ async def test_each_finished_job_is_journaled_before_the_output_is_written(
 
 
 def previous_item(job_id: str, line: int, status: str, *, text: str | None = None, kind: str | None = None) -> str:
+    """A line an earlier run wrote for ``{"id": job_id, "model": MODEL, "prompt": "prompt <id>"}``."""
     error = {"kind": kind, "message": "earlier", "http_status": None} if kind else None
+    request = {"model": MODEL, "prompt": f"prompt {job_id}"}
     return json.dumps({
         "id": job_id, "line": line, "status": status, "text": text, "finish_reason": "STOP" if text else None,
         "usage": None, "tier": "flex" if text else None, "attempts": 1, "error": error,
         "cost_usd": None, "standard_cost_usd": None,
+        "request_sha256": hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest(),
     })
 
 

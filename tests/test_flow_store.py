@@ -883,3 +883,22 @@ async def test_flow_lines_for_the_console(make_flow: MakeFlow) -> None:
         "QUOTA ALERT gemini-2.5-pro: billing quota, 1 x 429 since 2027-01-15T08:00:01+00:00: 429 billing",
     ]
 
+
+
+async def test_wakes_are_written_on_the_workers_clock_not_redis_s(
+    make_flow: MakeFlow, client: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """arq compares a run's due time with the worker's own clock: with Redis 120 s ahead of the
+    workers, a wake written on Redis's clock would make the woken job due two minutes late."""
+    flow = make_flow(initial_limit=1.0, max_limit=1.0)
+    [first] = await hold(flow, 1, T0)
+    await wait_in_line(flow, "w1", now_s=T0 + 1)
+    await enqueue(client, "w1")
+    seconds, micros = await client.time()
+    redis_now_s = seconds + micros / 1e6
+    worker_now_s = redis_now_s - 120.0
+    monkeypatch.setattr("worker.flow_store.time.time", lambda: worker_now_s)
+    await flow.release(first, "ok")  # production: no now_s, the server's clock for the flow state
+    [at] = await scores(client, "w1")
+    assert at is not None and abs(at - ms(worker_now_s)) < 5_000  # due now for the worker that polls
+    assert (await woken(client))["w1"] == at

@@ -20,6 +20,7 @@ and billing quotas, which also raise a quota alert), and optional RPM/TPM limits
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -151,6 +152,7 @@ class Permit:
     est_tokens: int
     started_s: float  # admission time on the store's clock
     level: int = 1  # permits held once this one was taken: the in-flight level the call ran at
+    held_since_s: float = field(default_factory=time.time)  # admission time on this process's clock
 
 
 @dataclass(frozen=True)

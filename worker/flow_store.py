@@ -156,7 +156,8 @@ class FlowControl:
             bool(int(admitted)), _text(reason), float(wait_s), bool(int(probe)), float(limit), int(in_flight)
         )
         if admission.admitted:
-            permit = Permit(job_id, model, tier, max(0, est_tokens), float(started_s), int(in_flight))
+            permit = Permit(job_id, model, tier, max(0, est_tokens), float(started_s), int(in_flight),
+                            held_since_s=time.time() if now_s is None else now_s)
             self.held[job_id] = permit
             admission = replace(admission, permit=permit)
         return admission
@@ -201,6 +202,8 @@ class FlowControl:
             "outcome": str(outcome) if outcome in LIMIT_OUTCOMES else ("" if outcome is None else str(outcome)),
             "breaker": breaker_event(outcome), "pause_s": pause_s, "alert": alert, "reason": reason,
             "rq_delta": requests_delta, "tk_delta": tokens_delta, "worker": self.worker,
+            # wake scores go into arq's queue, which arq compares with the worker's clock, not Redis's
+            "arq_now_ms": int(time.time() * 1000) if now_s is None else None,
         }
         limit, verdict = await self._release(
             keys=[state, permits, pause, quota_key, rate, self.keys.flow("log"),
@@ -218,7 +221,7 @@ class FlowControl:
         local_now_s = time.time() if now_s is None else now_s
         by_scope: dict[tuple[str, str], list[str]] = {}
         for permit in list(self.held.values()):
-            if local_now_s - permit.started_s > self.cfg.permit_max_hold_s:
+            if local_now_s - permit.held_since_s > self.cfg.permit_max_hold_s:  # one clock: this process's
                 self.held.pop(permit.job_id, None)
                 continue
             by_scope.setdefault((permit.model, permit.tier), []).append(permit.job_id)

@@ -204,7 +204,8 @@ local paused = (tonumber(redis.call('HGET', KEYS[3], 'until_s')) or 0) > now
 if wake > 0 and not pause_s and not paused then
   -- a woken job goes ahead of jobs that are due but were never tried (a backlog would otherwise
   -- hold it up: arq takes due jobs oldest first, and each of those would only join the line)
-  local now_ms = math.floor(now * 1000)
+  -- arq compares due times with each worker's own clock, not Redis's: wakes are written on that clock
+  local now_ms = tonumber(a.arq_now_ms) or math.floor(now * 1000)
   local oldest = redis.call('ZRANGE', KEYS[8], 0, 0, 'WITHSCORES')
   if #oldest == 2 and tonumber(oldest[2]) <= now_ms then now_ms = math.max(1, tonumber(oldest[2]) - 1) end
   local tries = 0
