@@ -1,11 +1,12 @@
 """Chaos: many jobs through several ``flexq worker`` processes while workers are SIGKILLed, frozen
 (SIGSTOP) past their lease, and Redis is SIGKILLed and restarted from its AOF (``appendfsync always``),
-once during the bulk enqueue; the simulator sheds, rate-limits and fails at random besides. Then the
+once during the bulk enqueue, and every flex call is shed for a minute; the simulator sheds and
+fails at random besides. Then the
 invariants: no job lost, every job ended, no success recorded twice, attempt numbers contiguous,
 calls per job bounded, no key without a TTL or another bound.
 
     python -m bench.chaos                    # 2,000 jobs, 3 workers (``make chaos``)
-    python -m bench.chaos --jobs 200 --workers 2 --kills 1 --stops 1 --restarts 1   # the suite's size
+    python -m bench.chaos --jobs 150 --workers 2 --kills 1 --stops 1 --restarts 1 --blackout-s 0  # the suite's
 
 Exit status 0 when every invariant holds. Figures (jobs, faults injected, time to drain, calls per
 success) are printed, and written as JSON with ``--json PATH``.
@@ -61,6 +62,7 @@ class ChaosConfig:
     stops: int = 2
     restarts: int = 2  # the first during the bulk enqueue
     every_s: float = 3.0  # time between faults once the jobs are in
+    blackout_s: float = 60.0  # one stretch where every flex call is shed (0: none)
     timeout_s: float = 600.0
     seed: int = 7
 
@@ -189,11 +191,16 @@ async def run_chaos(cfg: ChaosConfig, tmp: Path) -> ChaosResult:
     try:
         await _enqueue(settings, _specs(cfg), cfg, server, faults)
         plan = ["kill"] * cfg.kills + ["stop"] * cfg.stops + ["restart"] * max(0, cfg.restarts - 1)
+        plan += ["blackout"] if cfg.blackout_s > 0 else []
         rng.shuffle(plan)
         next_fault = time.monotonic() + cfg.every_s
         while time.monotonic() - started < cfg.timeout_s:
             if plan and time.monotonic() >= next_fault:
-                await _fault(plan.pop(), workers, env, tmp, cfg, server, faults, rng)
+                kind = plan.pop()
+                if kind == "blackout":
+                    _blackout(sim, cfg.blackout_s, faults)
+                else:
+                    await _fault(kind, workers, env, tmp, cfg, server, faults, rng)
                 next_fault = time.monotonic() + cfg.every_s
             if not plan and await _ended(settings) == cfg.jobs:
                 break
@@ -207,6 +214,19 @@ async def run_chaos(cfg: ChaosConfig, tmp: Path) -> ChaosResult:
         return await _check(settings, cfg, dict(faults), drain_s, server)
     finally:
         server.kill()
+
+
+def _blackout(sim: Any, seconds: float, faults: Counter[str]) -> None:
+    """Every flex call shed (503) for ``seconds``, as when the shared pool is gone; then back to normal."""
+    normal = sim.sim.config
+    sim.sim.config = normal.updated({"rate_503": 1.0})
+    faults["flex_blackout_s"] += int(seconds)
+
+    async def restore() -> None:
+        await asyncio.sleep(seconds)
+        sim.sim.config = normal
+
+    asyncio.get_running_loop().create_task(restore())
 
 
 async def _fault(kind: str, workers: list[Worker], env: dict[str, str], tmp: Path, cfg: ChaosConfig,

@@ -24,11 +24,14 @@ from producer.models import JobRecord
 from producer.queue import FlexQueue
 from producer.request import GenerateRequest
 from producer.stats import add_up, attempt_counts, cost_counts, summarize
-from producer.status import Outcome, Status
+from producer.status import TERMINAL, Outcome, Status
 
 #: Failures worth running again on resume; permanent ones (client_error, blocked…) are kept.
 RERUN_KINDS = frozenset({"deadline_exceeded", "interrupted", "cancelled", "parent_failed", "invalid_request"})
 POLL_S = 0.5
+#: Every this many polls the batch reads every pending record (attempt counts for the progress line,
+#: a record that became unreadable); in between, only the records the status indexes say ended.
+FULL_READ_EVERY = 10
 
 
 def journal_path(out: Path) -> Path:
@@ -146,6 +149,8 @@ class BatchJob:
     fallback: str = "none"
     on_progress: Callable[[Progress], None] = lambda _p: None
     previous: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: (503s, 429s) per job, from its record when last read
+    _active_attempts: dict[str, tuple[int, int]] = field(default_factory=dict)
     #: output lines of this run's jobs as they ended (and of lines whose parent in the batch failed)
     _output: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -245,10 +250,18 @@ class BatchJob:
         waiting = list(waiting or [])
         journal = journal_path(self.out)
         journal.parent.mkdir(parents=True, exist_ok=True)
+        polls = 0
         with journal.open("a", encoding="utf-8") as sink:
             while True:
-                active: list[JobRecord] = []
-                for job_id, record in zip(pending, await self.queue.store.get_many(pending), strict=True):
+                # the status indexes say which jobs ended; only those records are read (and, every
+                # FULL_READ_EVERY polls, all of them: attempt counts, and a record that became unreadable)
+                full = polls % FULL_READ_EVERY == 0
+                polls += 1
+                statuses = dict(zip(pending, await self.queue.store.statuses(pending), strict=True))
+                to_read = pending if full else [i for i in pending if statuses[i] is None or statuses[i] in TERMINAL]
+                read = set(to_read)
+                active_ids = [i for i in pending if i not in read]
+                for job_id, record in zip(to_read, await self.queue.store.get_many(to_read), strict=True):
                     if record is None:  # gone or unreadable: that job fails, the batch goes on
                         await self.queue.store.quarantine(job_id, "missing or unreadable while the batch followed it")
                         record = await self.queue.store.get(job_id)
@@ -259,29 +272,32 @@ class BatchJob:
                         self._output[job_id] = item
                         sink.write(json.dumps(item) + "\n")
                     else:
-                        active.append(record)
+                        active_ids.append(job_id)
+                        statuses[job_id] = record.status
+                        self._active_attempts[job_id] = _shed_counts(record)
                 released, waiting = await self._release_children(final, waiting, sink) if waiting else ([], [])
                 sink.flush()
                 os.fsync(sink.fileno())
-                pending = [r.id for r in active] + released
-                self._count(progress, final, active)
-                progress.queued += len(waiting)
+                pending = active_ids + released
+                self._count(progress, final, [statuses[i] for i in active_ids])
+                progress.queued += len(waiting) + len(released)
                 progress.failed += len(self._output) - len(final)
                 self.on_progress(progress)
                 if not pending and not waiting:
                     return final
                 await asyncio.sleep(POLL_S)  # progress polling of the output, not a retry backoff
 
-    def _count(self, progress: Progress, final: dict[str, JobRecord], active: list[JobRecord]) -> None:
+    def _count(self, progress: Progress, final: dict[str, JobRecord], active: list[Status | None]) -> None:
         fresh_ok = sum(r.status == Status.SUCCEEDED for r in final.values())
         progress.succeeded = progress.reused_succeeded + fresh_ok
         progress.failed = (progress.reused - progress.reused_succeeded) + (len(final) - fresh_ok)
-        progress.retrying = sum(r.status == Status.RETRYING for r in active)
-        progress.in_flight = sum(r.status == Status.RUNNING for r in active)
-        progress.queued = sum(r.status == Status.QUEUED for r in active)
-        attempts = [a for r in [*final.values(), *active] for a in r.attempts]
-        progress.overloaded = sum(a.outcome == "overloaded" for a in attempts)
-        progress.rate_limited = sum(a.outcome == "rate_limited" for a in attempts)
+        progress.retrying = sum(s == Status.RETRYING for s in active)
+        progress.in_flight = sum(s == Status.RUNNING for s in active)
+        progress.queued = sum(s in (Status.QUEUED, None) for s in active)
+        for job_id, record in final.items():
+            self._active_attempts[job_id] = _shed_counts(record)
+        progress.overloaded = sum(n for n, _ in self._active_attempts.values())
+        progress.rate_limited = sum(n for _, n in self._active_attempts.values())
 
     def _write_output(self, lines: list[dict[str, Any]]) -> None:
         tmp = self.out.with_name(self.out.name + ".tmp")
@@ -292,6 +308,12 @@ class BatchJob:
             os.fsync(sink.fileno())
         tmp.replace(self.out)
         journal_path(self.out).unlink(missing_ok=True)
+
+
+def _shed_counts(record: JobRecord) -> tuple[int, int]:
+    """(503s, 429s) among a record's attempts."""
+    outcomes = [a.outcome for a in record.attempts]
+    return outcomes.count(Outcome.OVERLOADED), outcomes.count(Outcome.RATE_LIMITED)
 
 
 def _never_ran(line: Line, kind: str, message: str) -> dict[str, Any]:

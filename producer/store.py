@@ -305,6 +305,20 @@ class JobStore:
         members = await self.redis.zrange(self.keys.index(status), start, start + count - 1)
         return [m.decode() if isinstance(m, bytes) else str(m) for m in members]
 
+    async def statuses(self, job_ids: Sequence[str], *, chunk: int = 1000) -> builtins.list[Status | None]:
+        """Each job's status from the status indexes alone (no record read); None when no index holds it."""
+        out: builtins.list[Status | None] = []
+        for start in range(0, len(job_ids), chunk):
+            part = builtins.list(job_ids[start : start + chunk])
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for status in Status:
+                    pipe.zmscore(self.keys.index(status), part)
+                found = await pipe.execute()
+            for n in range(len(part)):
+                out.append(next((status for status, scores in zip(Status, found, strict=True)
+                                 if scores[n] is not None), None))
+        return out
+
     async def live_workers(self, *, within_s: float) -> set[str]:
         """Workers whose heartbeat is at most ``within_s`` old."""
         cutoff = utcnow().timestamp() - within_s

@@ -346,3 +346,49 @@ def test_progress_without_fresh_results_has_no_eta() -> None:
     progress = Progress(total=10, reused=4, reused_succeeded=4, succeeded=4)
     assert progress.eta_s() is None
     assert progress.line().endswith("eta -")
+
+
+async def test_progress_reads_only_the_records_that_ended(
+    fake_queue: FlexQueue, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Following 60 pending jobs, a poll reads the records the status indexes say ended, not all 60
+    (every FULL_READ_EVERY-th poll reads them all)."""
+    from flexq.jsonl import Line
+    from producer import transitions
+    from producer.models import JobResult, Usage, utcnow
+    from producer.queue import JobSpec
+
+    monkeypatch.setattr(batch, "POLL_S", 0.0)
+    ids = [f"p{n:02d}" for n in range(60)]
+    by_id: dict[str | None, Line] = {}
+    for n, job_id in enumerate(ids):
+        await fake_queue.enqueue({"model": MODEL, "prompt": job_id}, job_id=job_id)
+        by_id[job_id] = Line(n + 1, JobSpec({"model": MODEL, "prompt": job_id}, job_id=job_id))
+    reads: list[int] = []
+    real_get_many = fake_queue.store.get_many
+
+    async def counting_get_many(job_ids: Any) -> Any:
+        reads.append(len(job_ids))
+        return await real_get_many(job_ids)
+
+    monkeypatch.setattr(fake_queue.store, "get_many", counting_get_many)
+    result = JobResult(text="ok", finish_reason="STOP", usage=Usage(), model_version=MODEL, tier="flex")
+
+    async def finish(job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            await fake_queue.store.update(job_id, lambda r: transitions.Change(
+                transitions.succeed(r, result=result, now=utcnow(), cost_usd=None, standard_cost_usd=None)))
+
+    left = list(ids)
+    tasks: list[asyncio.Task[None]] = []
+
+    def on_progress(_: Progress) -> None:  # between polls, five more jobs end
+        ending = [left.pop() for _ in range(min(5, len(left)))]
+        tasks.append(asyncio.get_running_loop().create_task(finish(ending)))
+
+    job = BatchJob(fake_queue, tmp_path / "in.jsonl", tmp_path / "out.jsonl", on_progress=on_progress)
+    final = await job._follow(ids, by_id, Progress(total=60))
+    assert sorted(final) == ids
+    full = [n for n in reads if n > 10]
+    assert reads[0] == 60 and len(full) <= 1 + len(reads) // batch.FULL_READ_EVERY
+    assert max(n for n in reads[1:batch.FULL_READ_EVERY]) <= 10  # only what ended since the last poll

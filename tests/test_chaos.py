@@ -14,7 +14,7 @@ from tests.conftest import require_or_skip
 async def test_small_chaos_run_keeps_every_invariant(tmp_path: Path) -> None:
     if shutil.which("redis-server") is None:
         require_or_skip("redis-server is not installed")
-    cfg = ChaosConfig(jobs=150, workers=2, concurrency=30, kills=1, stops=1, restarts=1, timeout_s=240)
+    cfg = ChaosConfig(jobs=150, workers=2, concurrency=30, kills=1, stops=1, restarts=1, blackout_s=0, timeout_s=240)
     result = await run_chaos(cfg, tmp_path)
     assert {k: v[:5] for k, v in result.violations.items() if v} == {}
     assert result.faults == {"redis_restarts": 1, "worker_kills": 1, "worker_stops": 1}
