@@ -64,8 +64,12 @@ async def cmd_enqueue(args: argparse.Namespace, settings: ProducerSettings) -> i
         if args.prompt or args.model:
             raise UsageError("give either --file or --model/--prompt, not both")
         text = Path(args.file).read_text(encoding="utf-8")  # noqa: ASYNC240 - one read before any I/O starts
+        from flexq.jsonl import stable_line_id
+
+        # an id-less line gets the id `flexq batch` would give it: enqueueing the file again bills nothing twice
         lines, errors = parse_jsonl(
             text.splitlines(), max_bytes=settings.max_request_bytes,
+            default_id=stable_line_id(str(Path(args.file).resolve())),  # noqa: ASYNC240 - before any I/O starts
             deadline_s=args.deadline_s, fallback=args.fallback,
         )
         for error in errors:

@@ -64,9 +64,12 @@ class ProducerSettings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, value: SecretStr) -> SecretStr:
-        scheme = urlsplit(value.get_secret_value()).scheme
-        if scheme not in {"redis", "rediss", "unix"}:
-            raise ValueError(f"REDIS_URL must start with redis://, rediss:// or unix:// (got {scheme!r}://)")
+        parts = urlsplit(value.get_secret_value())
+        if parts.scheme not in {"redis", "rediss", "unix"}:
+            raise ValueError(f"REDIS_URL must start with redis://, rediss:// or unix:// (got {parts.scheme!r}://)")
+        database = parts.path.strip("/") if parts.scheme != "unix" else ""
+        if database and not database.isdigit():
+            raise ValueError(f"the database must be a number such as /0 (got /{database})")
         return value
 
     @property

@@ -80,8 +80,11 @@ def test_goodput_smoke(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [row["name"] for row in rows] == ["shared pool", "shared pool, fixed concurrency 20 (flow off)"]
+    # flexq must drain every job; the baseline is a yardstick the benchmark itself may stop (at 4x the
+    # bound, 60 s at least: ~27 s is usual, a slow machine can pass it), so it must only have run
+    assert rows[0]["finished"] and rows[0]["succeeded"] == rows[0]["jobs"] == 150
+    assert rows[1]["jobs"] == 150 and rows[1]["succeeded"] > 0
     for row in rows:
-        assert row["finished"] and row["succeeded"] == row["jobs"] == 150
         assert row["calls_per_success"] >= 1.0 and row["oracle_multiple"] > 0
         assert row["trace"], row["name"]  # in flight over time, a row a second
         assert set(row["sheds"]) <= {"capacity", "random"} and row["sheds"].get("random", 0) > 0

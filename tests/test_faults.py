@@ -237,3 +237,16 @@ async def test_a_worker_that_lost_its_job_leaves_the_new_owners_arq_state(fake_r
     assert await fake_redis.zscore(arq_wire.queue_key("flexq-test"), "taken") == 1
     assert await fake_redis.exists(arq_wire.job_key("mine"), arq_wire.in_progress_key("mine")) == 0
     assert runner.disowned == set()  # forgotten once skipped
+
+
+def test_enqueue_file_twice_gives_an_id_less_line_the_same_id(redis_url: str, tmp_path: Path) -> None:
+    """Rerunning `enqueue --file` must not bill a line without an id again (as `flexq batch` does)."""
+    source = tmp_path / "jobs.jsonl"
+    source.write_text(json.dumps({"model": "gemini-2.5-flash", "prompt": "no id here"}) + "\n")
+    env = {**os.environ, "REDIS_URL": redis_url, "FLEXQ_QUEUE": "flexq-test"}
+    runs = [subprocess.run([sys.executable, "-m", "flexq", "enqueue", "--file", str(source)], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=60) for _ in range(2)]
+    assert [run.returncode for run in runs] == [0, 0], runs[1].stderr
+    first_id = runs[0].stdout.strip()
+    assert first_id.startswith("b-") and runs[1].stdout.strip() == f"{first_id} (exists: queued)"
+    assert "enqueued 0, already there 1" in runs[1].stderr

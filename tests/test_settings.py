@@ -218,3 +218,21 @@ def test_env_names_are_the_prefix_and_the_field(clean_env: pytest.MonkeyPatch) -
     assert env_name(WorkerConfig, "deadline_s") == "FLEXQ_DEADLINE_S"
     assert env_name(WorkerConfig, "redis_url") == "REDIS_URL"
     assert env_name(WorkerConfig, "gemini_api_key") == "GEMINI_API_KEY"
+
+
+@pytest.mark.parametrize(
+    ("url", "ok"),
+    [
+        pytest.param("redis://cache:6379/abc", False, id="named-database"),
+        pytest.param("redis://cache:6379/3", True, id="numbered-database"),
+        pytest.param("redis://cache:6379", True, id="no-database"),
+        pytest.param("unix:///run/redis.sock?db=2", True, id="unix-socket"),
+    ],
+)
+def test_redis_url_database_must_be_a_number(clean_env: pytest.MonkeyPatch, url: str, ok: bool) -> None:
+    clean_env.setenv("REDIS_URL", url)
+    if ok:
+        assert WorkerConfig().redis_url.get_secret_value() == url
+    else:
+        with pytest.raises(ValidationError, match="the database must be a number such as /0"):
+            WorkerConfig()
