@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from producer.errors import InvalidRequestError, first_error, one_line
-from producer.request import JOB_ID_RE, MODEL_RE, GenerateRequest, sdk_types
+from producer.request import JOB_ID_RE, GenerateRequest, sdk_types
 
 
 class ContinueRequest(BaseModel):
@@ -36,16 +36,12 @@ class ContinueRequest(BaseModel):
     @field_validator("model")
     @classmethod
     def _model_name(cls, value: str | None) -> str | None:
-        if value is not None and not MODEL_RE.fullmatch(value):
-            raise ValueError("must be a model name such as 'gemini-2.5-flash'")
-        return value
+        return None if value is None else GenerateRequest._model_name(value)
 
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, value: str | None) -> str | None:
-        if value is not None and not value.strip():
-            raise ValueError("must not be empty")
-        return value
+        return GenerateRequest._prompt(value)
 
     @field_validator("continue_from")
     @classmethod
