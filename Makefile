@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test lint typecheck check bench-smoke chaos clean
+.PHONY: demo test lint typecheck check bench-smoke chaos soak clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit("flexq needs Python >= 3.11 (found %s)" % sys.version.split()[0]) if sys.version_info < (3, 11) else None'
@@ -29,6 +29,9 @@ check: lint typecheck test
 
 chaos: $(STAMP)
 	$(BIN)/python -m bench.chaos
+
+soak: $(STAMP)
+	$(BIN)/python -m bench.chaos --churn-s 300 --jobs 3000 --drains 4 --blackout-s 0 --timeout-s 900
 
 bench-smoke: $(STAMP)
 	$(BIN)/python -m bench.run --smoke

@@ -7,6 +7,11 @@ calls per job bounded, no key without a TTL or another bound.
 
     python -m bench.chaos                    # 2,000 jobs, 3 workers (``make chaos``)
     python -m bench.chaos --jobs 150 --workers 2 --kills 1 --stops 1 --restarts 1 --blackout-s 0  # the suite's
+    python -m bench.chaos --churn-s 300 --jobs 3000 --drains 4 --blackout-s 0   # ``make soak``
+
+With ``--churn-s`` the jobs arrive at a steady rate over that many seconds instead of in one bulk
+enqueue, and the faults (plus ``--drains`` graceful worker replacements) are spread over the same
+stretch: a fleet that keeps churning while Redis is killed under it.
 
 Exit status 0 when every invariant holds. Figures (jobs, faults injected, time to drain, calls per
 success) are printed, and written as JSON with ``--json PATH``.
@@ -44,7 +49,8 @@ QUEUE = "chaos"
 MODEL = "gemini-2.5-flash"
 #: Keys that may live without a TTL, each bounded another way (see tests/test_faults.py).
 BOUNDED_WITHOUT_TTL = {f"{QUEUE}:idx:{s}" for s in Status} | {f"{QUEUE}:stats", f"{QUEUE}:latency_ms",
-                                                              f"{QUEUE}:flow:log", f"{QUEUE}:arq"}
+                                                              f"{QUEUE}:flow:log", f"{QUEUE}:arq",
+                                                              f"{QUEUE}:events"}
 #: Prompt directives mixed into the jobs: (share, directive). The rest are plain prompts.
 #: A 429 pauses its model for every worker (as a real quota would), so they are kept rare here.
 MIX = [(0.08, "[[latency:2s]]"), (0.05, "[[fault:503x2]]"), (0.005, "[[fault:429x1:retry=1s]]"),
@@ -65,6 +71,8 @@ class ChaosConfig:
     blackout_s: float = 60.0  # one stretch where every flex call is shed (0: none)
     timeout_s: float = 600.0
     seed: int = 7
+    churn_s: float = 0.0  # > 0: jobs arrive steadily over this long, faults spread over it (a soak)
+    drains: int = 0  # graceful worker replacements (SIGTERM, a new one started)
 
 
 @dataclass
@@ -141,10 +149,14 @@ async def _connect(settings: ProducerSettings) -> FlexQueue:
 
 async def _enqueue(settings: ProducerSettings, specs: list[JobSpec], cfg: ChaosConfig, server: RedisServer,
                    faults: Counter[str]) -> None:
-    chunks = [specs[i : i + 200] for i in range(0, len(specs), 200)]
+    size = 200 if cfg.churn_s <= 0 else 20
+    chunks = [specs[i : i + size] for i in range(0, len(specs), size)]
+    pace_s = cfg.churn_s / max(1, len(chunks))
     queue = await _connect(settings)
     for index, chunk in enumerate(chunks):
-        if index == len(chunks) // 2 and cfg.restarts > 0:
+        if pace_s > 0 and index > 0:
+            await asyncio.sleep(pace_s)  # jobs arrive steadily (the soak's producer)
+        if index == len(chunks) // 2 and cfg.restarts > 0 and cfg.churn_s <= 0:
             await queue.close()
             await _restart(server, faults)  # during the bulk enqueue
             queue = await _connect(settings)
@@ -188,12 +200,19 @@ async def run_chaos(cfg: ChaosConfig, tmp: Path) -> ChaosResult:
     settings = ProducerSettings(redis_url=server.url, queue=QUEUE)  # type: ignore[arg-type]
     workers = [Worker(env, tmp / f"worker-{n}.log", cfg.concurrency) for n in range(cfg.workers)]
     started = time.monotonic()
+    producer: asyncio.Task[None] | None = None
     try:
-        await _enqueue(settings, _specs(cfg), cfg, server, faults)
-        plan = ["kill"] * cfg.kills + ["stop"] * cfg.stops + ["restart"] * max(0, cfg.restarts - 1)
+        churn = cfg.churn_s > 0
+        plan = ["kill"] * cfg.kills + ["stop"] * cfg.stops + ["drain"] * cfg.drains
+        plan += ["restart"] * (cfg.restarts if churn else max(0, cfg.restarts - 1))
         plan += ["blackout"] if cfg.blackout_s > 0 else []
         rng.shuffle(plan)
-        next_fault = time.monotonic() + cfg.every_s
+        every_s = cfg.churn_s / (len(plan) + 1) if churn else cfg.every_s
+        if churn:  # faults land while jobs still arrive
+            producer = asyncio.create_task(_enqueue(settings, _specs(cfg), cfg, server, faults))
+        else:
+            await _enqueue(settings, _specs(cfg), cfg, server, faults)
+        next_fault = time.monotonic() + every_s
         while time.monotonic() - started < cfg.timeout_s:
             if plan and time.monotonic() >= next_fault:
                 kind = plan.pop()
@@ -201,12 +220,16 @@ async def run_chaos(cfg: ChaosConfig, tmp: Path) -> ChaosResult:
                     _blackout(sim, cfg.blackout_s, faults)
                 else:
                     await _fault(kind, workers, env, tmp, cfg, server, faults, rng)
-                next_fault = time.monotonic() + cfg.every_s
-            if not plan and await _ended(settings) == cfg.jobs:
+                next_fault = time.monotonic() + every_s
+            if producer is not None and producer.done():
+                producer.result()  # the producer's own failure ends the run
+            if not plan and (producer is None or producer.done()) and await _ended(settings) == cfg.jobs:
                 break
             await asyncio.sleep(0.5)  # the chaos driver's own pace
         drain_s = time.monotonic() - started
     finally:
+        if producer is not None and not producer.done():
+            producer.cancel()
         for worker in workers:
             await asyncio.to_thread(worker.close)
         await sim.close()
@@ -236,6 +259,11 @@ async def _fault(kind: str, workers: list[Worker], env: dict[str, str], tmp: Pat
         await _restart(server, faults)
         return
     victim = rng.choice(live)
+    if kind == "drain":  # a deploy: the worker finishes what it holds and a new one takes its place
+        victim.signal(signal.SIGTERM)
+        workers.append(Worker(env, tmp / f"worker-{len(workers)}.log", cfg.concurrency))
+        faults["worker_drains"] += 1
+        return
     if kind == "kill":
         victim.signal(signal.SIGKILL)
         workers.append(Worker(env, tmp / f"worker-{len(workers)}.log", cfg.concurrency))
@@ -262,7 +290,8 @@ async def _check(settings: ProducerSettings, cfg: ChaosConfig, faults: dict[str,
     for start in range(0, len(ids), 500):
         records.extend(await queue.store.get_many(ids[start : start + 500]))
     v: dict[str, list[str]] = {"lost": [], "not_ended": [], "two_successes": [], "attempts_not_contiguous": [],
-                               "succeeded_without_result": [], "too_many_calls": [], "keys_without_bound": []}
+                               "succeeded_without_result": [], "too_many_calls": [], "keys_without_bound": [],
+                               "answer_discarded": []}
     statuses: Counter[str] = Counter()
     kinds: Counter[str] = Counter()
     for job_id, record in zip(ids, records, strict=True):
@@ -279,6 +308,8 @@ async def _check(settings: ProducerSettings, cfg: ChaosConfig, faults: dict[str,
             v["two_successes"].append(job_id)
         if [a.number for a in record.attempts] != list(range(1, len(record.attempts) + 1)):
             v["attempts_not_contiguous"].append(job_id)
+        if oks and record.status != Status.SUCCEEDED:  # a paid answer thrown away
+            v["answer_discarded"].append(job_id)
         if record.status == Status.SUCCEEDED and record.result is None:
             v["succeeded_without_result"].append(job_id)
         if len(record.attempts) > MAX_CALLS_PER_JOB:

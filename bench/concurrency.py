@@ -235,8 +235,14 @@ def run_variant(
 
 def gc_summary(pauses: list[list[float]]) -> dict[str, Any]:
     full = [ms for _, gen, ms in pauses if gen == 2]
+    ordered = sorted(ms for _, _, ms in pauses)
+
+    def pct(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2) if ordered else 0.0
+
     return {
         "collections": len(pauses), "gen2": len(full), "total_ms": round(sum(ms for _, _, ms in pauses), 1),
+        "pause_p50_ms": pct(0.5), "pause_p99_ms": pct(0.99),
         "max_ms": round(max((ms for _, _, ms in pauses), default=0.0), 1),
         "gen2_max_ms": round(max(full, default=0.0), 1),
     }

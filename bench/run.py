@@ -2,7 +2,7 @@
 
     python -m bench.run                     # full size (about 5 minutes on 2 cores)
     python -m bench.run --smoke             # small sizes, about a minute
-    python -m bench.run --only enqueue      # one benchmark: goodput | overhead | concurrency | enqueue | startup
+    python -m bench.run --only enqueue      # one of: goodput overhead concurrency enqueue startup waiters web fleet
     python -m bench.run --json out.json     # also write every figure as JSON
 
 Redis: a private ``redis-server`` (no persistence) in a temp dir, or ``--redis-url`` (its database is
@@ -23,7 +23,7 @@ from typing import Any
 
 from bench.common import BenchResult, bench_redis, environment
 
-NAMES = ("goodput", "overhead", "concurrency", "enqueue", "startup")
+NAMES = ("goodput", "overhead", "concurrency", "enqueue", "startup", "waiters", "web", "fleet")
 
 
 def _fmt(value: Any) -> str:
@@ -101,9 +101,27 @@ def _startup(redis_url: str, smoke: bool) -> BenchResult:
     return startup.run(redis_url, smoke=smoke)
 
 
+def _waiters(redis_url: str, smoke: bool) -> BenchResult:
+    from bench import waiters
+
+    return waiters.run(redis_url, smoke=smoke)
+
+
+def _web(redis_url: str, smoke: bool) -> BenchResult:
+    from bench import web
+
+    return web.run(redis_url, smoke=smoke)
+
+
+def _fleet(redis_url: str, smoke: bool) -> BenchResult:
+    from bench import fleet
+
+    return fleet.run(redis_url, smoke=smoke)
+
+
 RUNNERS: dict[str, Callable[[str, bool], BenchResult]] = {
     "goodput": _goodput, "overhead": _overhead, "concurrency": _concurrency, "enqueue": _enqueue,
-    "startup": _startup,
+    "startup": _startup, "waiters": _waiters, "web": _web, "fleet": _fleet,
 }
 
 

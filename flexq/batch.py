@@ -11,12 +11,15 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from flexq.exits import clean
 from flexq.jsonl import Line, LineError, parse_jsonl, stable_line_id
 from producer.blobs import extension
 from producer.errors import InvalidRequestError
@@ -29,6 +32,8 @@ from producer.status import TERMINAL, Outcome, Status
 #: Failures worth running again on resume; permanent ones (client_error, blocked…) are kept.
 RERUN_KINDS = frozenset({"deadline_exceeded", "interrupted", "cancelled", "parent_failed", "invalid_request"})
 POLL_S = 0.5
+#: How much of the latest retry's error the progress line shows.
+LAST_ERROR_CHARS = 80
 #: Every this many polls the batch reads every pending record (attempt counts for the progress line,
 #: a record that became unreadable); in between, only the records the status indexes say ended.
 FULL_READ_EVERY = 10
@@ -107,6 +112,8 @@ class Progress:
     rate_limited: int = 0
     reused: int = 0
     reused_succeeded: int = 0
+    #: why the latest failed attempt of a job now retrying failed (``connection_error: Cannot connect…``)
+    last_error: str | None = None
     started_s: float = field(default_factory=time.monotonic)
 
     @property
@@ -124,9 +131,15 @@ class Progress:
         eta = self.eta_s()
         return (
             f"{self.done}/{self.total} done (succeeded {self.succeeded}, failed {self.failed}), "
-            f"retrying {self.retrying}, in flight {self.in_flight}, queued {self.queued}, "
+            f"retrying {self.retrying}{self._why()}, in flight {self.in_flight}, queued {self.queued}, "
             f"503s {self.overloaded}, 429s {self.rate_limited}, eta {'-' if eta is None else f'{eta:.0f}s'}"
         )
+
+    def _why(self) -> str:
+        """`` (last: KIND: MESSAGE)`` while jobs are retrying: an unreachable API shows at once, not in the log."""
+        if not self.retrying or not self.last_error:
+            return ""
+        return f" (last: {brief(self.last_error, LAST_ERROR_CHARS)})"
 
 
 @dataclass
@@ -136,6 +149,8 @@ class BatchResult:
     records: dict[str, JobRecord]
     progress: Progress
     elapsed_s: float
+    #: each line's model, as the line names it (for a reused result, which has no record here)
+    models: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -151,6 +166,8 @@ class BatchJob:
     previous: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: (503s, 429s) per job, from its record when last read
     _active_attempts: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: (when, "outcome: error") of the latest failed attempt per job, from its record when last read
+    _last_errors: dict[str, tuple[datetime, str]] = field(default_factory=dict)
     #: output lines of this run's jobs as they ended (and of lines whose parent in the batch failed)
     _output: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -202,7 +219,8 @@ class BatchJob:
             out_lines.append(self.previous.get(job_id) or self._output.get(job_id)
                              or {**output_line(records[job_id], line.line), "request_sha256": request_key(line)})
         self._write_output(out_lines)
-        return BatchResult(out_lines, bad, records, progress, time.monotonic() - started)
+        models = {str(line.spec.job_id): line.model for line in lines if line.model}
+        return BatchResult(out_lines, bad, records, progress, time.monotonic() - started, models)
 
     async def _enqueue(self, lines: list[Line]) -> list[Any]:
         try:
@@ -267,6 +285,7 @@ class BatchJob:
                         record = await self.queue.store.get(job_id)
                     if record.terminal:
                         final[job_id] = record
+                        self._last_errors.pop(job_id, None)
                         item = output_line(record, by_id[job_id].line, await self._save_images(record))
                         item["request_sha256"] = request_key(by_id[job_id])
                         self._output[job_id] = item
@@ -275,11 +294,14 @@ class BatchJob:
                         active_ids.append(job_id)
                         statuses[job_id] = record.status
                         self._active_attempts[job_id] = _shed_counts(record)
+                        failed = _last_failure(record)
+                        if failed is not None:
+                            self._last_errors[job_id] = failed
                 released, waiting = await self._release_children(final, waiting, sink) if waiting else ([], [])
                 sink.flush()
                 os.fsync(sink.fileno())
                 pending = active_ids + released
-                self._count(progress, final, [statuses[i] for i in active_ids])
+                self._count(progress, final, [(i, statuses[i]) for i in active_ids])
                 progress.queued += len(waiting) + len(released)
                 progress.failed += len(self._output) - len(final)
                 self.on_progress(progress)
@@ -287,13 +309,17 @@ class BatchJob:
                     return final
                 await asyncio.sleep(POLL_S)  # progress polling of the output, not a retry backoff
 
-    def _count(self, progress: Progress, final: dict[str, JobRecord], active: list[Status | None]) -> None:
+    def _count(
+        self, progress: Progress, final: dict[str, JobRecord], active: list[tuple[str, Status | None]]
+    ) -> None:
         fresh_ok = sum(r.status == Status.SUCCEEDED for r in final.values())
         progress.succeeded = progress.reused_succeeded + fresh_ok
         progress.failed = (progress.reused - progress.reused_succeeded) + (len(final) - fresh_ok)
-        progress.retrying = sum(s == Status.RETRYING for s in active)
-        progress.in_flight = sum(s == Status.RUNNING for s in active)
-        progress.queued = sum(s in (Status.QUEUED, None) for s in active)
+        progress.retrying = sum(s == Status.RETRYING for _, s in active)
+        progress.in_flight = sum(s == Status.RUNNING for _, s in active)
+        progress.queued = sum(s in (Status.QUEUED, None) for _, s in active)
+        retrying = [self._last_errors[i] for i, s in active if s == Status.RETRYING and i in self._last_errors]
+        progress.last_error = max(retrying)[1] if retrying else None
         for job_id, record in final.items():
             self._active_attempts[job_id] = _shed_counts(record)
         progress.overloaded = sum(n for n, _ in self._active_attempts.values())
@@ -314,6 +340,24 @@ def _shed_counts(record: JobRecord) -> tuple[int, int]:
     """(503s, 429s) among a record's attempts."""
     outcomes = [a.outcome for a in record.attempts]
     return outcomes.count(Outcome.OVERLOADED), outcomes.count(Outcome.RATE_LIMITED)
+
+
+#: aiohttp's repr of the TLS context in a connection error (``ssl:<ssl.SSLContext object at 0x...>``): noise here
+_SSL_NOISE = re.compile(r" ssl:(?:<[^>]*>|default)")
+
+
+def brief(error: str, chars: int) -> str:
+    """An attempt's error on one line, control characters escaped, cut to ``chars``."""
+    text = clean(" ".join(_SSL_NOISE.sub("", error).split()))
+    return text if len(text) <= chars else text[: chars - 1] + "…"
+
+
+def _last_failure(record: JobRecord) -> tuple[datetime, str] | None:
+    """(when, ``outcome: error``) of the record's latest closed attempt that failed, if any."""
+    for attempt in reversed(record.attempts):
+        if attempt.outcome is not None and attempt.outcome != Outcome.OK and attempt.error:
+            return attempt.finished_at or attempt.started_at, f"{attempt.outcome}: {attempt.error}"
+    return None
 
 
 def _never_ran(line: Line, kind: str, message: str) -> dict[str, Any]:
@@ -342,21 +386,35 @@ def summarize_batch(result: BatchResult) -> dict[str, Any]:
     fresh = {str(record.id) for record in result.records.values()}
     for item in result.lines:  # a job's cost, this run's or an earlier run's reused result
         if item["status"] == Status.SUCCEEDED:
-            tier = item.get("tier") if item["id"] not in fresh else _ok_tier(result.records[item["id"]])
-            parts.append(cost_counts(tier or "unknown", item.get("cost_usd"), item.get("standard_cost_usd")))
+            ran = result.records.get(item["id"]) if item["id"] in fresh else None
+            tier = item.get("tier") if ran is None else _ok_tier(ran)
+            model = ran.request.model if ran is not None and ran.request else result.models.get(item["id"])
+            parts.append(cost_counts(tier or "unknown", item.get("cost_usd"), item.get("standard_cost_usd"),
+                                     model=model))
     doc = summarize(counts=by_status, counters=add_up(parts), latencies_ms=latencies)
     doc["batch"] = {
         "lines": len(result.lines),
         "bad_lines": [str(err) for err in result.bad_lines],
         "reused_from_earlier_run": result.progress.reused,
         "failures": {
-            item["id"]: f"{item['error']['kind']}: {item['error']['message']}"
+            item["id"]: f"{item['error']['kind']}: {item['error']['message']}" + _cause(result.records.get(item["id"]))
             for item in result.lines
             if item["status"] != Status.SUCCEEDED and item.get("error")
         },
         "elapsed_s": round(result.elapsed_s, 1),
     }
     return doc
+
+
+def _cause(record: JobRecord | None) -> str:
+    """`` (last attempt: KIND: MESSAGE)`` for a job that ran out of time after failed attempts: why it kept
+    retrying (an unreachable API, a quota) is the thing to fix, and the error itself says only the deadline."""
+    if record is None or record.error is None or record.error.kind != "deadline_exceeded":
+        return ""
+    failed = _last_failure(record)
+    if failed is None:
+        return ""
+    return f" (last attempt: {brief(failed[1], 160)})"
 
 
 def _ok_tier(record: JobRecord) -> str | None:

@@ -4,24 +4,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import json
 import os
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from flexq import exits, render
 from flexq.batch import BatchJob, journal_path, summarize_batch
 from flexq.batch import Progress as BatchProgress
 from flexq.embedded import open_runtime
+from producer.pricing import unpriced_models, unpriced_warning
 from simulator import SimConfig
 from worker import logs
 from worker.config import WorkerConfig
@@ -64,6 +67,18 @@ def main(argv: Sequence[str]) -> int:
     return exits.run(lambda: asyncio.run(run(command, args)), interrupted=hint, after_progress=True)
 
 
+KEY_NAMES = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
+
+
+def missing_key_message(environ: Mapping[str, str]) -> str:
+    """Why a batch without a key is refused, naming a variable that looks like a misspelt key (never its value)."""
+    near = sorted({name for name in environ if name not in KEY_NAMES and environ[name]
+                   and difflib.get_close_matches(name.upper(), KEY_NAMES, n=1, cutoff=0.8)})
+    typo = f" ({', '.join(near)} is set: a typo?)" if near else ""
+    return ("no Gemini API key: set GEMINI_API_KEY (or GOOGLE_API_KEY) to call the real API, or pass --simulate "
+            f"to answer from the bundled simulator{typo}")
+
+
 class Interrupt:
     """Ctrl-C stops a batch even if a library swallows the first cancellation (asyncio.run cancels the
     main task once, and only a second Ctrl-C would raise): cancel again every half second until the
@@ -101,7 +116,12 @@ async def _prepare(command: str, args: argparse.Namespace, interrupt: Interrupt)
     demo = command == "demo"
     embedded = "REDIS_URL" not in os.environ
     has_key = settings.gemini_api_key is not None and bool(settings.gemini_api_key.get_secret_value())
-    simulate = demo or args.simulate or not has_key
+    simulate = demo or args.simulate
+    if embedded and args.workers == 0:
+        raise exits.UsageError("--workers 0 needs REDIS_URL: no `flexq worker` can reach the in-process Redis "
+                               "stand-in, so nothing would run the jobs")
+    if not simulate and not has_key and args.workers > 0:  # never answer from the simulator unasked
+        raise exits.UsageError(missing_key_message(os.environ))
     if demo:
         settings = settings.model_copy(update=DEMO_KNOBS)
         source = Path(str(resources.files("flexq") / "data" / "demo.jsonl"))
@@ -115,7 +135,7 @@ async def _prepare(command: str, args: argparse.Namespace, interrupt: Interrupt)
         err.print("[yellow]note:[/] REDIS_URL is not set: using an in-process Redis stand-in; job state is not "
                   "durable (the output journal is). Set REDIS_URL=redis://HOST:6379/0 to use a real Redis.")
     if simulate:
-        why = "demo" if demo else ("--simulate" if args.simulate else "no GEMINI_API_KEY is set")
+        why = "demo" if demo else "--simulate"
         err.print(f"[yellow]note:[/] calling the bundled Gemini simulator in-process ({why}), not the real API.")
     output.parent.mkdir(parents=True, exist_ok=True)
     log_path = output.with_name(output.name + ".log")
@@ -137,6 +157,9 @@ async def _run(
         lines, bad = job.parse()
         for error in bad:
             console.print(f"[red]{source}:[/] {error}")
+        if sim is None:  # the demo's file names a made-up model on purpose
+            for model in unpriced_models(line.model for line in lines):
+                console.print(f"[yellow]warning:[/] {escape(unpriced_warning(model))}", highlight=False)
         if not lines:
             console.print("flexq: no valid lines to run")
             return 1

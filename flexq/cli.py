@@ -9,11 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flexq.exits import EXIT_ERROR, Parser, UsageError, count, duration, run, seconds
+from flexq import events_cmd
+from flexq.exits import EXIT_ERROR, Parser, UsageError, clean, count, duration, run, seconds
+from flexq.metrics import add_commands as add_metrics_commands
+from flexq.metrics import cmd_metrics
+from flexq.top import add_commands as add_top_commands
+from flexq.top import cmd_top
 from producer.status import Status
 
 if TYPE_CHECKING:
@@ -39,11 +44,16 @@ def _jsonable(value: Any) -> Any:
 
 
 async def _with_queue(settings: ProducerSettings, body: Callable[[FlexQueue], Awaitable[int]]) -> int:
+    from producer.errors import JobNotFoundError
     from producer.queue import FlexQueue
 
     queue = await FlexQueue.connect(settings)
     try:
         return await body(queue)
+    except JobNotFoundError as err:  # say where it looked: a wrong REDIS_URL or FLEXQ_QUEUE shows at once
+        if err.where is None:
+            err.where = settings.searched
+        raise
     finally:
         await queue.close()
 
@@ -74,6 +84,7 @@ async def cmd_enqueue(args: argparse.Namespace, settings: ProducerSettings) -> i
         )
         for error in errors:
             print(f"flexq: {args.file}: {error}", file=sys.stderr)
+        _warn_unpriced(line.model for line in lines)
 
         async def many(queue: FlexQueue) -> int:
             done = await queue.enqueue_many([line.spec for line in lines])
@@ -95,6 +106,10 @@ async def cmd_enqueue(args: argparse.Namespace, settings: ProducerSettings) -> i
     else:
         request = {"model": args.model, "prompt": args.prompt}
     tags = dict(_kv(t) for t in args.tag or [])
+    from producer.request import MODEL_RE
+
+    if args.model and MODEL_RE.fullmatch(args.model):  # a name that is not a model name is refused at enqueue
+        _warn_unpriced([args.model])
 
     async def one(queue: FlexQueue) -> int:
         done = await queue.enqueue(
@@ -107,6 +122,14 @@ async def cmd_enqueue(args: argparse.Namespace, settings: ProducerSettings) -> i
         return 0
 
     return await _with_queue(settings, one)
+
+
+def _warn_unpriced(models: Iterable[str | None]) -> None:
+    """A warning on stderr for each model missing from the price table (a typo?); enqueued all the same."""
+    from producer.pricing import unpriced_models, unpriced_warning
+
+    for model in unpriced_models(models):
+        print(clean(f"flexq: warning: {unpriced_warning(model)}"), file=sys.stderr)
 
 
 def _kv(text: str) -> tuple[str, str]:
@@ -138,7 +161,7 @@ async def cmd_result(args: argparse.Namespace, settings: ProducerSettings) -> in
         if record.result is None:
             why = f": {record.error.message}" if record.error else ""
             message = f"flexq: job {record.id!r} is {record.status} and has no answer{why}"
-            print(_render().clean(message), file=sys.stderr)
+            print(clean(message), file=sys.stderr)
             return EXIT_ERROR
         result = record.result
         saved: list[str | None] = []
@@ -160,7 +183,6 @@ async def cmd_result(args: argparse.Namespace, settings: ProducerSettings) -> in
                 "images": [{**_jsonable(image), "path": p} for image, p in zip(result.images, saved, strict=True)],
             })
             return 0
-        clean = _render().clean
         if result.text is not None:
             print(clean(result.text))
         for call in result.function_calls:
@@ -221,6 +243,9 @@ async def cmd_stats(args: argparse.Namespace, settings: WorkerConfig) -> int:
         from worker.flow_store import FlowControl, flow_lines
 
         doc = await queue.stats()
+        cost = doc["cost"]
+        if cost["jobs_with_unknown_cost"] and not cost.get("unknown_price_models"):
+            cost["unknown_price_models"] = await _unpriced_in_recent_jobs(queue)
         flow = FlowControl(queue.redis, queue.store.keys, config_from_settings(settings))
         doc["flow_control"] = await flow.snapshot()
         doc["flow"] = flow_lines(doc["flow_control"])
@@ -228,6 +253,21 @@ async def cmd_stats(args: argparse.Namespace, settings: WorkerConfig) -> int:
         return 0
 
     return await _with_queue(settings, body)
+
+
+#: How many of the latest succeeded jobs ``flexq stats`` reads to name the models with no known price.
+UNPRICED_SCAN = 500
+
+
+async def _unpriced_in_recent_jobs(queue: FlexQueue) -> dict[str, int]:
+    """Models with no known price among the latest succeeded jobs, with their job counts: the queue's
+    counters count such jobs without naming their models when the workers do not record the name."""
+    found: dict[str, int] = {}
+    for record in await queue.list(Status.SUCCEEDED, limit=UNPRICED_SCAN):
+        if record.cost_usd is None and record.request is not None:
+            model = record.request.model.removeprefix("models/")
+            found[model] = found.get(model, 0) + 1
+    return dict(sorted(found.items()))
 
 
 async def cmd_pause(args: argparse.Namespace, settings: WorkerConfig) -> int:
@@ -268,7 +308,14 @@ def cmd_worker(args: argparse.Namespace, settings: WorkerConfig) -> int:
 
     logs.configure(settings.log_format)
     worker = create_worker(settings, burst=args.burst)
-    worker.run()
+    from redis.exceptions import RedisError
+
+    from producer.errors import StoreUnavailableError, redis_failure
+
+    try:
+        worker.run()
+    except RedisError as err:  # arq's start-up gave up on Redis (after its own retries): say what Redis answered
+        raise StoreUnavailableError(redis_failure(settings.redis_url_redacted, err)) from err
     return 0
 
 
@@ -338,6 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="jobs in flight (default FLEXQ_CONCURRENCY, 100)")
     p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
 
+    p = sub.add_parser("events", help="print job events (status changes with their attempts); --follow to tail")
+    events_cmd.add_arguments(p)
+    add_metrics_commands(sub)
+    add_top_commands(sub)
+
     sub.add_parser("simulate", help="run the Gemini simulator (flexq simulate --help)", add_help=False)
     sub.add_parser("batch", help="run a JSONL file of requests to a JSONL of answers (flexq batch --help)",
                    add_help=False)
@@ -348,9 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
 ASYNC_COMMANDS: dict[str, Callable[[argparse.Namespace, Any], Coroutine[Any, Any, int]]] = {
     "enqueue": cmd_enqueue, "status": cmd_status, "result": cmd_result, "wait": cmd_wait, "list": cmd_list,
     "retry": cmd_retry, "cancel": cmd_cancel, "stats": cmd_stats, "pause": cmd_pause, "resume": cmd_pause,
+    "events": events_cmd.cmd_events, "metrics": cmd_metrics, "top": cmd_top,
 }
 #: Commands that need the worker's settings (flow control, the Gemini key); the rest read only a producer's.
-WORKER_SIDE = frozenset({"stats", "worker", "pause", "resume"})
+WORKER_SIDE = frozenset({"stats", "worker", "pause", "resume", "metrics", "top"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,7 +18,7 @@ class UsageError(Exception):
 
 
 def say(message: str) -> None:
-    print(f"flexq: {message}", file=sys.stderr)
+    print(f"flexq: {clean(message)}", file=sys.stderr)
 
 
 def run(body: Callable[[], int], *, interrupted: str = "interrupted", after_progress: bool = False) -> int:
@@ -29,7 +29,7 @@ def run(body: Callable[[], int], *, interrupted: str = "interrupted", after_prog
     from pydantic import ValidationError
     from pydantic_settings import SettingsError
 
-    from producer.errors import ConfigError, FlexqError, InvalidRequestError
+    from producer.errors import ConfigError, FlexqError, InvalidRequestError, StoreUnavailableError, explain_unavailable
 
     try:
         return body()
@@ -39,6 +39,9 @@ def run(body: Callable[[], int], *, interrupted: str = "interrupted", after_prog
     except InvalidRequestError as err:
         say(str(err))
         return EXIT_USAGE
+    except StoreUnavailableError as err:
+        say(explain_unavailable(err))
+        return EXIT_ERROR
     except (ConfigError, FlexqError) as err:
         say(str(err))
         return EXIT_ERROR

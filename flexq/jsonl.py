@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,15 @@ class Line:
         if isinstance(request, dict) and request.get("continue_from") is not None:
             return str(request["continue_from"])
         return None
+
+    @property
+    def model(self) -> str | None:
+        """The model the line names (None for a thread's turn that inherits its parent's)."""
+        request = self.spec.request
+        if isinstance(request, GenerateRequest):
+            return request.model
+        value = request.get("model") if isinstance(request, Mapping) else None
+        return value if isinstance(value, str) else None
 
 
 def parse_jsonl(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -57,19 +58,54 @@ def status(
             head.add_row("image", f"{image.index}: {image.mime_type}{size}, {image.bytes} bytes "
                          f"(flexq result {escape(record.id)} --save DIR)")
     console.print(head)
-    if not record.attempts:
-        return
-    table = Table(title="attempts", title_justify="left")
+    if record.attempts:
+        console.print(attempts_table(console, record))
+
+
+#: Tiers in the narrow attempts table.
+_TIER = {"standard": "std"}
+
+
+def attempts_table(console: Console, record: JobRecord) -> Table:
+    """One line per attempt: every column when they fit on the console, else (80 columns when piped) the
+    start time without the date on the job's creation day, ``std`` for standard, the served tier only
+    where it differs, no HTTP status (the error says it), and the error cut to what is left of the line."""
+    wide = Table(title="attempts", title_justify="left")
     for col in ("#", "tier", "served", "started", "latency ms", "outcome", "http", "retry in s", "error"):
-        table.add_column(col)
+        wide.add_column(col, no_wrap=True)
     for a in record.attempts:
-        table.add_row(
+        wide.add_row(
             str(a.number), str(a.tier), a.served_tier or "-", _t(a.started_at),
             "-" if a.latency_ms is None else str(a.latency_ms), str(a.outcome or "in flight"),
             "-" if a.http_status is None else str(a.http_status),
             "-" if a.retry_in_s is None else f"{a.retry_in_s:g}", _short(a.error, 50),
         )
-    console.print(table)
+    if console.measure(wide, options=console.options.update_width(10_000)).maximum <= console.width:
+        return wide
+    table = Table(title="attempts", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+                  collapse_padding=True)
+    day = record.created_at.date()
+    rows = []
+    for a in record.attempts:
+        asked, served = _TIER.get(str(a.tier), str(a.tier)), _TIER.get(a.served_tier or "", a.served_tier)
+        tier = asked if served in (None, asked) else f"{asked}>{served}"
+        started = a.started_at.strftime("%H:%M:%S" if a.started_at.date() == day else "%m-%d %H:%M:%S")
+        rows.append((
+            str(a.number), tier, started, "-" if a.latency_ms is None else str(a.latency_ms),
+            str(a.outcome or "in flight"), "-" if a.retry_in_s is None else f"{a.retry_in_s:g}",
+            _short(a.error, 200),
+        ))
+    headers = ("#", "tier", "started", "ms", "outcome", "retry s")
+    widths = [max(len(col), *(len(row[i]) for row in rows)) for i, col in enumerate(headers)]
+    for col, fixed in zip(headers, widths, strict=True):  # as wide as their widest cell: only the error gives way
+        table.add_column(col, justify="right" if col in ("#", "ms", "retry s") else "left", no_wrap=True,
+                         width=fixed)
+    # what is left of the line: two columns of padding and divider between two columns
+    table.add_column("error", no_wrap=True, overflow="ellipsis",
+                     max_width=max(10, console.width - sum(widths) - 2 * len(widths)))
+    for row in rows:
+        table.add_row(*row)
+    return table
 
 
 def job_list(console: Console, records: list[JobRecord]) -> None:
@@ -105,11 +141,14 @@ def stats(console: Console, doc: dict[str, Any]) -> None:
     for tier, toks in sorted(doc["tokens"].items()):
         console.print(f"tokens on {tier}: " + ", ".join(f"{k} {v}" for k, v in sorted(toks.items())))
     cost = doc["cost"]
+    unknown = ""
+    if cost["jobs_with_unknown_cost"]:
+        names = ", ".join(cost.get("unknown_price_models") or {})
+        unknown = f"; {cost['jobs_with_unknown_cost']} job(s) on models with no known price" + (
+            f": {names}" if names else "")
     console.print(
         f"cost: spent ${cost['spent_usd']:.6f}, standard would be ${cost['standard_equivalent_usd']:.6f}, "
-        f"saved ${cost['saved_usd']:.6f}"
-        + (f"; {cost['jobs_with_unknown_cost']} job(s) on models with no known price" if cost[
-            "jobs_with_unknown_cost"] else "")
+        f"saved ${cost['saved_usd']:.6f}{escape(clean(unknown))}"
     )
     for line in doc.get("flow", []):
         console.print(line)

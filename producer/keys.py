@@ -42,6 +42,11 @@ class Keys:
         """Sorted set of live worker names scored by last heartbeat (epoch s)."""
         return f"{self.queue}:workers"
 
+    @property
+    def events(self) -> str:
+        """Stream of job events (enqueued, every status change with the attempt that closed), capped."""
+        return f"{self.queue}:events"
+
     def children(self, job_id: str) -> str:
         """Set of the ids of jobs that continue ``job_id`` (threads)."""
         return f"{self.queue}:children:{job_id}"

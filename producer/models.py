@@ -116,7 +116,8 @@ class JobResult(BaseModel):
 
 
 class JobError(BaseModel):
-    kind: str = Field(  # client_error | blocked | deadline_exceeded | cancelled | invalid_job | interrupted
+    kind: str = Field(  # client_error | blocked | deadline_exceeded | unreachable | cancelled | invalid_job | ...
+        # interrupted | no_image | invalid_output
         description="why the job ended without an answer (see the error kinds table)"
     )
     message: str = Field(description="what happened, in one line")

@@ -6,6 +6,8 @@ half of standard. Sources and dates: docs/gemini-wire.md (gathered 2026-11-21).
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from producer.models import Usage
@@ -52,6 +54,30 @@ def price_for(model: str) -> Price | None:
     if base in PRICES and suffix.isdigit():
         return PRICES[base]
     return None
+
+
+def closest_model(model: str) -> str | None:
+    """The priced model whose name is closest to ``model`` (a likely typo's fix), or None if none is close."""
+    name = model.removeprefix("models/")
+    close = difflib.get_close_matches(name, list(PRICES), n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
+def unpriced_models(models: Iterable[str | None]) -> list[str]:
+    """The names among ``models`` with no known price, each once, in the order first seen."""
+    seen: dict[str, None] = {}
+    for model in models:
+        if model and price_for(model) is None:
+            seen.setdefault(model, None)
+    return list(seen)
+
+
+def unpriced_warning(model: str) -> str:
+    """A warning for a model missing from the price table: accepted (new models appear all the time), but
+    a typo would only show later, as a cost flexq cannot compute."""
+    hint = closest_model(model)
+    suggestion = f"; did you mean {hint!r}?" if hint else f" (priced: {', '.join(PRICES)})"
+    return f"model {model!r} is not in flexq's price table, so its cost will show as unknown{suggestion}"
 
 
 def cost_usd(model: str, usage: Usage, tier: Tier | str) -> float | None:

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -27,8 +26,11 @@ from producer.errors import (
     JobStateError,
     StoreUnavailableError,
     WaitTimeoutError,
+    redis_failure,
 )
+from producer.events import Event, read_events
 from producer.models import ImageRef, JobRecord, utcnow
+from producer.notify import Completions
 from producer.request import STORED, GenerateRequest, check_job_id, check_tags, parse_request
 from producer.settings import ProducerSettings
 from producer.stats import summarize
@@ -71,9 +73,7 @@ async def connect_redis(settings: ProducerSettings) -> Redis:
         await client.ping()
     except (RedisError, OSError) as err:
         await client.aclose()
-        raise StoreUnavailableError(
-            f"cannot reach Redis at {settings.redis_url_redacted}: {type(err).__name__}"
-        ) from None
+        raise StoreUnavailableError(redis_failure(settings.redis_url_redacted, err)) from None
     return client
 
 
@@ -86,8 +86,10 @@ class FlexQueue:
         self.store = JobStore(
             redis, queue=settings.queue, retention_s=settings.retention_s,
             blobs=open_blob_store(settings.blob_store, redis=redis, queue=settings.queue),
+            events_maxlen=settings.events_maxlen,
         )
         self._owns_redis = owns_redis
+        self._completions: Completions | None = None
 
     @classmethod
     async def connect(cls, settings: ProducerSettings | None = None, *, redis: Redis | None = None) -> Self:
@@ -97,6 +99,9 @@ class FlexQueue:
         return cls(await connect_redis(settings), settings, owns_redis=True)
 
     async def close(self) -> None:
+        if self._completions is not None:
+            await self._completions.close()
+            self._completions = None
         if self._owns_redis:
             await self.redis.aclose()
 
@@ -249,18 +254,88 @@ class FlexQueue:
         filled: dict[str, Any] = await fill(record.result.content, self.store.blobs)
         return filled
 
-    async def wait(self, job_id: str, timeout_s: float, *, poll_s: float = 0.5) -> JobRecord:
-        """Poll until the job is terminal; ``WaitTimeoutError`` after ``timeout_s``."""
-        give_up = time.monotonic() + timeout_s
-        delay_s = min(0.05, poll_s)
-        while True:
-            record = await self.store.get(job_id)
-            if record.status in TERMINAL:
-                return record
-            if time.monotonic() >= give_up:
-                raise WaitTimeoutError(job_id, timeout_s, record.status)
-            await asyncio.sleep(min(delay_s, max(0.0, give_up - time.monotonic())))
-            delay_s = min(poll_s, delay_s * 2)
+    async def wait(self, job_id: str, timeout_s: float) -> JobRecord:
+        """The job's record once it has ended; ``WaitTimeoutError`` after ``timeout_s``.
+
+        Woken by the queue's event stream (``producer.notify``: one reader per process, however many
+        wait), not by polling the record."""
+        [record] = await self.wait_many([job_id], timeout_s, partial=False)
+        assert record is not None
+        return record
+
+    async def wait_many(
+        self, job_ids: Iterable[str], timeout_s: float, *, partial: bool = True
+    ) -> list[JobRecord | None]:
+        """The records of ``job_ids`` (in order) once every one has ended, or when ``timeout_s`` passes:
+        then, with ``partial`` (the default), None stands for each job still unfinished; without it,
+        ``WaitTimeoutError`` names the first. ``JobNotFoundError`` for an id with no record."""
+        ids = list(job_ids)
+        completions = self.completions
+        await completions.start()  # events after this point wake us
+        futures = completions.register(ids)
+        try:
+            ended = await self._ended(ids)
+            for job_id in ended:
+                futures[job_id].cancel()
+            pending = [future for job_id, future in futures.items() if job_id not in ended]
+            if pending:
+                await asyncio.wait(pending, timeout=timeout_s)
+            done = [job_id for job_id in ids if job_id in ended or futures[job_id].done()]
+        finally:
+            completions.unregister(futures)
+        records = dict(zip(done, await self.store.get_many(done), strict=True)) if done else {}
+        out = [records.get(job_id) for job_id in ids]
+        if not partial:
+            for job_id, record in zip(ids, out, strict=True):
+                if record is None or not record.terminal:
+                    current = record or await self.store.get(job_id)
+                    if not current.terminal:
+                        raise WaitTimeoutError(job_id, timeout_s, current.status)
+                    out[ids.index(job_id)] = current
+        return out
+
+    async def _ended(self, job_ids: list[str]) -> set[str]:
+        """Of ``job_ids``, those already ended (their status indexes say); ``JobNotFoundError`` for an
+        id no index holds and no record has."""
+        statuses = await self.store.statuses(job_ids)
+        for job_id, status in zip(job_ids, statuses, strict=True):
+            if status is None:
+                await self.store.get(job_id)  # raises JobNotFoundError when there is no record
+        return {job_id for job_id, status in zip(job_ids, statuses, strict=True) if status in TERMINAL}
+
+    def events(
+        self, *, after: str = "$", group: str | None = None, consumer: str | None = None,
+        job_id: str | None = None, follow: bool = True, block_s: float = 5.0,
+    ) -> AsyncGenerator[Event, None]:
+        """The queue's job events, oldest first: ``async for event in queue.events(): ...``.
+
+        ``after``: ``"$"`` (the default) for events from now on, ``"0"`` for every event still kept
+        (``FLEXQ_EVENTS_MAXLEN``), or an event id to resume after it. ``group`` / ``consumer``: read as
+        one consumer of a Redis consumer group, so a pipeline resumes where it stopped after a restart
+        (the group starts at ``after`` when it is first created; each consumer's unacknowledged events
+        come again first). ``job_id``: only that job's events. ``follow=False``: stop at the end."""
+        return read_events(self.redis, self.store.keys.events, after=after, group=group, consumer=consumer,
+                           job_id=job_id, follow=follow, block_s=block_s)
+
+    async def last_event_id(self) -> str:
+        """The id of the newest event kept (``"0-0"`` when none): read it *before* a record, then
+        ``events(after=it)`` misses nothing that happened to the job after that read."""
+        newest = await self.redis.xrevrange(self.store.keys.events, "+", "-", count=1)
+        if not newest:
+            return "0-0"
+        entry_id = newest[0][0]
+        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+    async def ack_events(self, group: str, *event_ids: str) -> int:
+        """Acknowledge events of a consumer group (``events`` does it for each event it moves past)."""
+        return int(await self.redis.xack(self.store.keys.events, group, *event_ids)) if event_ids else 0
+
+    @property
+    def completions(self) -> Completions:
+        """The process's reader of job ends for this queue (started by the first wait)."""
+        if self._completions is None:
+            self._completions = Completions(self.store)
+        return self._completions
 
     async def list(self, status: Status | str | None = None, *, limit: int = 50) -> list[JobRecord]:
         return await self.store.list(Status(status) if status is not None else None, limit=limit)

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from producer.errors import first_error
+from producer.errors import database_of, first_error
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 ENV_PREFIX = "FLEXQ_"
@@ -60,6 +60,10 @@ class ProducerSettings(BaseSettings):
     max_job_blob_bytes: int = Field(
         default=64 * 1024 * 1024, gt=0, description="largest total of distinct inline parts in one request, in bytes"
     )
+    events_maxlen: int = Field(
+        default=100_000, ge=0,
+        description="job events kept in the queue's event stream (about; oldest trimmed first); 0: no events",
+    )
 
     @field_validator("redis_url")
     @classmethod
@@ -76,6 +80,20 @@ class ProducerSettings(BaseSettings):
     def redis_url_redacted(self) -> str:
         """The Redis URL with any password replaced, safe for logs and error messages."""
         return redact_url(self.redis_url.get_secret_value())
+
+    @property
+    def redis_location(self) -> str:
+        """The redacted Redis URL, with the database spelled out when the URL leaves it implicit (0)."""
+        url = self.redis_url_redacted
+        parts = urlsplit(url)
+        if parts.scheme != "unix" and parts.path.strip("/").isdigit():
+            return url
+        return f"{url} (database {database_of(url)})"
+
+    @property
+    def searched(self) -> str:
+        """Where this producer looks for jobs: ``queue 'flexq' on redis://host:6379/0`` (redacted)."""
+        return f"queue {self.queue!r} on {self.redis_location}"
 
 
 def env_name(model: type[BaseSettings], field: str) -> str:

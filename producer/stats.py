@@ -14,6 +14,9 @@ from typing import Any
 from producer.models import Attempt
 from producer.status import Outcome
 
+#: Counter prefix of the successful jobs per model with no known price: ``cost_unknown_model:<model>``.
+UNKNOWN_MODEL = "cost_unknown_model"
+
 
 def attempt_counts(attempt: Attempt) -> dict[str, int]:
     """The counters one closed attempt adds (an attempt closed without an outcome counts as interrupted)."""
@@ -26,8 +29,11 @@ def attempt_counts(attempt: Attempt) -> dict[str, int]:
     return counts
 
 
-def cost_counts(tier: str, usd: float | None, standard_usd: float | None) -> dict[str, float]:
-    """The counters one successful job's cost adds; ``usd`` None: the model's price is unknown."""
+def cost_counts(
+    tier: str, usd: float | None, standard_usd: float | None, *, model: str | None = None
+) -> dict[str, float]:
+    """The counters one successful job's cost adds; ``usd`` None: the model's price is unknown (and
+    ``model``, when given, is counted by name, so that the report says which models had no price)."""
     counts: dict[str, float] = {}
     if usd is not None:
         counts[f"cost_usd:{tier}"] = usd
@@ -35,6 +41,8 @@ def cost_counts(tier: str, usd: float | None, standard_usd: float | None) -> dic
         counts["standard_cost_usd"] = standard_usd
     if usd is None:
         counts["cost_unknown_jobs"] = 1
+        if model:
+            counts[f"{UNKNOWN_MODEL}:{model.removeprefix('models/')}"] = 1
     return counts
 
 
@@ -64,8 +72,11 @@ def summarize(
     by_tier_outcome: dict[str, dict[str, int]] = {}
     tokens: dict[str, dict[str, int]] = {}
     cost_by_tier: dict[str, float] = {}
+    unpriced: dict[str, int] = {}
     for key, value in counters.items():
         parts = key.split(":")
+        if parts[0] == UNKNOWN_MODEL and len(parts) == 2:
+            unpriced[parts[1]] = int(value)
         if parts[0] == "attempts" and len(parts) == 2:
             by_outcome[parts[1]] = int(value)
         elif parts[0] == "attempts" and len(parts) == 3:
@@ -96,6 +107,7 @@ def summarize(
             "standard_equivalent_usd": standard,
             "saved_usd": round(standard - spent, 6),  # of the rounded figures, so that the three add up
             "jobs_with_unknown_cost": int(counters.get("cost_unknown_jobs", 0)),
+            "unknown_price_models": dict(sorted(unpriced.items())),  # model -> jobs, where known
         },
     }
 

@@ -9,6 +9,8 @@ scheduling, leases, counters) in the same transaction. arq's keys and envelope c
 from __future__ import annotations
 
 import builtins
+import dataclasses
+import hashlib
 import json
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
@@ -19,14 +21,14 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
-from redis.exceptions import RedisError, WatchError
+from redis.exceptions import RedisError
 
-from producer import arq_wire, blobs
+from producer import arq_wire, blobs, events
 from producer.blobs import BlobStore, RedisBlobStore
 from producer.errors import InvalidJobError, JobNotFoundError, StoreUnavailableError, one_line
 from producer.keys import Keys
 from producer.models import Attempt, JobError, JobRecord, utcnow
-from producer.stats import attempt_counts, cost_counts
+from producer.stats import UNKNOWN_MODEL, attempt_counts, cost_counts
 from producer.status import TERMINAL, Outcome, Status
 from producer.transitions import Change, Cost
 
@@ -55,13 +57,21 @@ WORKER_FORGET_S = 24 * 3600
 class JobStore:
     """Reads and writes job records of one queue."""
 
-    def __init__(self, redis: Redis, *, queue: str, retention_s: int, blobs: BlobStore | None = None) -> None:
+    def __init__(
+        self, redis: Redis, *, queue: str, retention_s: int, blobs: BlobStore | None = None,
+        events_maxlen: int = 100_000,
+    ) -> None:
         self.redis = redis
         self.keys = Keys(queue)
         self.retention_s = retention_s
+        #: Events kept in ``{queue}:events`` (about: trimmed in whole stream nodes); 0 writes none.
+        self.events_maxlen = events_maxlen
         #: Image bytes and inline data, apart from records (``producer.blobs``); Redis by default.
         self.blobs: BlobStore = blobs if blobs is not None else RedisBlobStore(redis, queue=queue)
         self._enqueue_script = redis.register_script(_script("enqueue"))
+        self._cas_script = redis.register_script(_script("cas"))
+        #: fakeredis's Lua lacks redis.sha1hex: compare the record's whole text there instead of its hash
+        self._cas_by_text = type(redis).__module__.startswith("fakeredis")
 
     # -- create -------------------------------------------------------------------------------
 
@@ -81,7 +91,7 @@ class JobStore:
                 await self._enqueue_script(
                     keys=[
                         keys.record(record.id), keys.index(Status.QUEUED),
-                        *arq_wire.enqueue_keys(keys.queue, record.id),
+                        *arq_wire.enqueue_keys(keys.queue, record.id), keys.events,
                     ],
                     args=[
                         record.to_json(),
@@ -91,6 +101,7 @@ class JobStore:
                         arq_wire.job_payload(record.id, enqueue_ms=now_ms),
                         self._arq_ttl_ms(record, now),
                         ttl_s,
+                        self.events_maxlen,
                     ],
                     client=pipe,
                 )
@@ -125,6 +136,10 @@ class JobStore:
 
     # -- read ---------------------------------------------------------------------------------
 
+    def parse(self, job_id: str, raw: bytes | str) -> JobRecord:
+        """A record from its stored text; ``InvalidJobError`` when it cannot be read."""
+        return self._parse(job_id, raw)
+
     def _parse(self, job_id: str, raw: bytes | str) -> JobRecord:
         try:
             return JobRecord.from_json(raw)
@@ -152,32 +167,45 @@ class JobStore:
 
     # -- change ---------------------------------------------------------------------------------
 
-    async def update(self, job_id: str, decide: Decide[T]) -> Change[T] | None:
-        """Apply ``decide`` to the current record in an optimistic transaction (WATCH).
+    async def get_raw(self, job_id: str) -> bytes:
+        """The record's stored text (for ``update(current=...)``); ``JobNotFoundError`` if there is none."""
+        raw: bytes | None = await self.redis.get(self.keys.record(job_id))
+        if raw is None:
+            raise JobNotFoundError(job_id)
+        return raw
+
+    async def update(self, job_id: str, decide: Decide[T], *, current: str | bytes | None = None) -> Change[T] | None:
+        """Apply ``decide`` to the current record, atomically: one compare-and-set script call
+        (``producer/lua/cas.lua``) that writes the record, its index, its event and the change's side
+        effects only if the record is still the text ``decide`` saw.
 
         ``decide`` returns a ``Change`` (the new record, what it decided, the side effects) or
-        ``None`` to leave the job as it is. Returns the change that was written, or ``None``.
-        ``decide`` may run more than once: when the record changed meanwhile, it is read again."""
+        ``None`` to leave the job as it is. Returns the change that was written (its ``written``: the
+        record's new text, to pass as ``current`` next time), or ``None``. ``current``: the record's
+        text as the caller last saw or wrote it, saving a read when it is still current. ``decide``
+        may run more than once: when the record changed meanwhile, it is read again."""
         key = self.keys.record(job_id)
+        raw = current
         while True:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                try:
-                    await pipe.watch(key)
-                    raw = await pipe.get(key)
-                    if raw is None:
-                        raise JobNotFoundError(job_id)
-                    old = self._parse(job_id, raw)
-                    change = decide(old)
-                    if change is None:
-                        await pipe.reset()  # type: ignore[no-untyped-call]
-                        return None
-                    pipe.multi()  # type: ignore[no-untyped-call]
-                    self._write(pipe, old, change.record)
-                    self._apply(pipe, change)
-                    await pipe.execute()
-                    return change
-                except WatchError:
-                    continue
+            if raw is None:
+                raw = await self.get_raw(job_id)
+            old = self._parse(job_id, raw)
+            change = decide(old)
+            if change is None:
+                return None
+            ops = self.redis.pipeline(transaction=False)  # records the commands; never executed
+            written = self._write(ops, old, change.record, change.counted)
+            self._apply(ops, change)
+            commands = [[_wire(arg) for arg in args] for args, _options in ops.command_stack]
+            text = raw if isinstance(raw, bytes) else raw.encode()
+            seen = text if self._cas_by_text else hashlib.sha1(text, usedforsecurity=False).hexdigest()
+            mode = "text" if self._cas_by_text else "sha1"
+            applied = int(await self._cas_script(keys=[key], args=[seen, json.dumps(commands), mode]))
+            if applied == 1:
+                return dataclasses.replace(change, written=written)
+            if applied < 0:
+                raise JobNotFoundError(job_id)
+            raw = None  # changed meanwhile: read it again and decide again
 
     def _apply(self, pipe: Pipeline, change: Change[Any]) -> None:
         record = change.record
@@ -198,14 +226,22 @@ class JobStore:
         if change.cost is not None:
             self._count_cost(pipe, change.cost)
 
-    def _write(self, pipe: Pipeline, old: JobRecord | None, new: JobRecord) -> None:
+    def _write(self, pipe: Pipeline, old: JobRecord | None, new: JobRecord, closed: Sequence[Attempt] = ()) -> str:
+        """Queue the record's write, its index move and its event on ``pipe``; the record's new text."""
         now = utcnow()
         key = self.keys.record(new.id)
-        pipe.set(key, new.to_json(), ex=self._record_ttl_s(new, now))
-        if old is None or old.status != new.status:
+        text = new.to_json()
+        pipe.set(key, text, ex=self._record_ttl_s(new, now))
+        moved = old is None or old.status != new.status
+        if moved:
             if old is not None:
                 pipe.zrem(self.keys.index(old.status), new.id)
             pipe.zadd(self.keys.index(new.status), {new.id: now.timestamp()})
+        if self.events_maxlen > 0 and (moved or closed):
+            fields = events.status_event(new, None if old is None else old.status, closed[-1] if closed else None,
+                                         at_s=now.timestamp())
+            pipe.xadd(self.keys.events, fields, maxlen=self.events_maxlen, approximate=True)  # type: ignore[arg-type]
+        return text
 
     def _record_ttl_s(self, record: JobRecord, now: datetime) -> int:
         if record.status in TERMINAL:
@@ -254,8 +290,8 @@ class JobStore:
             pipe.ltrim(self.keys.latencies, 0, LATENCY_SAMPLES - 1)
 
     def _count_cost(self, pipe: Pipeline, cost: Cost) -> None:
-        for key, value in cost_counts(cost.tier, cost.usd, cost.standard_usd).items():
-            if key == "cost_unknown_jobs":
+        for key, value in cost_counts(cost.tier, cost.usd, cost.standard_usd, model=cost.model).items():
+            if key == "cost_unknown_jobs" or key.startswith(f"{UNKNOWN_MODEL}:"):
                 pipe.hincrby(self.keys.stats, key, int(value))
             else:
                 pipe.hincrbyfloat(self.keys.stats, key, value)
@@ -371,6 +407,15 @@ class JobStore:
     async def latencies_ms(self) -> builtins.list[int]:
         values: builtins.list[bytes] = await self.redis.lrange(self.keys.latencies, 0, -1)  # type: ignore[misc]
         return [int(v) for v in values]
+
+
+def _wire(value: Any) -> str:
+    """One command argument as the text Redis would receive (the script's JSON carries strings only)."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
 
 
 def _short(err: Exception) -> str:

@@ -30,6 +30,7 @@ class Cost:
     tier: str
     usd: float | None  # None: the model's price is unknown
     standard_usd: float | None
+    model: str | None = None  # named in the counters when its price is unknown
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Change(Generic[T]):
     lease_s: float | None = None  # hold the open attempt's lease this long
     counted: tuple[Attempt, ...] = ()  # closed attempts to add to the queue's counters
     cost: Cost | None = None
+    written: str | None = None  # the record's text as the store wrote it (set by the store)
 
 
 def check_deadline_s(deadline_s: Any) -> float:

@@ -286,6 +286,7 @@ class Oracle:
         self.probe_job: str | None = None
         self.waiters: dict[str, float] = {}  # job -> its place (the job's enqueue time)
         self.woken: dict[str, int] = {}  # job -> wake time (ms)
+        self.reserved: dict[str, float] = {}  # woken job -> until when its permit is held (s)
         self.queued: dict[str, float] = {}  # jobs on the arq queue -> score (the test's stand-in for arq)
         self.seen = {"woken": 0, "skipped": 0, "rank_admitted": 0, "in_line_refused": 0, "woken_refused": 0}
         self.verdicts: dict[str, int] = {}
@@ -299,7 +300,10 @@ class Oracle:
     def acquire(self, job: str, now_s: float, since_s: float | None = None) -> Admitted:
         self._purge(now_s)
         in_flight, limit = len(self.holders), self.cfg.clamp(self.control.limit)
-        was_woken = self.woken.pop(job, None) is not None  # a wake is spent by any answer
+        self.woken.pop(job, None)  # a wake is spent by any answer
+        self.reserved = {j: until for j, until in self.reserved.items() if until > now_s}
+        was_woken = self.reserved.pop(job, None) is not None  # only a live reservation jumps the line
+        reserved = len(self.reserved)
         if self.paused_until_s > now_s:
             return Admitted(False, "paused", self.paused_until_s - now_s, level=in_flight)
         if job in self.holders:  # a repeated acquire keeps its permit
@@ -310,10 +314,10 @@ class Oracle:
             self.breaker = breaker
             return Admitted(False, gate, wait_s, level=in_flight)
         self.breaker = breaker  # open -> half-open stands even when refused below
-        free = math.floor(limit) - in_flight
+        free = math.floor(limit) - in_flight - reserved
         line = [j for j, _ in self.line()]
         rank = line.index(job) if job in self.waiters else None
-        in_line = (not was_woken and free > 0 and in_flight > 0 and bool(self.waiters)
+        in_line = (not was_woken and free > 0 and in_flight + reserved > 0 and bool(self.waiters)
                    and (rank is None or rank >= free))
         if free <= 0 or in_line:
             self.seen["in_line_refused"] += in_line
@@ -351,7 +355,8 @@ class Oracle:
         )
         if self.breaker.state != Breaker.HALF_OPEN or self.breaker.probe_until_s == 0.0:
             self.probe_job = None
-        free = math.floor(limit) - len(self.holders)
+        self.reserved = {j: until for j, until in self.reserved.items() if until > now_s}
+        free = math.floor(limit) - len(self.holders) - len(self.reserved)
         wake = min(free, replace_it + max(0, math.floor(limit) - math.floor(limit_before)))
         if wake > 0 and outcome != "rate_limited" and self.paused_until_s <= now_s:
             now_ms = ms(now_s)
@@ -365,6 +370,7 @@ class Oracle:
                 if head in self.queued:
                     self.woken[head] = now_ms
                     self.queued[head] = now_ms
+                    self.reserved[head] = now_s + self.cfg.wake_hold_s
                     self.seen["woken"] += 1
                     wake -= 1
                 else:

@@ -90,9 +90,9 @@ def check_output(out: list[dict[str, object]]) -> None:
 def test_embedded_batch_with_faults_and_bad_lines(tmp_path: Path) -> None:
     source = write_input(tmp_path / "in.jsonl", LINES)
     out = tmp_path / "out.jsonl"
-    done = run_batch([str(source), "-o", str(out), "--json"], batch_env())
+    done = run_batch([str(source), "-o", str(out), "--simulate", "--json"], batch_env())
     assert done.returncode == 0, done.stderr
-    assert "in-process Redis stand-in" in done.stderr and "simulator" in done.stderr
+    assert "in-process Redis stand-in" in done.stderr and "simulator in-process (--simulate)" in done.stderr
     assert "line 2: not valid JSON" in done.stderr
     assert "line 4:" in done.stderr and "prompt" in done.stderr
     out_lines = read_out(out)
@@ -256,3 +256,43 @@ def test_resume_reuses_a_result_only_for_the_same_request_at_its_new_line(tmp_pa
     assert rows[1]["text"] == before["a"]["text"] and rows[1]["request_sha256"] == before["a"]["request_sha256"]
     assert "new" in rows[0]["text"] and rows[0]["request_sha256"] != before["b"]["request_sha256"]
     assert json.loads(done.stdout)["batch"]["reused_from_earlier_run"] == 1
+
+
+# -- a new user's frictions (issue 11) -------------------------------------------------------------
+
+
+def test_without_a_key_batch_refuses_instead_of_answering_from_the_simulator(tmp_path: Path) -> None:
+    source = write_input(tmp_path / "in.jsonl", [{"id": "a", "model": MODEL, "prompt": "hi"}])
+    out = tmp_path / "out.jsonl"
+    done = run_batch([str(source), "-o", str(out)], batch_env(GEMINI_API_KY="typo-" + API_KEY))
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("flexq: no Gemini API key: set GEMINI_API_KEY")
+    assert "--simulate" in lines[0] and "GEMINI_API_KY is set: a typo?" in lines[0]
+    assert API_KEY not in done.stderr  # the misspelt variable is named, its value never shown
+    assert not out.exists() and not (tmp_path / "out.jsonl.progress").exists()
+
+
+def test_workers_0_without_redis_url_is_refused(tmp_path: Path) -> None:
+    source = write_input(tmp_path / "in.jsonl", [{"id": "a", "model": MODEL, "prompt": "hi"}])
+    done = run_batch([str(source), "-o", str(tmp_path / "out.jsonl"), "--workers", "0", "--simulate"], batch_env())
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "flexq: --workers 0 needs REDIS_URL: no `flexq worker` can reach the in-process Redis stand-in, "
+        "so nothing would run the jobs"
+    )
+
+
+def test_batch_warns_once_per_model_with_no_known_price_and_names_it_in_the_summary(tmp_path: Path) -> None:
+    lines = [{"id": f"t{i}", "model": "gemini-2.5-flsh", "prompt": f"typo {i}"} for i in range(2)]
+    lines.append({"id": "ok", "model": MODEL, "prompt": "priced"})
+    source = write_input(tmp_path / "in.jsonl", lines)
+    done = run_batch([str(source), "-o", str(tmp_path / "out.jsonl"), "--simulate"], batch_env())
+    assert done.returncode == 0, done.stderr  # accepted: new models appear all the time
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        "warning: model 'gemini-2.5-flsh' is not in flexq's price table, so its cost will show as unknown; "
+        "did you mean 'gemini-2.5-flash'?"
+    ]
+    assert "2 job(s) on models with no known price: gemini-2.5-flsh" in " ".join(done.stdout.split())

@@ -392,3 +392,62 @@ async def test_progress_reads_only_the_records_that_ended(
     full = [n for n in reads if n > 10]
     assert reads[0] == 60 and len(full) <= 1 + len(reads) // batch.FULL_READ_EVERY
     assert max(n for n in reads[1:batch.FULL_READ_EVERY]) <= 10  # only what ended since the last poll
+
+
+# -- a new user's frictions (issue 11) -------------------------------------------------------------
+
+
+async def test_progress_says_why_jobs_are_retrying(fake_queue: FlexQueue, tmp_path: Path) -> None:
+    """An unreachable API shows on the progress line, not only in the log (control characters escaped)."""
+    refused = ConnectionRefusedError(111, "refused \x1b[31mred")
+    gemini = PromptGemini.of({"unreachable": [refused] * (batch.FULL_READ_EVERY + 5)})
+    source = write_input(tmp_path / "in.jsonl", [{"id": "u", "model": MODEL, "prompt": "unreachable"}])
+    harness = Harness(fake_queue, gemini)
+    result = await harness.run(source, tmp_path / "out.jsonl")
+    assert result.lines[0]["status"] == "succeeded"  # reachable again after the script's refusals
+    retrying = [p.line() for p in harness.progress if p.retrying]
+    assert retrying, "the job was never seen retrying"
+    explained = [line for line in retrying if "(last: " in line]
+    assert explained, retrying
+    assert "retrying 1 (last: connection_error: ConnectionRefusedError: [Errno 111] refused \\x1b[31mred), " \
+        "in flight" in explained[-1]
+    assert "\x1b" not in "".join(p.line() for p in harness.progress)
+    assert "(last: " not in harness.progress[-1].line()  # nothing retrying, nothing to explain
+
+
+def test_progress_line_cuts_the_latest_error_and_drops_aiohttp_noise() -> None:
+    def shown(error: str) -> str:
+        return Progress(total=5, retrying=3, last_error=error).line().split("(last: ")[1].split("), in flight")[0]
+
+    noisy = "connection_error: ClientConnectorError: Cannot connect to host h:1 ssl:<ssl.SSLContext object at 0x7f> [x]"
+    assert shown(noisy) == "connection_error: ClientConnectorError: Cannot connect to host h:1 [x]"
+    long = "connection_error: ClientConnectorDNSError: Cannot connect to host generativelanguage.googleapis.com:443 " \
+           "ssl:default [Name or service not known]"
+    assert len(shown(long)) == batch.LAST_ERROR_CHARS and shown(long).endswith("host generativelan…")
+    assert "(last: " not in Progress(total=5, retrying=0, last_error=long).line()
+
+
+async def test_a_job_out_of_time_says_what_its_last_attempt_hit(fake_queue: FlexQueue, tmp_path: Path) -> None:
+    source = write_input(tmp_path / "in.jsonl", [{"id": "late", "model": MODEL, "prompt": "slow start"}])
+    harness = Harness(fake_queue, PromptGemini.of({"slow start": [overloaded()]}),
+                      runner_settings={"retry_base_s": 100, "retry_max_s": 100})
+    summary = summarize_batch(await harness.run(source, tmp_path / "out.jsonl", deadline_s=20))
+    failure = summary["batch"]["failures"]["late"]
+    assert failure.startswith("deadline_exceeded: ")
+    assert failure.endswith("(last attempt: overloaded: 503 UNAVAILABLE: The model is overloaded.)")
+
+
+async def test_summary_names_the_models_with_no_known_price(fake_queue: FlexQueue, tmp_path: Path) -> None:
+    lines: list[object] = [
+        {"id": "typo", "model": "gemini-2.5-flsh", "prompt": "one"},
+        {"id": "new", "model": "models/gemini-9-ultra", "prompt": "two"},
+        {"id": "known", "model": MODEL, "prompt": "three"},
+    ]
+    source, out = write_input(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
+    harness = Harness(fake_queue, PromptGemini.of({}))
+    cost = summarize_batch(await harness.run(source, out))["cost"]
+    assert cost["jobs_with_unknown_cost"] == 2
+    assert cost["unknown_price_models"] == {"gemini-2.5-flsh": 1, "gemini-9-ultra": 1}
+    rerun = summarize_batch(await harness.run(source, out))  # reused results: the models come from the lines
+    assert rerun["batch"]["reused_from_earlier_run"] == 3
+    assert rerun["cost"]["unknown_price_models"] == {"gemini-2.5-flsh": 1, "gemini-9-ultra": 1}

@@ -40,7 +40,9 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 PYPROJECT = ROOT / "pyproject.toml"
 
-SERVICES = ("redis", "worker", "simulator", "flexq")
+SERVICES = ("redis", "worker", "simulator", "flexq", "metrics", "prometheus", "grafana")
+DEPLOY = ROOT / "deploy"
+DASHBOARD = DEPLOY / "grafana-dashboard.json"
 SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 # ${VAR}, ${VAR:-} or ${VAR-}: taken from the shell, no default that could hold a secret
 BARE_INTERPOLATION = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*(:?-)?\}")
@@ -556,3 +558,225 @@ def test_dockerignore_keeps_the_context_small() -> None:
         assert dockerignored(path), f"{path} is sent to the Docker build context"
     for path in ("pyproject.toml", "flexq/cli.py", "producer/store.py", "simulator/cli.py"):
         assert not dockerignored(path), f"{path} is excluded from the build context"
+
+
+# -- metrics: the exporter, Prometheus, Grafana (deploy/) ------------------------------------------
+
+
+def option(argv: list[str], name: str, default: str | None = None) -> str | None:
+    """The value of ``--name VALUE`` or ``--name=VALUE`` in ``argv``."""
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.partition("=")[2]
+    return default
+
+
+def mounted_file(svc: dict[str, Any], target: str) -> Path:
+    """The repository file a service bind-mounts at ``target`` (which must exist)."""
+    sources = [source for source, at in mounts(svc) if at == target]
+    assert sources, f"nothing is mounted at {target}: {svc.get('volumes')}"
+    assert sources[0].startswith("./"), f"{target} is not a ./… bind mount: {sources[0]}"
+    path = ROOT / sources[0]
+    assert path.is_file(), f"{sources[0]} (mounted at {target}) is not a file in the repository"
+    return path
+
+
+def test_workers_serve_their_metrics_on_the_compose_network(compose: dict[str, Any]) -> None:
+    from worker.config import WorkerConfig
+
+    env = environment(service(compose, "worker"))
+    port, host = env.get("FLEXQ_METRICS_PORT"), env.get("FLEXQ_METRICS_HOST")
+    assert port and host, "the workers do not serve /metrics (FLEXQ_METRICS_PORT, FLEXQ_METRICS_HOST)"
+    settings = WorkerConfig(metrics_port=interpolation_default(port), metrics_host=host)  # type: ignore[arg-type]
+    assert settings.metrics_host == "0.0.0.0", "a worker's metrics on loopback are out of Prometheus's reach"
+    assert "ports" not in service(compose, "worker"), "replicas cannot all publish one host port"
+    assert "FLEXQ_METRICS_PORT" not in environment(service(compose, "flexq")), (
+        "the CLI's `batch` runs workers too: one-shot commands should not serve metrics"
+    )
+
+
+def test_the_exporter_reads_the_workers_queue_without_a_key(compose: dict[str, Any], dockerfile: Any) -> None:
+    exporter = service(compose, "metrics")
+    argv = command_of(exporter, dockerfile)
+    assert argv[:1] == ["metrics"], f"the metrics service runs {argv}, not `flexq metrics`"
+    assert option(argv, "--host") == "0.0.0.0", "the exporter must listen beyond its container's loopback"
+    assert exporter.get("profiles"), "the metrics stack is opt-in (a profile)"
+    env, worker_env = environment(exporter), environment(service(compose, "worker"))
+    for var in ("REDIS_URL", "FLEXQ_QUEUE"):
+        assert env.get(var) == worker_env.get(var), f"the exporter's {var} is not the workers'"
+    assert not any(SECRET_NAME.search(var) for var in env), f"the exporter needs no key: {sorted(env)}"
+
+
+def prometheus_config(compose: dict[str, Any]) -> dict[str, Any]:
+    prom = service(compose, "prometheus")
+    assert str(prom.get("image", "")).startswith("prom/prometheus"), prom.get("image")
+    path = option(words(prom.get("command") or []), "--config.file", "/etc/prometheus/prometheus.yml")
+    assert path is not None
+    config = yaml.safe_load(mounted_file(prom, path).read_text(encoding="utf-8"))
+    assert isinstance(config, dict) and config.get("scrape_configs"), "the Prometheus config has no scrape_configs"
+    return config
+
+
+def scrape_targets(config: dict[str, Any]) -> list[tuple[str, str, int]]:
+    """(job, host, port) of every static target and DNS name of the Prometheus config."""
+    found = []
+    for job in config["scrape_configs"]:
+        for static in job.get("static_configs") or []:
+            for target in static["targets"]:
+                host, _, port = str(target).rpartition(":")
+                found.append((job["job_name"], host, int(port)))
+        for dns in job.get("dns_sd_configs") or []:
+            assert dns.get("type", "SRV") == "A", "an A lookup of the service name finds every replica"
+            found.extend((job["job_name"], name, int(dns["port"])) for name in dns["names"])
+    return found
+
+
+def serves_metrics_on(svc: dict[str, Any], dockerfile: Any) -> int | None:
+    """The port a flexq service serves Prometheus metrics on, reachable from other containers."""
+    argv = command_of(svc, dockerfile)
+    env = environment(svc)
+    if argv[:1] == ["metrics"] and option(argv, "--host") == "0.0.0.0":
+        return int(option(argv, "--port", "9464") or 0)
+    if argv[:1] == ["worker"] and env.get("FLEXQ_METRICS_HOST") == "0.0.0.0" and env.get("FLEXQ_METRICS_PORT"):
+        return int(interpolation_default(env["FLEXQ_METRICS_PORT"]))
+    return None
+
+
+def test_prometheus_scrapes_the_services_that_serve_metrics(compose: dict[str, Any], dockerfile: Any) -> None:
+    targets = scrape_targets(prometheus_config(compose))
+    assert targets, "Prometheus scrapes nothing"
+    for job, host, port in targets:
+        svc = service(compose, host)
+        assert serves_metrics_on(svc, dockerfile) == port, (
+            f"job {job}: {host}:{port} is not where service {host!r} serves metrics "
+            f"({serves_metrics_on(svc, dockerfile)})"
+        )
+    serving = {name for name, svc in compose["services"].items()
+               if runs_our_image(svc) and serves_metrics_on(svc, dockerfile) is not None}
+    assert serving == {"metrics", "worker"}, serving
+    assert {host for _, host, _ in targets} == serving, "a service that serves metrics is not scraped"
+    prom = service(compose, "prometheus")
+    assert prom.get("profiles") == service(compose, "metrics").get("profiles")
+    assert 9090 in container_ports(prom)
+
+
+def test_grafana_reads_prometheus_and_loads_the_dashboard(compose: dict[str, Any]) -> None:
+    grafana = service(compose, "grafana")
+    assert str(grafana.get("image", "")).startswith("grafana/grafana"), grafana.get("image")
+    provisioning = "/etc/grafana/provisioning"
+    sources = {target: ROOT / source for source, target in mounts(grafana)}
+    [datasources] = [mounted_file(grafana, t) for t in sources if t.startswith(f"{provisioning}/datasources/")]
+    [url] = [d["url"] for d in yaml.safe_load(datasources.read_text(encoding="utf-8"))["datasources"]]
+    parts = urlsplit(url)
+    assert parts.hostname == "prometheus" and parts.port in container_ports(service(compose, "prometheus")), url
+    [providers] = [mounted_file(grafana, t) for t in sources if t.startswith(f"{provisioning}/dashboards/")]
+    [folder] = [p["options"]["path"] for p in yaml.safe_load(providers.read_text(encoding="utf-8"))["providers"]]
+    dashboards = [t for t in sources if t.startswith(folder.rstrip("/") + "/") and t.endswith(".json")]
+    assert dashboards, f"no dashboard is mounted in {folder}"
+    assert all(mounted_file(grafana, t).resolve() == DASHBOARD.resolve() for t in dashboards)
+    env = environment(grafana)
+    assert env.get("GF_AUTH_ANONYMOUS_ORG_ROLE", "Viewer") == "Viewer", "anonymous users must not edit"
+    for port in grafana.get("ports") or []:
+        assert str(port).startswith("127.0.0.1:"), f"Grafana is published beyond loopback: {port}"
+
+
+# -- the Grafana dashboard's PromQL ----------------------------------------------------------------
+
+PROMQL_WORDS = frozenset({"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless",
+                          "bool", "offset", "inf", "nan"})
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads (a Grafana ``label_values(metric, label)`` reads its metric)."""
+    text = re.sub(r"label_values\(\s*([^,()]+?)\s*,[^)]*\)", r"\1", expr)
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', text)  # strings
+    text = re.sub(r"\{[^}]*\}", " ", text)  # label matchers
+    text = re.sub(r"\[[^\]]*\]", " ", text)  # ranges
+    text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)  # label lists
+    names = set()
+    for match in re.finditer(r"(?<![\w.$])[A-Za-z_:][A-Za-z0-9_:]*", text):
+        if match[0].lower() in PROMQL_WORDS or text[match.end():].lstrip().startswith("("):
+            continue  # a keyword, or a function
+        names.add(match[0])
+    return names
+
+
+def sample_names(family_name: str, kind: str) -> set[str]:
+    """The names a family's samples are written under in the text format."""
+    if kind == "counter":
+        return {family_name + "_total", family_name + "_created"}
+    if kind == "histogram":
+        return {family_name + suffix for suffix in ("_bucket", "_count", "_sum", "_created")}
+    if kind == "summary":
+        return {family_name, family_name + "_count", family_name + "_sum", family_name + "_created"}
+    return {family_name}
+
+
+def exported_metric_names() -> set[str]:
+    """Every metric name flexq writes: ``flexq metrics``' collector and a worker's registry."""
+    from types import SimpleNamespace
+
+    from flexq.metrics import FleetCollector
+    from worker.metrics import WorkerMetrics
+
+    reader = SimpleNamespace(settings=SimpleNamespace(queue="q"))
+    fleet = FleetCollector(reader, loop=None)  # type: ignore[arg-type]  # describe() reads nothing
+    families = [(f.name, f.type) for f in fleet.describe()]
+    families += [(f.name, f.type) for f in WorkerMetrics().registry.collect()]
+    return {name for family, kind in families for name in sample_names(family, kind)}
+
+
+def dashboard_exprs(node: Any) -> list[str]:
+    """Every PromQL text in the dashboard: panel targets' ``expr`` and query variables' ``query``."""
+    found: list[str] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "expr" and isinstance(value, str):
+                found.append(value)
+            elif key == "query" and isinstance(value, dict) and isinstance(value.get("query"), str):
+                found.append(value["query"])
+            else:
+                found += dashboard_exprs(value)
+    elif isinstance(node, list):
+        for item in node:
+            found += dashboard_exprs(item)
+    return found
+
+
+def test_the_promql_reader_finds_metric_names() -> None:
+    """The checker below must be able to say no."""
+    expr = 'histogram_quantile(0.95, sum by (le, model) (rate(a_bucket{outcome="ok", x=~"$q"}[$__rate_interval])))'
+    assert promql_metric_names(expr) == {"a_bucket"}
+    assert promql_metric_names("sum(rate(b_total[1h])) * 3600 / on (queue) c and d offset 5m") == {"b_total", "c", "d"}
+    assert promql_metric_names("label_values(flexq_up, queue)") == {"flexq_up"}
+    names = exported_metric_names()
+    assert {"flexq_attempts_total", "flexq_jobs", "flexq_worker_attempt_latency_seconds_bucket",
+            "flexq_worker_calls_in_flight", "process_cpu_seconds_total"} <= names
+    assert "flexq_attempts" not in names and "flexq_worker_attempt_latency_seconds" not in names
+
+
+def test_the_dashboard_names_only_metrics_flexq_exports() -> None:
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    panels = dashboard["panels"]
+    assert len(panels) >= 6 and len({p["id"] for p in panels}) == len(panels)
+    for panel in panels:
+        assert panel.get("targets"), f"panel {panel['title']!r} has no query"
+        assert panel["datasource"]["uid"] == "${datasource}", "panels must use the data source variable"
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, f"panel {panel['title']!r} is wider than the grid"
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    exported = exported_metric_names()
+    exprs = dashboard_exprs(dashboard)
+    assert len(exprs) >= len(panels)
+    read: set[str] = set()
+    for expr in exprs:
+        names = promql_metric_names(expr)
+        assert names, f"no metric in {expr!r}"
+        assert names <= exported, f"{expr!r} names metrics flexq does not export: {sorted(names - exported)}"
+        read |= names
+    for wanted in ("flexq_jobs", "flexq_attempts_total", "flexq_worker_attempt_latency_seconds_bucket",
+                   "flexq_flow_limit", "flexq_flow_in_flight", "flexq_cost_usd_total"):
+        assert wanted in read, f"the dashboard shows nothing of {wanted}"

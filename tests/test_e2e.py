@@ -254,3 +254,22 @@ async def test_worker_without_api_key_says_how_to_set_one(redis_url: str, sim_ur
         log = worker.log()
     assert code != 0
     assert "GEMINI_API_KEY" in log and "Traceback" not in log
+
+
+async def test_an_endpoint_never_reached_fails_the_job_with_the_cause(
+    real_queue: FlexQueue, redis_url: str, tmp_path: Path
+) -> None:
+    """A wrong GEMINI_BASE_URL (nothing listens there): instead of retrying until the 24 h deadline,
+    the job fails with ``unreachable`` once every attempt was a connection error for the span."""
+    from bench.common import free_port
+
+    await real_queue.enqueue({"model": "gemini-2.5-flash", "prompt": "anyone there?"}, job_id="void")
+    env = worker_env(redis_url, f"http://127.0.0.1:{free_port()}", API_KEY, FLEXQ_UNREACHABLE_FAIL_S="1",
+                     FLEXQ_RETRY_BASE_S="0.1", FLEXQ_RETRY_MAX_S="0.3")
+    with running_worker(env, tmp_path / "w.log"):
+        record = await real_queue.wait("void", timeout_s=60)
+    assert record.status == Status.FAILED
+    assert record.error is not None and record.error.kind == "unreachable"
+    assert "connection error" in record.error.message and "FLEXQ_UNREACHABLE_FAIL_S=1" in record.error.message
+    assert len(record.attempts) >= 2
+    assert {a.outcome for a in record.attempts} == {"connection_error"}

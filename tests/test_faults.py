@@ -187,7 +187,7 @@ async def test_a_pause_past_the_deadline_fails_the_job_and_resume_lifts_it(
 BOUNDED_WITHOUT_TTL = {
     "flexq-test:idx:queued", "flexq-test:idx:running", "flexq-test:idx:retrying", "flexq-test:idx:succeeded",
     "flexq-test:idx:failed", "flexq-test:idx:cancelled", "flexq-test:stats", "flexq-test:latency_ms",
-    "flexq-test:flow:log", "arq:queue:flexq-test",
+    "flexq-test:flow:log", "arq:queue:flexq-test", "flexq-test:events",
 }
 
 

@@ -422,30 +422,45 @@ async def test_settle_wake_does_not_requeue_a_finished_job(make_flow: MakeFlow, 
     assert await client.zscore(KEYS.arq_queue, "w0") is None
 
 
-async def test_an_admitted_acquire_leaves_the_line_and_spends_its_wake(make_flow: MakeFlow, client: Redis) -> None:
-    flow = make_flow(initial_limit=2.0, max_limit=2.0)
+async def test_a_woken_jobs_permit_is_reserved_for_it(make_flow: MakeFlow, client: Redis) -> None:
+    """Issue 10 (4): a job that comes back on its own (its fallback timer, or a retry carrying a stale
+    wake) while a woken job is on its way took the permit meant for the woken one, which then went
+    back in line: FIFO broken. The release now reserves the permit for the job it wakes."""
+    flow = make_flow(initial_limit=2.0, max_limit=2.0, wake_hold_s=10.0)
     held = await hold(flow, 2, T0)
     await wait_in_line(flow, "w0", "w1", "w2", now_s=T0 + 1)
     await enqueue(client, "w0", "w1", "w2")
+    await client.hset(KEYS.flow("woken"), "w1", ms(T0))  # type: ignore[misc]  # a stale wake of w1's
     await flow.release(held[0], "client_error", now_s=T0 + 5)
-    assert await woken(client) == {"w0": ms(T0 + 5)}
-    # w1 gets in first (its fallback timer, say: first in line now, 1 free): it leaves the line
+    assert await woken(client) == {"w0": ms(T0 + 5), "w1": ms(T0)}
+    # w1 gets in first, stale wake and all: the free permit is w0's, w1 stays in line
     w1 = await flow.acquire("w1", M, "flex", 1, now_s=T0 + 5.01)
+    assert (w1.admitted, w1.reason) == (False, "no_permit")
+    assert await waiting(client) == [("w1", T0 + 2), ("w2", T0 + 3)]
+    assert (await flow.acquire("new", M, "flex", 1, now_s=T0 + 5.02)).reason == "no_permit"  # nor a newcomer
+    w0 = await flow.acquire("w0", M, "flex", 1, now_s=T0 + 5.05)
+    assert w0.admitted
+    assert await woken(client) == {}  # every wake is spent by the attempt that carried it
+    await flow.release(w0.permit, "ok", now_s=T0 + 6)  # wakes w1, next in line
+    assert await woken(client) == {"w1": ms(T0 + 5) - 1}
+    w1 = await flow.acquire("w1", M, "flex", 1, now_s=T0 + 6.05)
     assert w1.admitted
-    assert await waiting(client) == [("w2", T0 + 3)]
-    # w0, woken, finds no permit: the wake is spent and it is back in line, now behind w2
-    refused = await flow.acquire("w0", M, "flex", 1, now_s=T0 + 5.05)
-    assert refused.reason == "no_permit"
-    assert await woken(client) == {}
-    assert await waiting(client) == [("w2", T0 + 3), ("w0", T0 + 5.05)]
-    await flow.release(w1.permit, "ok", now_s=T0 + 6)  # wakes w2, ahead of w0's entry (due since its wake)
-    assert await woken(client) == {"w2": ms(T0 + 5) - 1}
-    w2 = await flow.acquire("w2", M, "flex", 1, now_s=T0 + 6.05)
-    assert w2.admitted
-    assert await woken(client) == {}
-    assert await waiting(client) == [("w0", T0 + 5.05)]
-    assert not await flow.settle_wake("w2")  # nothing left to re-apply
-    assert await scores(client, "w2") == [ms(T0 + 5) - 1]
+    assert await waiting(client) == [("w2", T0 + 3), ("new", T0 + 5.02)]
+    assert not await flow.settle_wake("w1")  # nothing left to re-apply
+    assert await scores(client, "w1") == [ms(T0 + 5) - 1]
+
+
+async def test_a_reservation_lapses_when_the_woken_job_never_comes(make_flow: MakeFlow, client: Redis) -> None:
+    flow = make_flow(initial_limit=2.0, max_limit=2.0, wake_hold_s=10.0)
+    held = await hold(flow, 2, T0)
+    await wait_in_line(flow, "w0", "w1", now_s=T0 + 1)
+    await enqueue(client, "w0", "w1")
+    await flow.release(held[0], "ok", now_s=T0 + 5)  # w0 woken, then cancelled: it never asks
+    assert await client.ttl(KEYS.flow(f"reserved:{M}:flex")) > 0  # bounded state
+    assert (await flow.acquire("w1", M, "flex", 1, now_s=T0 + 14.9)).reason == "no_permit"
+    w1 = await flow.acquire("w1", M, "flex", 1, now_s=T0 + 15.1)  # the hold is over: first in line
+    assert w1.admitted
+    assert await client.zcard(KEYS.flow(f"reserved:{M}:flex")) == 0
 
 
 async def test_the_limit_grows_while_jobs_wait_even_with_few_permits_held(

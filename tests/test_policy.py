@@ -604,6 +604,7 @@ def _budget(**overrides: Any) -> RetryBudget:
 
 
 OVERLOADED = _classified(Outcome.OVERLOADED)
+CONNECTION = _classified(Outcome.CONNECTION_ERROR)
 RATE_LIMITED_59 = _classified(Outcome.RATE_LIMITED, 59.0, QuotaKind.PER_MINUTE)
 PER_DAY = _classified(Outcome.RATE_LIMITED, 59.0, QuotaKind.PER_DAY)
 STD = Tier.STANDARD
@@ -694,6 +695,20 @@ RETRY, FAIL, SUCCEED = Action.RETRY, Action.FAIL, Action.SUCCEED
         pytest.param(OVERLOADED, _budget(tier=STD, fallback="standard", tier_failures=2, flex_attempts=3,
                                          max_flex_attempts=3), RETRY, STD, 5.0, None,
                      id="standard-with-max-flex-reached-backs-off"),
+        # never reached: every attempt a connection error for FLEXQ_UNREACHABLE_FAIL_S
+        pytest.param(CONNECTION, _budget(unreachable_since_s=NOW - 900, unreachable_fail_s=900.0), FAIL, FLEX,
+                     0.0, "unreachable", id="unreachable-for-the-span-fails"),
+        pytest.param(CONNECTION, _budget(unreachable_since_s=NOW - 899, unreachable_fail_s=900.0), RETRY, FLEX,
+                     2.5, None, id="unreachable-not-yet-the-span-retries"),
+        pytest.param(CONNECTION, _budget(unreachable_since_s=NOW - 9999, unreachable_fail_s=0.0), RETRY, FLEX,
+                     2.5, None, id="unreachable-fail-off"),
+        pytest.param(CONNECTION, _budget(unreachable_since_s=None, unreachable_fail_s=900.0), RETRY, FLEX, 2.5,
+                     None, id="an-earlier-other-outcome-keeps-retrying"),
+        pytest.param(OVERLOADED, _budget(unreachable_since_s=NOW - 9999, unreachable_fail_s=900.0), RETRY, FLEX,
+                     2.5, None, id="a-503-is-never-unreachable"),
+        pytest.param(CONNECTION, _budget(unreachable_since_s=NOW - 900, unreachable_fail_s=900.0,
+                                         fallback="standard"), FAIL, FLEX, 0.0, "unreachable",
+                     id="unreachable-does-not-escalate-same-endpoint"),
     ],
 )
 def test_decide(

@@ -98,3 +98,30 @@ def test_every_priced_model_flex_is_half_of_standard(model: str) -> None:
 def test_cost_is_rounded_without_float_noise() -> None:
     assert cost_usd("gemini-2.5-flash", usage(29, 3, 57), Tier.STANDARD) == 0.0001587
     assert cost_usd("gemini-2.5-flash-lite", usage(prompt=1), Tier.FLEX) == 5e-8
+
+
+@pytest.mark.parametrize(
+    ("model", "closest"),
+    [
+        pytest.param("gemini-2.5-flsh", "gemini-2.5-flash", id="typo"),
+        pytest.param("models/gemini-2.5-prro", "gemini-2.5-pro", id="prefixed-typo"),
+        pytest.param("gemini-2.5-flash-lit", "gemini-2.5-flash-lite", id="cut-short"),
+        pytest.param("text-bison-001", None, id="nothing-close"),
+    ],
+)
+def test_closest_model(model: str, closest: str | None) -> None:
+    from producer.pricing import closest_model
+
+    assert closest_model(model) == closest
+
+
+def test_unpriced_models_are_named_once_in_order_seen() -> None:
+    from producer.pricing import unpriced_models, unpriced_warning
+
+    models = ["gemini-2.5-flsh", "gemini-2.5-flash", None, "x-1", "gemini-2.5-flsh", "models/gemini-2.5-flash-001"]
+    assert unpriced_models(models) == ["gemini-2.5-flsh", "x-1"]
+    assert unpriced_warning("gemini-2.5-flsh") == (
+        "model 'gemini-2.5-flsh' is not in flexq's price table, so its cost will show as unknown; "
+        "did you mean 'gemini-2.5-flash'?"
+    )
+    assert unpriced_warning("x-1").endswith(f"(priced: {', '.join(PRICES)})")  # no close name: the list

@@ -190,9 +190,17 @@ def test_stats() -> None:
     assert "tokens on standard: prompt 10" in out
     assert (
         "cost: spent $0.000465, standard would be $0.000930, saved $0.000465; "
-        "2 job(s) on models with no known price"
+        "2 job(s) on models with no known price\n"
     ) in out
     assert out.rstrip().endswith("flow gemini-2.5-flash flex: limit 32, in flight 1, breaker closed")
+
+
+def test_stats_names_the_models_with_no_known_price() -> None:
+    doc = summarize(counts={"succeeded": 3}, counters={
+        "cost_unknown_jobs": 3, "cost_unknown_model:gemini-2.5-flsh": 2, "cost_unknown_model:gemini-9-ultra": 1,
+    }, latencies_ms=[])
+    out = printed(render.stats, doc)
+    assert "; 3 job(s) on models with no known price: gemini-2.5-flsh, gemini-9-ultra\n" in out
 
 
 def test_stats_of_an_empty_queue() -> None:
@@ -203,3 +211,42 @@ def test_stats_of_an_empty_queue() -> None:
     assert "latency (ok attempts, last 0): p50 -  p95 -" in out
     assert "tokens on" not in out and "no known price" not in out
     assert "cost: spent $0.000000, standard would be $0.000000, saved $0.000000" in out
+
+
+# -- narrow terminals -------------------------------------------------------------------------------
+
+
+def test_attempts_table_at_80_columns_has_one_line_per_attempt() -> None:
+    """Piped output is 80 columns wide: every attempt stays one readable line, the error cut to fit."""
+    unreachable = "ClientConnectorDNSError: Cannot connect to host generativelanguage.googleapis.com:443 ssl:default"
+    record = transitions.begin_attempt(new(), tier=Tier.FLEX, worker="w1", now=after(1))
+    record = transitions.close_attempt(record, number=1, now=after(1.014), outcome=Outcome.OVERLOADED,
+                                       http_status=503, error=OVERLOADED, retry_in_s=0.092)
+    record = transitions.schedule_retry(record, next_tier=Tier.FLEX, now=after(1.014))
+    record = transitions.begin_attempt(record, tier=Tier.FLEX, worker="w1", now=after(2))
+    record = transitions.close_attempt(record, number=2, now=after(2.5), outcome=Outcome.CONNECTION_ERROR,
+                                       error=unreachable, retry_in_s=86400)
+    record = transitions.schedule_retry(record, next_tier=Tier.STANDARD, now=after(2.5))
+    record = transitions.begin_attempt(record, tier=Tier.STANDARD, worker="w1", now=after(86402))  # the next day
+    console = Console(width=80, record=True, color_system=None)
+    render.status(console, record)
+    out = console.export_text()
+    lines = [line.rstrip() for line in out.splitlines()]
+    assert max(len(line) for line in lines) <= 80
+    table = lines[lines.index("attempts") + 1:]
+    assert table[0].split() == ["#", "tier", "started", "ms", "outcome", "retry", "s", "error"]
+    rows = [line for line in table if re.match(r"^\s*\d+\s", line)]
+    assert len(rows) == len(table) - 2 == 3, out  # one line each, nothing wrapped (header and rule apart)
+    assert rows[0].split()[:6] == ["1", "flex", "22:52:50", "14", "overloaded", "0.092"]
+    assert "503 UNAVAILABLE: The" in rows[0] and rows[0].endswith("…")
+    assert rows[1].split()[:6] == ["2", "flex", "22:52:51", "500", "connection_error", "86400"]
+    assert "ClientConnectorDNS" in rows[1] and rows[1].endswith("…")
+    assert rows[2].split() == ["3", "std", "11-22", "22:52:51", "-", "in", "flight", "-"]  # another day
+
+
+def test_attempts_table_shows_every_column_where_they_fit() -> None:
+    console = Console(width=200, record=True, color_system=None)
+    render.status(console, shed_then_answered())
+    out = console.export_text()
+    assert row_with(out, "#", "tier", "served", "started", "latency ms", "outcome", "http", "retry in s", "error")
+    assert row_with(out, "1", "flex", "-", "2026-11-21 22:52:50", "14", "overloaded", "503", "0.092")

@@ -205,6 +205,7 @@ def test_a_producer_sees_only_what_it_needs() -> None:
     fields = {
         "redis_url", "queue", "max_request_bytes", "retention_s", "deadline_s",
         "blob_store", "max_blob_bytes", "max_job_blob_bytes",  # a producer stores inline data at enqueue
+        "events_maxlen",  # its writes append job events
     }
     assert set(ProducerSettings.model_fields) == fields
     assert set(ProducerSettings.model_fields) < set(WorkerConfig.model_fields)
@@ -236,3 +237,21 @@ def test_redis_url_database_must_be_a_number(clean_env: pytest.MonkeyPatch, url:
     else:
         with pytest.raises(ValidationError, match="the database must be a number such as /0"):
             WorkerConfig()
+
+
+@pytest.mark.parametrize(
+    ("url", "searched"),
+    [
+        pytest.param(f"redis://:{REDIS_PASSWORD}@cache:6379/3", "queue 'jobs' on redis://***@cache:6379/3",
+                     id="numbered-database"),
+        pytest.param("redis://cache:6379", "queue 'jobs' on redis://cache:6379 (database 0)", id="implicit-0"),
+        pytest.param("unix:///run/redis.sock?db=2", "queue 'jobs' on unix:///run/redis.sock?db=2 (database 2)",
+                     id="unix-socket-db-query"),
+    ],
+)
+def test_where_a_producer_looks_for_jobs(clean_env: pytest.MonkeyPatch, url: str, searched: str) -> None:
+    """What "no job with id X" adds: the queue, the Redis (password redacted) and the database."""
+    clean_env.setenv("REDIS_URL", url)
+    clean_env.setenv("FLEXQ_QUEUE", "jobs")
+    assert ProducerSettings().searched == searched
+    assert REDIS_PASSWORD not in ProducerSettings().searched

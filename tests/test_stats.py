@@ -68,6 +68,8 @@ def test_summarize_full() -> None:
         "cost_usd:standard": 0.1,
         "standard_cost_usd": 0.3469128,
         "cost_unknown_jobs": 2.0,
+        "cost_unknown_model:gemini-2.5-flsh": 1.0,
+        "cost_unknown_model:gemini-9-ultra": 1.0,
         "unrelated:key:with:parts": 9.0,
     }
     doc = summarize(counts=COUNTS, counters=counters, latencies_ms=list(range(1, 101)))
@@ -86,6 +88,7 @@ def test_summarize_full() -> None:
         "standard_equivalent_usd": 0.346913,
         "saved_usd": 0.123457,
         "jobs_with_unknown_cost": 2,
+        "unknown_price_models": {"gemini-2.5-flsh": 1, "gemini-9-ultra": 1},
     }
 
 
@@ -128,3 +131,17 @@ def test_summarize_empty() -> None:
     assert doc["latency_ms"] == {"samples": 0, "p50": None, "p95": None}
     assert doc["tokens"] == {}
     assert doc["cost"]["jobs_with_unknown_cost"] == 0
+
+
+def test_cost_counts_name_a_model_with_no_known_price() -> None:
+    from producer.stats import add_up, cost_counts
+
+    counts = add_up([
+        cost_counts("flex", None, None, model="models/gemini-2.5-flsh"),
+        cost_counts("flex", None, None, model="gemini-2.5-flsh"),
+        cost_counts("flex", 0.1, 0.2, model="gemini-2.5-flash"),  # priced: not named
+        cost_counts("flex", None, None),  # a caller that does not say the model: counted, not named
+    ])
+    cost = summarize(counts={}, counters=counts, latencies_ms=[])["cost"]
+    assert cost["jobs_with_unknown_cost"] == 3
+    assert cost["unknown_price_models"] == {"gemini-2.5-flsh": 2}

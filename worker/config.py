@@ -74,6 +74,12 @@ class WorkerConfig(ProducerSettings):
         description="re-asks after an answer that is unusable as asked (`no_image`: an image request answered "
         "without one; `invalid_output`: JSON that does not parse or fit the schema); then the job fails",
     )
+    unreachable_fail_s: float = Field(
+        default=900.0, ge=0, allow_inf_nan=False,
+        description="a job whose every attempt so far was a connection error (DNS, refused, reset), for at least "
+        "this long since its first, fails with `unreachable` and that error instead of retrying to its deadline "
+        "(0: never; 503s and timeouts never count)",
+    )
     redis_outage_s: float = Field(
         default=600.0, gt=0, allow_inf_nan=False,
         description="how long a worker keeps trying to record an ended attempt (a paid answer, maybe) while "
@@ -110,6 +116,17 @@ class WorkerConfig(ProducerSettings):
     )
     log_format: Literal["auto", "json", "console"] = Field(
         default="auto", description="worker logs: `auto` is JSON lines off a terminal and readable lines on one"
+    )
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65535,
+        description="serve this process's Prometheus metrics (attempts, latency histogram, calls in flight, "
+        "tokens, cost) at `/metrics` on this port; unset: none. One port per process (two workers on one host "
+        "need two); 0 is refused, as Prometheus could not find the port",
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1", min_length=1,
+        description="address the worker's metrics port listens on; `0.0.0.0` in a container, for a Prometheus "
+        "outside it (no TLS, no auth)",
     )
 
     @field_validator("limits")

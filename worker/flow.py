@@ -58,6 +58,7 @@ class FlowConfig:
     permit_max_hold_s: float = 960.0  # renew() gives up on a permit this old (a release that never came)
     poll_min_s: float = 0.2  # deferral when the half-open probe slot is busy: uniform in [min, max]
     poll_max_s: float = 1.0
+    wake_hold_s: float = 10.0  # a woken job's permit is held for it this long (no stale wake takes it: FIFO)
     waiter_timeout_s: float = 30.0  # no permit: wait in line; a release wakes the job, or this passes (a fallback)
     breaker_window_s: float = 10.0  # sliding window of outcomes the breaker looks at
     breaker_min_failures: int = 20  # ...needs at least this many failures in it (a few errors never trip it)

@@ -22,10 +22,11 @@ quota alert, the TPM correction. Times are the Redis server's (``TIME``) unless 
 Keys (``Keys.flow``): ``state:{model}:{tier}`` hash (limit, controller, breaker),
 ``permits:{model}:{tier}`` zset, ``waiters:{model}:{tier}`` zset, ``levels:{model}:{tier}`` hash
 (decayed calls and 503s per in-flight level), ``pause:{model}`` / ``quota:{model}`` /
-``rate:{model}`` hashes, ``woken`` hash, ``scopes_seen`` (scopes by last use), ``log`` list of breaker and quota
-transitions. A single Redis (not Cluster): keys share no hash tag. Redis errors propagate; a
-release that never arrives costs one permit for ``permit_ttl_s``. ``snapshot()`` is the
-``flexq stats`` document, ``flow_lines()`` its console lines.
+``rate:{model}`` hashes, ``reserved:{model}:{tier}`` zset (permits held for woken jobs), ``woken``
+hash, ``scopes_seen`` (scopes by last use), ``log`` list of breaker and quota transitions. A single
+Redis (not Cluster): keys share no hash tag. Redis errors propagate; a release that never arrives
+costs one permit for ``permit_ttl_s``. ``snapshot()`` is the ``flexq stats`` document,
+``flow_lines()`` its console lines.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ class FlowControl:
             "baseline_window": cfg.baseline_window, "baseline_prior_n": cfg.baseline_prior_n,
             "excess_window": cfg.excess_window, "excess_z": cfg.excess_z,
             "blind_n": cfg.blind_n, "raise_min_n": cfg.raise_min_n, "probe_gain": cfg.probe_gain,
-            "replace_ratio": cfg.replace_ratio, "replace_burst": cfg.replace_burst,
+            "replace_ratio": cfg.replace_ratio, "replace_burst": cfg.replace_burst, "wake_hold_s": cfg.wake_hold_s,
         })
 
     def _scope(self, model: str, tier: str) -> tuple[str, str]:
@@ -128,6 +129,9 @@ class FlowControl:
 
     def _waiters(self, model: str, tier: str) -> str:
         return self.keys.flow(f"waiters:{model}:{tier}")
+
+    def _reserved(self, model: str, tier: str) -> str:
+        return self.keys.flow(f"reserved:{model}:{tier}")
 
     def _model(self, model: str) -> tuple[str, str, str]:
         return self.keys.flow(f"pause:{model}"), self.keys.flow(f"quota:{model}"), self.keys.flow(f"rate:{model}")
@@ -148,7 +152,8 @@ class FlowControl:
         }
         reply = await self._acquire(
             keys=[state, permits, pause, rate, self.keys.flow("scopes_seen"), self.keys.flow("log"),
-                  self._waiters(model, tier), self.keys.flow("woken"), self.keys.arq_queue],
+                  self._waiters(model, tier), self.keys.flow("woken"), self.keys.arq_queue,
+                  self._reserved(model, tier)],
             args=[json.dumps(call), self._acquire_cfg],
         )
         admitted, reason, wait_s, probe, started_s, limit, in_flight = reply
@@ -208,7 +213,7 @@ class FlowControl:
         limit, verdict = await self._release(
             keys=[state, permits, pause, quota_key, rate, self.keys.flow("log"),
                   self._waiters(permit.model, permit.tier), self.keys.arq_queue, self.keys.flow("woken"),
-                  self._levels(permit.model, permit.tier)],
+                  self._levels(permit.model, permit.tier), self._reserved(permit.model, permit.tier)],
             args=[json.dumps(call), self._release_cfg],
         )
         return Release(float(limit), _text(verdict))

@@ -85,6 +85,10 @@ class RetryBudget:
     #: backoff, which at a 45% shed rate would strand a few unlucky jobs for minutes. None: the full backoff.
     overload_base_s: float | None = None
     overload_cap_s: float | None = None
+    #: When every attempt of the job so far ended in a connection error: the first one's start (epoch s).
+    unreachable_since_s: float | None = None
+    #: ...and how long that may last before the job fails with ``unreachable`` (0: never).
+    unreachable_fail_s: float = 0.0
 
 
 def decide(classified: Classified, budget: RetryBudget, rand: Callable[[], float]) -> Decision:
@@ -106,6 +110,17 @@ def decide(classified: Classified, budget: RetryBudget, rand: Callable[[], float
         return Decision(
             Action.FAIL, tier=budget.tier, error_kind=str(outcome),
             reason=f"{classified.message or outcome} (after {budget.output_failures} answers)",
+        )
+    if (
+        outcome == Outcome.CONNECTION_ERROR
+        and budget.unreachable_since_s is not None
+        and 0 < budget.unreachable_fail_s <= budget.now_s - budget.unreachable_since_s
+    ):  # the endpoint was never reached: a wrong base URL, DNS, a firewall; retrying to the deadline hides it
+        span_s = budget.now_s - budget.unreachable_since_s
+        return Decision(
+            Action.FAIL, tier=budget.tier, error_kind="unreachable",
+            reason=f"every attempt for {span_s:.0f}s was a connection error (FLEXQ_UNREACHABLE_FAIL_S="
+            f"{budget.unreachable_fail_s:g}); the last: {classified.message or outcome}",
         )
     if budget.now_s >= budget.deadline_s:
         return Decision(Action.FAIL, tier=budget.tier, error_kind="deadline_exceeded", reason="deadline passed")

@@ -29,6 +29,7 @@ from worker.flow import Admission, Permit, Release, defer_s, estimate_tokens
 from worker.flow_store import FlowControl
 from worker.gemini import Answer
 from worker.logs import get_logger, redact
+from worker.metrics import WorkerMetrics, calling
 
 log = get_logger("flexq.worker")
 T = TypeVar("T")
@@ -58,11 +59,13 @@ class Runner:
     disowned: set[str] = field(default_factory=set)
     #: Shared flow control (AIMD permits, breaker, 429 pauses, RPM/TPM); None when FLEXQ_FLOW=0.
     flow: FlowControl | None = None
+    #: This process's Prometheus metrics (FLEXQ_METRICS_PORT); None when not served.
+    metrics: WorkerMetrics | None = None
 
     async def run(self, job_id: str) -> float | None:
         """Run one attempt of ``job_id``. Returns the deferral in seconds, or None when done."""
         try:
-            admission = await self._admit(job_id)
+            admission, current = await self._admit(job_id)
             if admission is not None and not admission.admitted:
                 assert self.flow is not None
                 delay_s = defer_s(admission, self.flow.cfg, self.rand)  # no permit: not an attempt
@@ -70,7 +73,7 @@ class Runner:
                     return None
                 return delay_s
             permit = admission.permit if admission is not None else None
-            record, opened = await self._begin(job_id)
+            record, opened, written = await self._begin(job_id, current)
         except JobNotFoundError:
             log.warning("job_missing", job_id=job_id, detail="no record (expired or never enqueued)")
             return None
@@ -84,7 +87,7 @@ class Runner:
         attempt = record.attempts[-1]
         self.leases.add(job_id)
         try:
-            return await self._attempt(record, attempt.number, attempt.tier, permit)
+            return await self._attempt(record, attempt.number, attempt.tier, permit, written)
         except asyncio.CancelledError:
             await asyncio.shield(self._release(permit, Outcome.INTERRUPTED))
             await asyncio.shield(self._interrupted(job_id, attempt.number))
@@ -92,22 +95,25 @@ class Runner:
         finally:
             self.leases.discard(job_id)
 
-    async def _admit(self, job_id: str) -> Admission | None:
-        """Ask flow control for a permit, unless the job will not call (ended, cancelled, past deadline)."""
+    async def _admit(self, job_id: str) -> tuple[Admission | None, bytes | None]:
+        """Ask flow control for a permit, unless the job will not call (ended, cancelled, past deadline).
+        Also the record's text as read, so that opening the attempt need not read it again."""
         if self.flow is None:
-            return None
-        record = await self.store.get(job_id)
+            return None, None
+        raw = await self.store.get_raw(job_id)
+        record = self.store.parse(job_id, raw)
         if (
             record.request is None
             or record.terminal
             or record.cancel_requested
             or utcnow() >= record.deadline_at
         ):
-            return None
+            return None, raw
         est = estimate_tokens(record.request, output_tokens_default=self.flow.cfg.output_tokens_default)
-        return await self.flow.acquire(
+        admission = await self.flow.acquire(
             job_id, record.request.model, str(record.next_tier), est, since_s=record.created_at.timestamp()
         )
+        return admission, raw
 
     async def _pause_outlasts_deadline(self, job_id: str, delay_s: float) -> bool:
         """A model paused (a 429, or ``flexq pause``) past this job's deadline: fail the job now rather
@@ -145,8 +151,9 @@ class Runner:
 
     # -- begin ----------------------------------------------------------------------------------
 
-    async def _begin(self, job_id: str) -> tuple[JobRecord, bool]:
-        """Open an attempt, unless the job has ended or must end first (``transitions.settle``)."""
+    async def _begin(self, job_id: str, current: bytes | None = None) -> tuple[JobRecord, bool, str | None]:
+        """Open an attempt, unless the job has ended or must end first (``transitions.settle``).
+        Returns the record, whether an attempt is open, and the record's text as written."""
         now = utcnow()
 
         def decide(record: JobRecord) -> transitions.Change[None] | None:
@@ -162,16 +169,18 @@ class Runner:
             # a short lease, renewed by this process, not arq's job-timeout-long one
             return transitions.Change(begun, counted=counted, lease_s=self.settings.lease_s)
 
-        change = await self.store.update(job_id, decide)
+        change = await self.store.update(job_id, decide, current=current)
         if change is None:
-            return await self.store.get(job_id), False
+            return await self.store.get(job_id), False, None
         if change.record.terminal:
             self._log_terminal(change.record)
-        return change.record, change.record.status == Status.RUNNING
+        return change.record, change.record.status == Status.RUNNING, change.written
 
     # -- attempt --------------------------------------------------------------------------------
 
-    async def _attempt(self, record: JobRecord, number: int, tier: Tier, permit: Permit | None) -> float | None:
+    async def _attempt(
+        self, record: JobRecord, number: int, tier: Tier, permit: Permit | None, written: str | None = None
+    ) -> float | None:
         assert record.request is not None
         left_s = record.deadline_at.timestamp() - time.time()
         timeout_s = max(MIN_ATTEMPT_TIMEOUT_S, min(self.settings.request_timeout_s, left_s))
@@ -179,7 +188,8 @@ class Runner:
         parsed: Any = None
         try:
             request = await self._sendable(record.request)
-            answer = await self.gemini.generate(request, tier=tier, timeout_s=timeout_s)
+            with calling(self.metrics, record.request.model, str(tier)):
+                answer = await self.gemini.generate(request, tier=tier, timeout_s=timeout_s)
         except asyncio.CancelledError:
             raise
         except BlobMissingError as err:  # not a call: the request cannot be sent as it was enqueued
@@ -214,7 +224,7 @@ class Runner:
             blobs_ = answer.blobs
             await self._through_outage(record.id, lambda: self.store.blobs.put(blobs_, ttl_s=self.store.retention_s))
         return await self._finish(
-            record.id, number, tier, classified, answer, learned.verdict if learned else None, parsed
+            record.id, number, tier, classified, answer, learned.verdict if learned else None, parsed, written
         )
 
     async def _sendable(self, request: GenerateRequest) -> GenerateRequest:
@@ -242,13 +252,16 @@ class Runner:
             cap_s=self.settings.retry_max_s,
             overload_base_s=self.flow.cfg.shed_backoff_base_s if self.flow is not None else None,
             overload_cap_s=self.flow.cfg.shed_backoff_max_s if self.flow is not None else None,
+            unreachable_since_s=_unreachable_since_s(record),
+            unreachable_fail_s=self.settings.unreachable_fail_s,
         )
 
     async def _finish(
         self, job_id: str, number: int, tier: Tier, classified: classify.Classified, answer: Answer | None,
-        verdict: str | None = None, parsed: Any = None,
+        verdict: str | None = None, parsed: Any = None, current: str | None = None,
     ) -> float | None:
-        """Close the attempt and apply the policy's decision; the deferral, or None when done."""
+        """Close the attempt and apply the policy's decision; the deferral, or None when done.
+        ``current``: the record's text as the attempt's start wrote it (most often still current)."""
         now = utcnow()
         usage = answer.usage if answer is not None else None
 
@@ -279,7 +292,7 @@ class Runner:
                 assert closed.request is not None
                 model = closed.request.model
                 usd, standard_usd = cost_usd(model, answer.usage, tier), cost_usd(model, answer.usage, Tier.STANDARD)
-                cost = Cost(str(tier), usd, standard_usd)
+                cost = Cost(str(tier), usd, standard_usd, model)
                 result = answer.result(str(tier), parsed)
                 done = transitions.succeed(
                     closed, result=result, now=now, cost_usd=cost.usd, standard_cost_usd=cost.standard_usd
@@ -298,7 +311,7 @@ class Runner:
             )
             return transitions.Change(failed, decided=decision, counted=(failed.attempts[-1],))
 
-        change = await self._through_outage(job_id, lambda: self.store.update(job_id, decide))
+        change = await self._through_outage(job_id, lambda: self.store.update(job_id, decide, current=current))
         if change is None:
             log.warning("lease_lost", job_id=job_id, attempt=number, outcome=str(classified.outcome),
                         detail="outcome not recorded: a newer attempt, or the job's end, owns the job")
@@ -308,9 +321,9 @@ class Runner:
         assert decision is not None
         if decision.reason == LATE_ANSWER:
             log.warning("late_answer_kept", job_id=job_id, attempt=number, detail=LATE_ANSWER)
-        self._log_attempt(change.record, classified, decision, verdict)
-        if change.record.terminal:
-            self._log_terminal(change.record)
+        self._log_attempt(change.record, classified, decision, verdict)  # with the job's end, if it ended
+        if self.metrics is not None:
+            self.metrics.attempt(change.record, number)
         return decision.delay_s if decision.action == policy.Action.RETRY else None
 
     async def _through_outage(self, job_id: str, write: Callable[[], Awaitable[T]]) -> T:
@@ -354,6 +367,8 @@ class Runner:
         if change is not None:
             log.info("attempt", job_id=job_id, attempt=number, outcome=str(Outcome.INTERRUPTED),
                      status=str(change.record.status))
+            if self.metrics is not None:
+                self.metrics.attempt(change.record, number)
 
     # -- logging --------------------------------------------------------------------------------
 
@@ -381,6 +396,9 @@ class Runner:
             output_tokens=usage.output_tokens if usage else None,
             thoughts_tokens=usage.thoughts_tokens if usage else None,
             error=attempt.error,
+            job_status=str(record.status),  # one line per attempt: the job's end is on its last one
+            error_kind=record.error.kind if record.error else None,
+            cost_usd=record.cost_usd,
         )
 
     def _log_terminal(self, record: JobRecord) -> None:
@@ -391,6 +409,15 @@ class Runner:
             error_kind=record.error.kind if record.error else None,
             cost_usd=record.cost_usd,
         )
+
+
+def _unreachable_since_s(record: JobRecord) -> float | None:
+    """When every attempt of the job so far (since its last ``flexq retry``, which keeps the history,
+    counted too) ended in a connection error: the first one's start; else None."""
+    closed = [a for a in record.attempts if a.outcome is not None and a.outcome != Outcome.INTERRUPTED]
+    if not closed or any(a.outcome != Outcome.CONNECTION_ERROR for a in closed):
+        return None
+    return closed[0].started_at.timestamp()
 
 
 def _interrupted_attempt(before: JobRecord, after: JobRecord) -> tuple[Attempt, ...]:

@@ -38,6 +38,7 @@ from worker.flow import config_from_settings
 from worker.flow_store import FlowControl
 from worker.gemini import GeminiClient
 from worker.lease import LeaseKeeper
+from worker.metrics import WorkerMetrics
 from worker.runner import REDIS_RETRY_BASE_S, REDIS_RETRY_MAX_S, Runner
 
 _arq_log_redis_info = getattr(arq_worker, "log_redis_info")  # noqa: B009 - not re-exported by arq
@@ -175,11 +176,13 @@ async def startup(ctx: dict[str, Any]) -> None:
     store = JobStore(
         redis, queue=settings.queue, retention_s=settings.retention_s,
         blobs=open_blob_store(settings.blob_store, redis=redis, queue=settings.queue),
+        events_maxlen=settings.events_maxlen,
     )
     name = worker_name()
     gemini = ctx.get("flexq_gemini_factory", GeminiClient)(settings)
     flow = FlowControl(redis, store.keys, config_from_settings(settings), worker=name) if settings.flow else None
-    runner = Runner(store=store, gemini=gemini, settings=settings, worker_name=name, flow=flow)
+    metrics = _serve_metrics(settings, name, ctx)
+    runner = Runner(store=store, gemini=gemini, settings=settings, worker_name=name, flow=flow, metrics=metrics)
     keeper = LeaseKeeper(store, runner.leases, lease_s=settings.lease_s, worker_name=name, flow=flow)
     keeper.start()
     ctx.update(flexq_runner=runner, flexq_keeper=keeper, flexq_redis=redis, flexq_gemini=gemini)
@@ -187,6 +190,17 @@ async def startup(ctx: dict[str, Any]) -> None:
         "worker_started", worker=name, queue=settings.queue, redis=settings.redis_url_redacted,
         base_url=settings.gemini_base_url, lease_s=settings.lease_s,
     )
+
+
+def _serve_metrics(settings: WorkerConfig, name: str, ctx: dict[str, Any]) -> WorkerMetrics | None:
+    """This process's ``/metrics`` on ``FLEXQ_METRICS_PORT`` (none when unset); a port in use is a ConfigError."""
+    if settings.metrics_port is None:
+        return None
+    metrics = WorkerMetrics(queue=settings.queue, worker=name)
+    url = metrics.serve(settings.metrics_host, settings.metrics_port)
+    ctx["flexq_metrics"] = metrics  # stopped by shutdown
+    logs.get_logger("flexq.worker").info("metrics_serving", url=url)
+    return metrics
 
 
 async def after_job(ctx: dict[str, Any]) -> None:
@@ -200,6 +214,9 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     keeper: LeaseKeeper | None = ctx.get("flexq_keeper")
     if keeper is not None:
         await keeper.stop()
+    metrics: WorkerMetrics | None = ctx.get("flexq_metrics")
+    if metrics is not None:
+        await asyncio.to_thread(metrics.close)  # waits for the server thread's poll (up to 0.5 s)
     gemini = ctx.get("flexq_gemini")
     if gemini is not None:
         await gemini.aclose()

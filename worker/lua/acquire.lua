@@ -9,9 +9,13 @@
 -- KEYS[7] waiters  zset  {queue}:flow:waiters:{model}:{tier}  job -> its enqueue time (FIFO by job)
 -- KEYS[8] woken    hash  {queue}:flow:woken  job -> wake time (ms) not yet spent
 -- KEYS[9] arq queue zset (unused here; kept so both scripts take the same key list)
+-- KEYS[10] reserved zset {queue}:flow:reserved:{model}:{tier}  woken job -> until when its permit is held (s)
 -- ARGV[1] JSON {job, now ('' = Redis TIME), since (the job's enqueue time, s: its place in line), cost
 --               (estimated tokens), model, tier, rpm, tpm (0 = none), worker}
 -- ARGV[2] JSON config {initial, min, max, permit_ttl_s, state_ttl_s, rate_window_s}
+--
+-- A release that wakes a job reserves a permit for it (release.lua) for wake_hold_s: nobody else
+-- takes that permit meanwhile, whatever stale wake it carries, so the line stays FIFO.
 --
 -- Checks, in order: the model's 429 pause, the scope's breaker, the model's RPM/TPM window, then a
 -- concurrency permit. A job refused for want of a permit joins the waiters (oldest job first: a job
@@ -32,8 +36,12 @@ local in_flight = redis.call('ZCARD', KEYS[2])
 local function reply(ok, reason, wait, probe, held)
   return {ok, reason, num(wait), probe, num(now), num(limit), held}
 end
--- a wake is spent by this attempt, whatever answers it (a paused job must not re-run at once)
-local was_woken = redis.call('HDEL', KEYS[8], job) == 1
+-- a wake is spent by this attempt, whatever answers it (a paused job must not re-run at once);
+-- only a live reservation in this scope puts the job ahead of the line
+redis.call('HDEL', KEYS[8], job)
+redis.call('ZREMRANGEBYSCORE', KEYS[10], '-inf', num(now))
+local was_woken = redis.call('ZREM', KEYS[10], job) == 1
+local reserved = redis.call('ZCARD', KEYS[10])
 local paused_until = tonumber(redis.call('HGET', KEYS[3], 'until_s')) or 0
 if paused_until > now then return reply(0, 'paused', paused_until - now, 0, in_flight) end
 local held = redis.call('ZSCORE', KEYS[2], job)
@@ -76,9 +84,9 @@ if rpm > 0 or tpm > 0 then
 end
 -- Ack clocking (only while something is in flight: an idle scope has no release to come, and
 -- stale waiters, whose jobs were cancelled or moved on, must not lock it)
-local free = math.floor(limit) - in_flight
+local free = math.floor(limit) - in_flight - reserved
 local in_line = false
-if not was_woken and free > 0 and in_flight > 0 and redis.call('ZCARD', KEYS[7]) > 0 then
+if not was_woken and free > 0 and in_flight + reserved > 0 and redis.call('ZCARD', KEYS[7]) > 0 then
   local rank = redis.call('ZRANK', KEYS[7], job)
   in_line = rank == false or rank >= free
 end

@@ -10,6 +10,7 @@
 -- KEYS[8] arq queue zset {queue}:arq  job -> due time (ms)
 -- KEYS[9] woken    hash  {queue}:flow:woken
 -- KEYS[10] levels  hash  {queue}:flow:levels:{model}:{tier}  in-flight level -> "calls sheds t" (decayed)
+-- KEYS[11] reserved zset {queue}:flow:reserved:{model}:{tier}  woken job -> until when its permit is held (s)
 -- ARGV[1] JSON {job, now, started, level, model, tier, outcome, breaker, pause_s, alert, reason,
 --               rq_delta, tk_delta, worker}
 --   outcome: 'ok' | 'overloaded' (503) | another outcome | '' (the call was never made: a refund)
@@ -198,7 +199,8 @@ redis.call('EXPIRE', KEYS[1], cfg.state_ttl_s)
 -- grew. The woken hash lets the worker's after-job hook re-apply a wake that arq's own re-scoring
 -- of a finishing run overwrote (settle.lua).
 local pause_s = tonumber(a.pause_s)
-local free = math.floor(limit) - redis.call('ZCARD', KEYS[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[11], '-inf', num(now))
+local free = math.floor(limit) - redis.call('ZCARD', KEYS[2]) - redis.call('ZCARD', KEYS[11])
 local wake = math.min(free, replace + math.max(0, math.floor(limit) - math.floor(limit_before)))
 local paused = (tonumber(redis.call('HGET', KEYS[3], 'until_s')) or 0) > now
 if wake > 0 and not pause_s and not paused then
@@ -216,9 +218,11 @@ if wake > 0 and not pause_s and not paused then
     if redis.call('ZSCORE', KEYS[8], head[1]) then
       redis.call('ZADD', KEYS[8], 'XX', now_ms, head[1])
       redis.call('HSET', KEYS[9], head[1], now_ms)
+      redis.call('ZADD', KEYS[11], num(now + cfg.wake_hold_s), head[1])  -- its permit, nobody else's
       wake = wake - 1
     end
   end
+  redis.call('EXPIRE', KEYS[11], cfg.state_ttl_s)
   -- wakes of jobs that never came back to spend them (cancelled, ended elsewhere) must not pile up
   redis.call('EXPIRE', KEYS[9], cfg.state_ttl_s)
   if redis.call('HLEN', KEYS[9]) > WOKEN_MAX then
