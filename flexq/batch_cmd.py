@@ -24,6 +24,7 @@ from flexq import exits, render
 from flexq.batch import BatchJob, journal_path, summarize_batch
 from flexq.batch import Progress as BatchProgress
 from flexq.embedded import open_runtime
+from flexq.interrupt import Interrupt
 from producer.pricing import unpriced_models, unpriced_warning
 from simulator import SimConfig
 from worker import logs
@@ -77,25 +78,6 @@ def missing_key_message(environ: Mapping[str, str]) -> str:
     typo = f" ({', '.join(near)} is set: a typo?)" if near else ""
     return ("no Gemini API key: set GEMINI_API_KEY (or GOOGLE_API_KEY) to call the real API, or pass --simulate "
             f"to answer from the bundled simulator{typo}")
-
-
-class Interrupt:
-    """Ctrl-C stops a batch even if a library swallows the first cancellation (asyncio.run cancels the
-    main task once, and only a second Ctrl-C would raise): cancel again every half second until the
-    batch is closing, then let the clean-up finish."""
-
-    RECANCEL_S = 0.5
-
-    def __init__(self, task: asyncio.Task[Any]) -> None:
-        self.task = task
-        self.requested = False
-        self.closing = False
-
-    def __call__(self) -> None:
-        self.requested = True
-        if not self.task.done() and not self.closing:
-            self.task.cancel()
-            asyncio.get_running_loop().call_later(self.RECANCEL_S, self)
 
 
 async def run(command: str, args: argparse.Namespace) -> int:

@@ -80,7 +80,7 @@ async def cmd_enqueue(args: argparse.Namespace, settings: ProducerSettings) -> i
         lines, errors = parse_jsonl(
             text.splitlines(), max_bytes=settings.max_request_bytes,
             default_id=stable_line_id(str(Path(args.file).resolve())),  # noqa: ASYNC240 - before any I/O starts
-            deadline_s=args.deadline_s, fallback=args.fallback,
+            deadline_s=args.deadline_s, fallback=args.fallback, cache=True if args.cache else None,
         )
         for error in errors:
             print(f"flexq: {args.file}: {error}", file=sys.stderr)
@@ -114,6 +114,7 @@ async def cmd_enqueue(args: argparse.Namespace, settings: ProducerSettings) -> i
     async def one(queue: FlexQueue) -> int:
         done = await queue.enqueue(
             request, job_id=args.id, deadline_s=args.deadline_s, fallback=args.fallback, tags=tags,
+            cache=True if args.cache else None,
         )
         if done.created:
             print(done.id)
@@ -341,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fallback", choices=["none", "standard"], default="none")
     p.add_argument("--tag", action="append", metavar="KEY=VALUE")
     p.add_argument("--continue-from", metavar="ID", help="continue this succeeded job's thread; --prompt is the turn")
+    p.add_argument("--cache", action="store_true",
+                   help="answer from the response cache if an identical request was answered lately")
 
     p = sub.add_parser("result", help="print a job's answer (text, function calls, JSON); --save DIR writes images")
     p.add_argument("id")

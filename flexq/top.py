@@ -222,16 +222,30 @@ async def top(
 
 async def cmd_top(args: argparse.Namespace, settings: WorkerConfig) -> int:
     """The live view (``--once``: one frame, for a pipe or a test)."""
+    import asyncio
+    import signal
+
     from rich.console import Console
 
     from flexq.fleet import FleetReader
+    from flexq.interrupt import Interrupt
 
     reader = await FleetReader.connect(settings)
+    task = asyncio.current_task()
+    assert task is not None
+    interrupt = Interrupt(task)  # Ctrl-C ends the view even if a read swallows one cancellation
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, interrupt)
     try:
         await top(reader, Console(), interval_s=args.interval_s, once=args.once)
+    except asyncio.CancelledError:
+        if not interrupt.requested:
+            raise
     finally:
+        interrupt.closing = True
+        loop.remove_signal_handler(signal.SIGINT)
         await reader.close()
-    return 0
+    return 0  # Ctrl-C is how a live view ends: not an error
 
 
 def add_commands(sub: Any) -> None:

@@ -47,6 +47,10 @@ class Keys:
         """Stream of job events (enqueued, every status change with the attempt that closed), capped."""
         return f"{self.queue}:events"
 
+    def cache(self, request_sha256: str) -> str:
+        """A cached answer (``JobResult`` JSON) to the request with this canonical hash (``producer.cache``)."""
+        return f"{self.queue}:cache:{request_sha256}"
+
     def children(self, job_id: str) -> str:
         """Set of the ids of jobs that continue ``job_id`` (threads)."""
         return f"{self.queue}:children:{job_id}"

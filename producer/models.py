@@ -124,6 +124,16 @@ class JobError(BaseModel):
     http_status: int | None = Field(default=None, description="the last attempt's HTTP status, if any")
 
 
+class Redaction(BaseModel):
+    by: str = Field(
+        description="the redactor: `builtin`, the `module:function` of `FLEXQ_REDACT`, or the callable's "
+        "`module:qualname` given to `FlexQueue.connect(redactor=...)`"
+    )
+    changed: int = Field(
+        description="texts it changed: the prompt, text parts of the user turns, the system instruction (0: none)"
+    )
+
+
 class JobRecord(BaseModel):
     """The persisted state of one job; ``flexq status ID --json`` prints exactly this."""
 
@@ -159,8 +169,18 @@ class JobRecord(BaseModel):
         "the job fails at `FLEXQ_MAX_INTERRUPTS`",
     )
     enqueues: int = Field(default=1, description="1, plus one per `flexq retry`")
+    cache: bool = Field(
+        default=False,
+        description="answer from the response cache when an identical request was answered lately, and cache "
+        "a fresh answer (`producer.cache`)",
+    )
     parent_id: str | None = Field(
         default=None, description="the job this one continues (`continue_from`): its request holds that thread"
+    )
+    redaction: Redaction | None = Field(
+        default=None,
+        description="set when a redactor ran over the request at enqueue (`FLEXQ_REDACT`): `request` holds its "
+        "output, the original text was neither stored nor sent",
     )
 
     @property

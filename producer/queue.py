@@ -10,14 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncGenerator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Self
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from producer import transitions
+from producer import redact, transitions
 from producer.blobs import fill, open_blob_store
 from producer.errors import (
     BlobMissingError,
@@ -29,8 +29,9 @@ from producer.errors import (
     redis_failure,
 )
 from producer.events import Event, read_events
-from producer.models import ImageRef, JobRecord, utcnow
+from producer.models import ImageRef, JobRecord, Redaction, utcnow
 from producer.notify import Completions
+from producer.redact import Redactor
 from producer.request import STORED, GenerateRequest, check_job_id, check_tags, parse_request
 from producer.settings import ProducerSettings
 from producer.stats import summarize
@@ -50,6 +51,7 @@ class JobSpec:
     deadline_s: float | None = None
     fallback: Fallback = "none"
     tags: Mapping[str, str] = field(default_factory=dict)
+    cache: bool | None = None  # the response cache (producer.cache); None: the producer's FLEXQ_CACHE
 
 
 @dataclass(frozen=True)
@@ -80,9 +82,14 @@ async def connect_redis(settings: ProducerSettings) -> Redis:
 class FlexQueue:
     """Enqueue generation jobs and read, wait on, cancel, retry and list them."""
 
-    def __init__(self, redis: Redis, settings: ProducerSettings, *, owns_redis: bool = False) -> None:
+    def __init__(
+        self, redis: Redis, settings: ProducerSettings, *, owns_redis: bool = False,
+        redactor: Callable[[str], str] | None = None,
+    ) -> None:
         self.redis = redis
         self.settings = settings
+        #: Runs over every request at enqueue (``FLEXQ_REDACT``, or ``redactor``); None: off.
+        self.redactor: Redactor | None = redact.choose(redactor, settings.redact)
         self.store = JobStore(
             redis, queue=settings.queue, retention_s=settings.retention_s,
             blobs=open_blob_store(settings.blob_store, redis=redis, queue=settings.queue),
@@ -92,11 +99,17 @@ class FlexQueue:
         self._completions: Completions | None = None
 
     @classmethod
-    async def connect(cls, settings: ProducerSettings | None = None, *, redis: Redis | None = None) -> Self:
+    async def connect(
+        cls, settings: ProducerSettings | None = None, *, redis: Redis | None = None,
+        redactor: Callable[[str], str] | None = None,
+    ) -> Self:
+        """``redactor``: a ``(text: str) -> str`` to run over every request at enqueue, instead of
+        the one ``FLEXQ_REDACT`` names (``producer.redact``)."""
         settings = settings or ProducerSettings()
+        chosen = redact.choose(redactor, settings.redact)  # a bad FLEXQ_REDACT fails before Redis is dialled
         if redis is not None:
-            return cls(redis, settings)
-        return cls(await connect_redis(settings), settings, owns_redis=True)
+            return cls(redis, settings, redactor=chosen)
+        return cls(await connect_redis(settings), settings, owns_redis=True, redactor=chosen)
 
     async def close(self) -> None:
         if self._completions is not None:
@@ -122,6 +135,9 @@ class FlexQueue:
             data, max_bytes=self.settings.max_request_bytes,
             max_blob_bytes=self.settings.max_blob_bytes, max_job_blob_bytes=self.settings.max_job_blob_bytes,
         )
+        redaction: Redaction | None = None
+        if self.redactor is not None:  # before the record: what is stored and sent is the redacted text
+            request, redaction = redact.apply(request, self.redactor)
         job_id = check_job_id(spec.job_id) if spec.job_id is not None else uuid.uuid4().hex
         deadline_s = self.settings.deadline_s if spec.deadline_s is None else spec.deadline_s
         if spec.fallback not in ("none", "standard"):
@@ -134,10 +150,11 @@ class FlexQueue:
                 f"tags: the request and its tags ({request_bytes + tag_bytes} bytes) are over the "
                 f"{self.settings.max_request_bytes}-byte limit (FLEXQ_MAX_REQUEST_BYTES)", field="tags",
             )
-        return transitions.new_record(
+        record = transitions.new_record(
             job_id, request, now=utcnow(), deadline_s=deadline_s, fallback=spec.fallback, tags=tags,
-            parent_id=parent_id,
+            parent_id=parent_id, cache=self.settings.cache if spec.cache is None else bool(spec.cache),
         )
+        return record if redaction is None else record.model_copy(update={"redaction": redaction})
 
     @staticmethod
     def _continuation(data: Any, parent: JobRecord) -> GenerateRequest:
@@ -199,9 +216,12 @@ class FlexQueue:
         deadline_s: float | None = None,
         fallback: Fallback = "none",
         tags: Mapping[str, str] | None = None,
+        cache: bool | None = None,
     ) -> Enqueued:
-        """Validate and enqueue one job. An existing ``job_id`` is not enqueued again."""
-        spec = JobSpec(request, job_id=job_id, deadline_s=deadline_s, fallback=fallback, tags=tags or {})
+        """Validate and enqueue one job. An existing ``job_id`` is not enqueued again. ``cache``: answer
+        it from the response cache if an identical request was answered lately (``producer.cache``)."""
+        spec = JobSpec(request, job_id=job_id, deadline_s=deadline_s, fallback=fallback, tags=tags or {},
+                       cache=cache)
         record = self._prepare(spec, await self._parents([spec]))  # an error names the field, no [index]
         existing = (await self.store.create([record]))[0]
         return Enqueued(record=existing or record, created=existing is None)

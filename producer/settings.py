@@ -19,6 +19,7 @@ from producer.errors import database_of, first_error
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 ENV_PREFIX = "FLEXQ_"
+REDACT_HOOK_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
 
 class ProducerSettings(BaseSettings):
@@ -60,9 +61,19 @@ class ProducerSettings(BaseSettings):
     max_job_blob_bytes: int = Field(
         default=64 * 1024 * 1024, gt=0, description="largest total of distinct inline parts in one request, in bytes"
     )
+    cache: bool = Field(
+        default=False,
+        description="every job this producer enqueues opts in to the response cache (a job's own `cache` wins)",
+    )
     events_maxlen: int = Field(
         default=100_000, ge=0,
         description="job events kept in the queue's event stream (about; oldest trimmed first); 0: no events",
+    )
+    redact: str | None = Field(
+        default=None,
+        description="redact every request at enqueue, before it is stored or sent: `builtin` (e-mail addresses, "
+        "phone and card numbers), or `module:function`, a callable `(text: str) -> str` imported once; unset: off "
+        "([redaction](producer-api.md#redaction))",
     )
 
     @field_validator("redis_url")
@@ -75,6 +86,14 @@ class ProducerSettings(BaseSettings):
         if database and not database.isdigit():
             raise ValueError(f"the database must be a number such as /0 (got /{database})")
         return value
+
+    @field_validator("redact")
+    @classmethod
+    def _check_redact(cls, value: str | None) -> str | None:
+        value = (value or "").strip()
+        if value and value != "builtin" and not REDACT_HOOK_RE.fullmatch(value):
+            raise ValueError("must be unset, 'builtin', or 'module:function' naming a callable (text: str) -> str")
+        return value or None
 
     @property
     def redis_url_redacted(self) -> str:

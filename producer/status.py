@@ -34,6 +34,7 @@ class Outcome(StrEnum):
     NO_IMAGE = "no_image"  # an image was asked for and none came back: re-asked a bounded number of times
     INVALID_OUTPUT = "invalid_output"  # JSON asked for, and the answer does not parse or fit the schema
     INTERRUPTED = "interrupted"  # worker died or shut down mid-attempt
+    CACHED = "cached"  # answered from the response cache: no call, no cost
 
 
 class Tier(StrEnum):

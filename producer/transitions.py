@@ -72,11 +72,12 @@ def _copy(record: JobRecord, **changes: Any) -> JobRecord:
 
 def new_record(
     job_id: str, request: GenerateRequest, *, now: datetime, deadline_s: float, fallback: Fallback,
-    tags: dict[str, str], parent_id: str | None = None,
+    tags: dict[str, str], parent_id: str | None = None, cache: bool = False,
 ) -> JobRecord:
     return JobRecord(
         id=job_id, status=Status.QUEUED, created_at=now, updated_at=now, fallback=fallback, tags=dict(tags),
         deadline_at=now + timedelta(seconds=check_deadline_s(deadline_s)), request=request, parent_id=parent_id,
+        cache=cache,
     )
 
 
@@ -161,6 +162,16 @@ def succeed(
         record, status=Status.SUCCEEDED, result=result, error=None, updated_at=now,
         cost_usd=_add(record.cost_usd, cost_usd), standard_cost_usd=_add(record.standard_cost_usd, standard_cost_usd),
     )
+
+
+def answer_from_cache(record: JobRecord, *, result: JobResult, tier: Tier, worker: str, now: datetime) -> JobRecord:
+    """The job succeeds with a ``cached`` attempt: no call was made, nothing is paid."""
+    attempt = Attempt(
+        number=len(record.attempts) + 1, tier=tier, started_at=now, finished_at=now, latency_ms=0,
+        outcome=Outcome.CACHED, worker=worker,
+    )
+    cached = _copy(record, attempts=[*record.attempts, attempt])
+    return succeed(cached, result=result, now=now, cost_usd=0.0, standard_cost_usd=0.0)
 
 
 def _add(total: float | None, extra: float | None) -> float | None:

@@ -8,12 +8,12 @@ import math
 import random
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
 
-from simulator import outputs, signatures, wire
+from simulator import outputs, signatures, vertex, wire
 from simulator.config import SimConfig, SimStats
 from simulator.faults import (
     FINISH_KINDS,
@@ -24,7 +24,7 @@ from simulator.faults import (
     directive_key,
     parse_directives,
 )
-from simulator.request import FLEX, BadRequest, ParsedRequest, parse_request
+from simulator.request import FLEX, BadRequest, ParsedRequest, field_of, parse_request
 
 TIER_HEADER = "x-gemini-service-tier"
 SERVER_TIMEOUT_HEADER = "X-Server-Timeout"
@@ -34,6 +34,11 @@ SERVER_TIMEOUT_GRACE_S = 0.5
 RPM_WINDOW_S = 60.0
 LOGNORMAL_SIGMA = 0.5
 ACTIONS = ("generateContent", "streamGenerateContent")
+#: The paths google-genai calls in Vertex AI mode: express mode (an API key), then project and location.
+VERTEX_ROUTES = (
+    "/{version}/publishers/{publisher}/models/{target}",
+    "/{version}/projects/{project}/locations/{location}/publishers/{publisher}/models/{target}",
+)
 
 
 class _Abort(Exception):
@@ -48,10 +53,16 @@ class _Call:
     req: ParsedRequest
     directives: Directives
     server_timeout_s: float | None
+    route: vertex.Route | None = None  # None: the Gemini API path
+    facts: dict[str, Any] | None = None  # what the stats keep of a Vertex AI call
 
     @property
     def tier(self) -> str:
         return self.req.tier
+
+    @property
+    def vertex(self) -> bool:
+        return self.route is not None
 
 
 def _json(status: int, body: dict[str, Any], tier: str | None = None) -> web.Response:
@@ -88,6 +99,8 @@ class Simulator:
         self._closing = asyncio.Event()
         self.app = web.Application()
         self.app.router.add_post("/{version}/models/{target}", self._generate)
+        for route in VERTEX_ROUTES:
+            self.app.router.add_post(route, self._generate)
         self.app.router.add_get("/_sim/stats", self._get_stats)
         self.app.router.add_post("/_sim/reset", self._post_reset)
         self.app.router.add_get("/_sim/config", self._get_config)
@@ -140,32 +153,42 @@ class Simulator:
     # ---- generateContent -----------------------------------------------------------------------
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         self.stats.requests += 1
+        facts: dict[str, Any] = {}  # a Vertex AI call's, filled in by _serve
         try:
-            response = await self._serve(request)
+            response = await self._serve(request, facts)
         except _Abort:
             if request.transport is not None:
                 request.transport.abort()
             return web.Response()
         self.stats.count_status(response.status)
+        if facts:
+            facts["status"] = response.status
         return response
 
-    async def _serve(self, request: web.Request) -> web.StreamResponse:
+    async def _serve(self, request: web.Request, facts: dict[str, Any]) -> web.StreamResponse:
         version = request.match_info["version"]
         model, _, action = request.match_info["target"].rpartition(":")
         timeout_header = request.headers.get(SERVER_TIMEOUT_HEADER)
         if timeout_header is not None:
             self.stats.record_server_timeout(timeout_header)
-        if not (request.headers.get("x-goog-api-key") or request.query.get("key")):
-            return _json(403, wire.permission_denied())
-        self.stats.api_keys_seen += 1
-        if action not in ACTIONS or not model.startswith("gemini-"):
+        route = vertex.route_of(request.match_info)
+        credential = self._credential(request, route)
+        if credential is None:
+            return _json(401, vertex.unauthenticated()) if route else _json(403, wire.permission_denied())
+        if action not in ACTIONS or not model.startswith("gemini-") or (route and route.publisher != "google"):
+            if route is not None:
+                return _json(404, vertex.not_found(route.resource))
             return _json(404, wire.not_found(model or request.match_info["target"], version))
         try:
             body = json.loads(await request.read())
         except ValueError:
             return _json(400, wire.invalid_argument("Invalid JSON payload received. Unexpected token."))
         try:
+            if route is not None:
+                body = self._vertex_body(request, credential, body, version, facts)
             req = parse_request(body)
+            if route is not None:
+                req = replace(req, tier=vertex.header_tier(request.headers))
             outputs.validate(model, req)
         except BadRequest as exc:
             return _json(400, wire.invalid_argument(exc.message, exc.field))
@@ -179,10 +202,37 @@ class Simulator:
             message = f"Simulator: unknown directive(s): {', '.join(directives.errors)}"
             return _json(400, wire.invalid_argument(message))
         stream = action == "streamGenerateContent"
-        call = _Call(model, version, stream, req, directives, _parse_timeout(timeout_header))
+        call = _Call(model, version, stream, req, directives, _parse_timeout(timeout_header), route, facts or None)
         if directives.has_fault:
             return await self._serve_directed(call, request)
         return await self._serve_normal(call, request)
+
+    def _credential(self, request: web.Request, route: vertex.Route | None) -> str | None:
+        """Count the request's credential: an API key on both APIs, or (Vertex AI only) a bearer token."""
+        if route is None:
+            if not (request.headers.get("x-goog-api-key") or request.query.get("key")):
+                return None
+            self.stats.api_keys_seen += 1
+            return "api_key"
+        kind = vertex.credential_kind(request.headers, request.query)
+        if kind == "api_key":
+            self.stats.api_keys_seen += 1
+        elif kind == "bearer":
+            self.stats.bearer_tokens_seen += 1
+        return kind
+
+    def _vertex_body(
+        self, request: web.Request, credential: str, body: Any, version: str, facts: dict[str, Any]
+    ) -> Any:
+        """Record the Vertex request's facts, then take its serviceTier out (refused, or ignored)."""
+        has_tier = isinstance(body, dict) and ("serviceTier" in body or "service_tier" in body)
+        raw = field_of(body, "serviceTier", "service_tier") if isinstance(body, dict) else None
+        facts.update(vertex.call_facts(request.path, credential, request.headers, raw, has_tier))
+        self.stats.record_vertex_call(facts)
+        if not isinstance(body, dict):
+            return body  # parse_request refuses it
+        _, rest = vertex.split_service_tier(body, version)
+        return rest
 
     async def _serve_directed(self, call: _Call, request: web.Request) -> web.StreamResponse:
         """Fault directives fire in order of appearance; the first still-active one wins."""
@@ -223,6 +273,8 @@ class Simulator:
             return _json(400, wire.invalid_argument(wire.UNKNOWN_FIELD_MESSAGE))
         if kind == "403":
             return _json(403, wire.permission_denied(wire.LEAKED_KEY_MESSAGE))
+        if call.route is not None:
+            return _json(404, vertex.not_found(call.route.resource))
         return _json(404, wire.not_found(call.model, call.version))
 
     def _server_error(self, kind: str) -> web.Response:
@@ -235,6 +287,8 @@ class Simulator:
         return _html(500, wire.HTML_500)
 
     def _quota_error(self, call: _Call, fault: Fault) -> web.Response:
+        if call.vertex:
+            return _json(429, vertex.resource_exhausted())  # every 429 kind: Vertex sends no details
         if fault.kind == "429-daily":
             return _json(429, wire.daily_quota_exceeded(call.model, self._rng))
         if fault.kind == "429-billing":
@@ -261,9 +315,9 @@ class Simulator:
         if cfg.rpm is not None:
             wait_s = self._rpm_admit(call.model, cfg.rpm)
             if wait_s is not None:
-                return _json(429, wire.quota_exceeded(call.model, wait_s, self._rng))
+                return self._rate_limited(call, wait_s)
         if cfg.rate_429 > 0 and self._rng.random() < cfg.rate_429:
-            return _json(429, wire.quota_exceeded(call.model, cfg.retry_delay_s, self._rng))
+            return self._rate_limited(call, cfg.retry_delay_s)
         if cfg.rate_500 > 0 and self._rng.random() < cfg.rate_500:
             return _json(500, wire.internal())
         service_s = self._service_time(call)
@@ -282,6 +336,11 @@ class Simulator:
             return await self._answer(call, request, service_s, False, None)
         finally:
             self.stats.flex_finished()
+
+    def _rate_limited(self, call: _Call, delay_s: float) -> web.Response:
+        if call.vertex:
+            return _json(429, vertex.resource_exhausted())
+        return _json(429, wire.quota_exceeded(call.model, delay_s, self._rng))
 
     def _rpm_admit(self, model: str, rpm: int) -> float | None:
         """Count the request in the model's sliding window; seconds until a slot frees if full."""
@@ -335,18 +394,34 @@ class Simulator:
             await outputs.prepare(call.model, call.req)
         answer = outputs.plan(call.req, call.model, thinking=thinking, finish_kind=finish, new_id=self._call_id)
         resp_id = wire.response_id(self._id_rng)
+        served = self.config.serve_flex_as if call.tier == FLEX else call.tier
         self.stats.count_ok(call.tier)
         self.stats.count_output(answer.output)
+        header_tier = None if call.vertex else served  # Vertex AI says it in usageMetadata.trafficType only
+        if call.stream:
+            chunks = wire.stream_chunks(call.req, answer, call.model, resp_id, served)
+        else:
+            chunks = [wire.success_body(call.req, answer, call.model, resp_id, served)]
+        if call.vertex:
+            chunks = [vertex.with_traffic_type(chunk, served) for chunk in chunks]
+            self._count_traffic_type(call, vertex.TRAFFIC_TYPES[served])
         if not call.stream:
-            return _json(200, wire.success_body(call.req, answer, call.model, resp_id, call.tier), call.tier)
-        chunks = wire.stream_chunks(call.req, answer, call.model, resp_id, call.tier)
-        return await self._stream(request, chunks, call.tier)
+            return _json(200, chunks[0], header_tier)
+        return await self._stream(request, chunks, header_tier)
+
+    def _count_traffic_type(self, call: _Call, traffic_type: str) -> None:
+        self.stats.count_traffic_type(traffic_type)
+        if call.facts is not None:
+            call.facts["traffic_type"] = traffic_type
 
     def _call_id(self) -> str:
         return "call-" + wire.response_id(self._id_rng)[:12]
 
-    async def _stream(self, request: web.Request, chunks: list[dict[str, Any]], tier: str) -> web.StreamResponse:
-        response = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream", TIER_HEADER: tier})
+    async def _stream(
+        self, request: web.Request, chunks: list[dict[str, Any]], tier: str | None
+    ) -> web.StreamResponse:
+        headers = {"Content-Type": "text/event-stream"} | ({TIER_HEADER: tier} if tier is not None else {})
+        response = web.StreamResponse(status=200, headers=headers)
         await response.prepare(request)
         try:
             for chunk in chunks:

@@ -9,7 +9,7 @@ import signal
 import sys
 from dataclasses import fields
 
-from simulator.config import LATENCY_DISTS, PROFILES, SimConfig
+from simulator.config import LATENCY_DISTS, PROFILES, SERVED_FLEX_TIERS, SimConfig
 from simulator.server import start_simulator
 
 USAGE_ERROR = 2
@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shed-latency-s", type=float, default=defaults.shed_latency_s, help="time a 503 takes")
     p.add_argument("--capacity-schedule", default=defaults.capacity_schedule,
                    help="capacity over time, SECONDS:CAPACITY,... e.g. 0:20,20:8,40:30 (overrides --capacity)")
+    p.add_argument("--serve-flex-as", choices=SERVED_FLEX_TIERS, default=defaults.serve_flex_as,
+                   help="the tier a flex call that is not shed is served and billed at (default %(default)s)")
     return p
 
 

@@ -12,6 +12,8 @@ PROFILES: tuple[str, ...] = ("flat", "peak", "offpeak", "wave")
 PEAK_MULTIPLIERS: tuple[float, float] = (0.5, 1.5)
 OFFPEAK_MULTIPLIERS: tuple[float, float] = (1.5, 0.3)
 SERVER_TIMEOUT_HISTORY = 20
+VERTEX_CALL_HISTORY = 50
+SERVED_FLEX_TIERS: tuple[str, ...] = ("flex", "standard")
 
 
 @dataclass
@@ -33,6 +35,9 @@ class SimConfig:
     #: Capacity over time, "0:20,20:8,40:30": from 0 s on 20 flex calls in service, from 20 s on 8,
     #: from 40 s on 30 (seconds since start or the last reset). Overrides ``capacity`` when set.
     capacity_schedule: str = ""
+    #: The tier a flex call that is not shed is served (and billed) at: "flex", or "standard" to play a
+    #: server that quietly serves flex at the standard price (x-gemini-service-tier / trafficType say so).
+    serve_flex_as: str = "flex"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -56,6 +61,8 @@ class SimConfig:
         if self.latency_dist not in LATENCY_DISTS:
             choices = ", ".join(LATENCY_DISTS)
             raise ValueError(f"latency_dist must be one of {choices}, got {self.latency_dist!r}")
+        if self.serve_flex_as not in SERVED_FLEX_TIERS:
+            raise ValueError(f"serve_flex_as must be one of {', '.join(SERVED_FLEX_TIERS)}, got {self.serve_flex_as!r}")
         if self.profile not in PROFILES:
             raise ValueError(f"profile must be one of {', '.join(PROFILES)}, got {self.profile!r}")
         parse_schedule(self.capacity_schedule)
@@ -136,6 +143,18 @@ class SimStats:
     images_served: int = 0
     function_calls_served: int = 0
     json_answers_served: int = 0
+    bearer_tokens_seen: int = 0  # Vertex AI requests authenticated with an access token (counted, never stored)
+    by_traffic_type: dict[str, int] = field(default_factory=dict)  # Vertex AI 200s by usageMetadata.trafficType
+    #: The last requests to the Vertex AI paths, oldest first: path, credential kind, the tier headers, whether the
+    #: body carried serviceTier (and its value), the status and the trafficType answered (simulator/vertex.py).
+    vertex_calls: list[dict[str, Any]] = field(default_factory=list)
+
+    def record_vertex_call(self, facts: dict[str, Any]) -> None:
+        self.vertex_calls.append(facts)
+        del self.vertex_calls[:-VERTEX_CALL_HISTORY]
+
+    def count_traffic_type(self, traffic_type: str) -> None:
+        self.by_traffic_type[traffic_type] = self.by_traffic_type.get(traffic_type, 0) + 1
 
     def count_shed(self, cause: str) -> None:
         self.sheds[cause] = self.sheds.get(cause, 0) + 1

@@ -8,6 +8,7 @@ from typing import Any
 
 FLEX = "flex"
 STANDARD = "standard"
+PRIORITY = "priority"  # Vertex AI only (its header); the Gemini API path serves priority as standard
 IMAGE_TOKENS = 258  # what the real API bills for one inline image
 
 
@@ -22,7 +23,7 @@ class BadRequest(Exception):
 
 @dataclass(frozen=True)
 class ParsedRequest:
-    tier: str  # "flex" | "standard"
+    tier: str  # "flex" | "standard" | "priority" (Vertex AI only)
     texts: list[str]  # every text part, system instruction first
     last_user_text: str
     image_count: int

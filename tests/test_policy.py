@@ -161,7 +161,7 @@ def test_outcome_for_status(code: int, expected: Outcome) -> None:
 def test_retryable_permanent_and_unusable_partition_the_failures() -> None:
     assert not RETRYABLE & PERMANENT
     assert not UNUSABLE & (RETRYABLE | PERMANENT)
-    assert set(Outcome) == RETRYABLE | PERMANENT | UNUSABLE | {Outcome.OK}
+    assert set(Outcome) == RETRYABLE | PERMANENT | UNUSABLE | {Outcome.OK, Outcome.CACHED}  # cached: no call
 
 
 # -- parse_duration_s ----------------------------------------------------------------------------

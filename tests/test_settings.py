@@ -206,6 +206,8 @@ def test_a_producer_sees_only_what_it_needs() -> None:
         "redis_url", "queue", "max_request_bytes", "retention_s", "deadline_s",
         "blob_store", "max_blob_bytes", "max_job_blob_bytes",  # a producer stores inline data at enqueue
         "events_maxlen",  # its writes append job events
+        "cache",  # its jobs opt in to the response cache
+        "redact",  # it redacts requests before they are stored (producer.redact)
     }
     assert set(ProducerSettings.model_fields) == fields
     assert set(ProducerSettings.model_fields) < set(WorkerConfig.model_fields)

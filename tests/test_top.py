@@ -341,7 +341,7 @@ def test_ctrl_c_ends_the_live_view_cleanly(redis_url: str) -> None:
         read_until(lambda: out.count(b"interval    last") >= 2, 30)  # the first frames, redrawn
         assert out.count(b"interval    last") >= 2, out.decode(errors="replace")[-2000:]
         proc.send_signal(signal.SIGINT)
-        read_until(lambda: proc.poll() is not None, 5)
+        read_until(lambda: proc.poll() is not None, 15)  # a deadline: a loaded machine exits slowly
         code = proc.wait(timeout=1)  # it has exited already, or this fails the test
         read_until(lambda: False, 0.3)  # what it wrote last
     finally:
@@ -350,7 +350,7 @@ def test_ctrl_c_ends_the_live_view_cleanly(redis_url: str) -> None:
             proc.wait()
         os.close(master)
     text = out.decode(errors="replace")
-    assert code in (0, 130), text[-2000:]
+    assert code == 0, text[-2000:]  # Ctrl-C is how a live view ends: not an error
     assert "Traceback" not in text, text[-2000:]
     assert text.rfind("\x1b[?25h") > text.rfind("\x1b[?25l"), "the cursor was left hidden"
     assert "flexq top - " in text and "queue flexq-test" in text

@@ -49,6 +49,9 @@ _CONNECTION_ERROR_NAMES = frozenset(
     }
 )
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
+#: Vertex AI's 429s carry no details: its shared pay-as-you-go pool out of capacity ("Resource exhausted. Please
+#: try again later. ..."), or Provisioned Throughput exceeded. Neither is the Gemini API's billing stop.
+_VERTEX_429_MESSAGES = ("resource exhausted", "exceeded the provisioned throughput")
 
 
 class QuotaKind(StrEnum):
@@ -123,10 +126,19 @@ def parse_rate_limit(body: Any) -> tuple[float | None, QuotaKind, str | None]:
                     if quota_id is None or "PerDay" in this_id:  # a daily quota decides the wait
                         quota_id = this_id
     if not details:
-        return None, QuotaKind.BILLING, None
+        return None, QuotaKind.PER_MINUTE if _vertex_429(body) else QuotaKind.BILLING, None
     if quota_id is not None and "PerDay" in quota_id:
         return retry_after_s, QuotaKind.PER_DAY, quota_id
     return retry_after_s, QuotaKind.PER_MINUTE, quota_id
+
+
+def _vertex_429(body: Any) -> bool:
+    """A Vertex AI 429 (told by its message: its bodies have no details to go by)."""
+    if isinstance(body, list) and len(body) == 1:
+        body = body[0]
+    error = body.get("error", body) if isinstance(body, Mapping) else None
+    message = error.get("message") if isinstance(error, Mapping) else None
+    return isinstance(message, str) and any(text in message.lower() for text in _VERTEX_429_MESSAGES)
 
 
 def classify_api_error(code: int, status: str | None, message: str | None, body: Any) -> Classified:

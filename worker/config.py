@@ -43,6 +43,32 @@ class WorkerConfig(ProducerSettings):
         "unset: the real API",
     )
     api_version: str = Field(default="v1beta", description="the API version in the request path")
+    vertex: bool = Field(
+        default=False,
+        description="call Gemini through Vertex AI instead of the Gemini API: flex is asked for with the "
+        "`X-Vertex-AI-LLM-Shared-Request-Type: flex` header and the served tier read from `trafficType`. Needs "
+        "`FLEXQ_VERTEX_API_KEY` (express mode) or `FLEXQ_VERTEX_PROJECT` (Application Default Credentials), "
+        "not both; `GEMINI_API_KEY` is not used",
+    )
+    vertex_project: str | None = Field(
+        default=None, min_length=1,
+        description="with `FLEXQ_VERTEX`: the Google Cloud project, authenticated with Application Default "
+        "Credentials (`gcloud auth application-default login`, a service account, the metadata server)",
+    )
+    vertex_location: str = Field(
+        default="global", min_length=1,
+        description="with `FLEXQ_VERTEX_PROJECT`: the Vertex AI location; flex is served on `global` only",
+    )
+    vertex_api_key: SecretStr | None = Field(
+        default=None,
+        description="with `FLEXQ_VERTEX`: a Vertex AI API key (express mode; a Gemini API key does not work "
+        "there); never shown in logs, records or errors",
+    )
+    vertex_api_version: str = Field(
+        default="v1beta1", min_length=1,
+        description="with `FLEXQ_VERTEX`: the Vertex AI API version in the request path (`FLEXQ_API_VERSION` is "
+        "the Gemini API's)",
+    )
     request_timeout_s: float = Field(
         default=900.0, gt=0, allow_inf_nan=False,
         description="timeout of one call in seconds, capped at the time left before the deadline; arq's job "
@@ -73,6 +99,11 @@ class WorkerConfig(ProducerSettings):
         default=2, ge=0,
         description="re-asks after an answer that is unusable as asked (`no_image`: an image request answered "
         "without one; `invalid_output`: JSON that does not parse or fit the schema); then the job fails",
+    )
+    cache_ttl_s: int = Field(
+        default=24 * 3600, ge=0,
+        description="how long a fresh answer to a job that opted in to the response cache is kept for identical "
+        "requests (0: answers are not cached)",
     )
     unreachable_fail_s: float = Field(
         default=900.0, ge=0, allow_inf_nan=False,
@@ -148,9 +179,10 @@ class WorkerConfig(ProducerSettings):
 
     @property
     def secrets(self) -> list[str]:
-        """Values that must never be printed: the API key and the Redis password."""
+        """Values that must never be printed: the API keys and the Redis password."""
         from urllib.parse import urlsplit
 
         values = [self.gemini_api_key.get_secret_value() if self.gemini_api_key else None,
+                  self.vertex_api_key.get_secret_value() if self.vertex_api_key else None,
                   urlsplit(self.redis_url.get_secret_value()).password]
         return [value for value in values if value]

@@ -2,6 +2,10 @@
 
 It turns a ``GenerateRequest`` into an SDK call on the chosen tier, and the SDK's response into
 plain data. It does not decide anything: exceptions propagate to the policy.
+
+Two APIs: the Gemini API (an API key; the tier in the body's ``serviceTier``, the served tier in the
+``x-gemini-service-tier`` header) and Vertex AI (``FLEXQ_VERTEX``: flex asked for with a header,
+never the body field, and the served tier read from ``usageMetadata.trafficType``).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import google.auth.credentials
 from google import genai
 from google.genai import types
 
@@ -23,6 +28,16 @@ from worker.config import WorkerConfig
 #: The header carrying the tier the API actually served (the SDK drops usageMetadata.serviceTier).
 SERVED_TIER_HEADER = "x-gemini-service-tier"
 NO_RETRIES = types.HttpRetryOptions(attempts=1)
+#: How Vertex AI is asked for flex. Its body ``serviceTier`` is no way: ``"flex"`` is refused with a 400, and
+#: ``"SERVICE_TIER_FLEX"`` is accepted and billed at the standard rate (docs/gemini-wire.md, "Vertex AI").
+VERTEX_TIER_HEADER = "X-Vertex-AI-LLM-Shared-Request-Type"
+#: Vertex AI's ``usageMetadata.trafficType`` -> the tier an attempt records as served.
+TRAFFIC_TIERS: dict[str, str] = {
+    "ON_DEMAND_FLEX": "flex",
+    "ON_DEMAND": "standard",
+    "ON_DEMAND_PRIORITY": "priority",
+    "PROVISIONED_THROUGHPUT": "provisioned",
+}
 
 
 @dataclass(frozen=True)
@@ -53,7 +68,17 @@ class Answer:
         )
 
 
-def require_api_key(settings: WorkerConfig) -> str:
+def require_api_key(settings: WorkerConfig) -> str | None:
+    """The API key the client is built with: ``GEMINI_API_KEY`` on the Gemini API, ``FLEXQ_VERTEX_API_KEY``
+    in Vertex AI express mode, None on Vertex AI with a project (Application Default Credentials).
+    Raises ConfigError, naming what to set, when the settings cannot make a call."""
+    if settings.vertex:
+        return _vertex_api_key(settings)
+    if settings.vertex_project is not None or settings.vertex_api_key is not None:
+        raise ConfigError(
+            "FLEXQ_VERTEX_PROJECT or FLEXQ_VERTEX_API_KEY is set but FLEXQ_VERTEX is not: set FLEXQ_VERTEX=1 to "
+            "call Gemini through Vertex AI, or unset them to use the Gemini API"
+        )
     if settings.gemini_api_key is None or not settings.gemini_api_key.get_secret_value():
         raise ConfigError(
             "no Gemini API key: set GEMINI_API_KEY (or GOOGLE_API_KEY) in the environment, "
@@ -62,13 +87,36 @@ def require_api_key(settings: WorkerConfig) -> str:
     return settings.gemini_api_key.get_secret_value()
 
 
-class GeminiClient:
-    """Owns the SDK client. Create at worker start-up, ``aclose`` at shutdown."""
+def _vertex_api_key(settings: WorkerConfig) -> str | None:
+    key = settings.vertex_api_key.get_secret_value() if settings.vertex_api_key is not None else ""
+    if key and settings.vertex_project is not None:
+        raise ConfigError(
+            "FLEXQ_VERTEX_API_KEY and FLEXQ_VERTEX_PROJECT are both set: choose express mode (the API key) or "
+            "the project with Application Default Credentials"
+        )
+    if not key and settings.vertex_project is None:
+        raise ConfigError(
+            "FLEXQ_VERTEX=1 needs FLEXQ_VERTEX_API_KEY (Vertex AI express mode) or FLEXQ_VERTEX_PROJECT (with "
+            "Application Default Credentials, e.g. `gcloud auth application-default login`)"
+        )
+    return key or None
 
-    def __init__(self, settings: WorkerConfig) -> None:
+
+class GeminiClient:
+    """Owns the SDK client. Create at worker start-up, ``aclose`` at shutdown.
+
+    ``credentials`` replace Application Default Credentials in Vertex AI project mode (tests pass a
+    fixed token); without them the SDK finds ADC at the first call.
+    """
+
+    def __init__(
+        self, settings: WorkerConfig, credentials: google.auth.credentials.Credentials | None = None
+    ) -> None:
         self._settings = settings
+        self._vertex = settings.vertex
+        api_key = require_api_key(settings)
         http_options = types.HttpOptions(
-            api_version=settings.api_version,
+            api_version=settings.vertex_api_version if settings.vertex else settings.api_version,
             # Explicit: without retry_options the SDK silently sleeps 1-10 s and retries
             # aiohttp connection errors. Retries are the queue's job.
             retry_options=NO_RETRIES,
@@ -76,31 +124,46 @@ class GeminiClient:
         )
         if settings.gemini_base_url:
             http_options.base_url = settings.gemini_base_url
-        self._client = genai.Client(api_key=require_api_key(settings), http_options=http_options)
+        if not settings.vertex:
+            # vertexai=False: the SDK's GOOGLE_GENAI_USE_VERTEXAI must not switch the API under flexq
+            self._client = genai.Client(vertexai=False, api_key=api_key, http_options=http_options)
+        elif api_key is not None:  # express mode: the project comes with the key
+            self._client = genai.Client(vertexai=True, api_key=api_key, http_options=http_options)
+        else:
+            self._client = genai.Client(
+                vertexai=True, project=settings.vertex_project, location=settings.vertex_location,
+                credentials=credentials, http_options=http_options,
+            )
 
     async def aclose(self) -> None:
         await self._client.aio.aclose()
 
     async def generate(self, request: GenerateRequest, *, tier: Tier, timeout_s: float) -> Answer:
         config = types.GenerateContentConfig.model_validate(request.config or {})
-        config.service_tier = types.ServiceTier.FLEX if tier == Tier.FLEX else types.ServiceTier.STANDARD
-        config.http_options = types.HttpOptions(timeout=_ms(timeout_s), retry_options=NO_RETRIES)
+        headers: dict[str, str] | None = None
+        if self._vertex:  # the tier goes in a header; the body's serviceTier is refused or billed at standard
+            config.service_tier = None
+            headers = {VERTEX_TIER_HEADER: "flex"} if tier == Tier.FLEX else None
+        else:
+            config.service_tier = types.ServiceTier.FLEX if tier == Tier.FLEX else types.ServiceTier.STANDARD
+        config.http_options = types.HttpOptions(timeout=_ms(timeout_s), retry_options=NO_RETRIES, headers=headers)
         # the queue never runs a function: a turn with function calls is an answer for the pipeline
         config.automatic_function_calling = types.AutomaticFunctionCallingConfig(disable=True)
         if request.system_instruction is not None:
             config.system_instruction = request.system_instruction  # type: ignore[assignment]
         contents: Any = request.prompt if request.prompt is not None else request.contents
-        response = await self._client.aio.models.generate_content(
-            model=request.model, contents=contents, config=config
-        )
-        return to_answer(response)
+        # on Vertex AI, "models/x" would be a project's own model resource, not Google's published one
+        model = request.model.removeprefix("models/") if self._vertex else request.model
+        response = await self._client.aio.models.generate_content(model=model, contents=contents, config=config)
+        return to_answer(response, vertex=self._vertex)
 
 
 def _ms(seconds: float) -> int:
     return max(1, math.ceil(seconds * 1000))
 
 
-def to_answer(response: types.GenerateContentResponse) -> Answer:
+def to_answer(response: types.GenerateContentResponse, *, vertex: bool = False) -> Answer:
+    """The response as plain data; the served tier from the header (Gemini API) or ``trafficType`` (Vertex AI)."""
     candidates = response.candidates or []
     first = candidates[0] if candidates else None
     finish_reason = _enum_name(first.finish_reason) if first is not None else None
@@ -138,7 +201,7 @@ def to_answer(response: types.GenerateContentResponse) -> Answer:
         text=_text(first.content) if first is not None else None,
         usage=to_usage(response.usage_metadata),
         model_version=response.model_version,
-        served_tier=served_tier(response),
+        served_tier=traffic_tier(response) if vertex else served_tier(response),
         finish_message=first.finish_message if first is not None else None,
         content=content,
         blobs=tuple({b.sha256: b for b in blobs}.values()),
@@ -217,6 +280,15 @@ def served_tier(response: types.GenerateContentResponse) -> str | None:
         if name.lower() == SERVED_TIER_HEADER:
             return str(value).lower()
     return None
+
+
+def traffic_tier(response: types.GenerateContentResponse) -> str | None:
+    """Vertex AI's served tier: ``usageMetadata.trafficType`` as a tier (an unknown type in lower case)."""
+    meta = response.usage_metadata
+    traffic = _enum_name(meta.traffic_type) if meta is not None else None
+    if not traffic or traffic == "TRAFFIC_TYPE_UNSPECIFIED":
+        return None
+    return TRAFFIC_TIERS.get(traffic, traffic.lower())
 
 
 def _enum_name(value: Any) -> str | None:

@@ -15,7 +15,7 @@ from typing import Any, Protocol, TypeVar
 
 from redis.exceptions import RedisError
 
-from producer import blobs, transitions
+from producer import blobs, cache, transitions
 from producer.errors import BlobMissingError, InvalidJobError, JobNotFoundError
 from producer.models import Attempt, JobRecord, utcnow
 from producer.pricing import cost_usd
@@ -65,7 +65,11 @@ class Runner:
     async def run(self, job_id: str) -> float | None:
         """Run one attempt of ``job_id``. Returns the deferral in seconds, or None when done."""
         try:
-            admission, current = await self._admit(job_id)
+            raw = await self.store.get_raw(job_id)
+            record = self.store.parse(job_id, raw)
+            if await self._from_cache(record, raw):
+                return None  # answered from the response cache: no permit, no call
+            admission, current = await self._admit(record, raw)
             if admission is not None and not admission.admitted:
                 assert self.flow is not None
                 delay_s = defer_s(admission, self.flow.cfg, self.rand)  # no permit: not an attempt
@@ -95,13 +99,12 @@ class Runner:
         finally:
             self.leases.discard(job_id)
 
-    async def _admit(self, job_id: str) -> tuple[Admission | None, bytes | None]:
+    async def _admit(self, record: JobRecord, raw: bytes) -> tuple[Admission | None, bytes | None]:
         """Ask flow control for a permit, unless the job will not call (ended, cancelled, past deadline).
         Also the record's text as read, so that opening the attempt need not read it again."""
+        job_id = record.id
         if self.flow is None:
-            return None, None
-        raw = await self.store.get_raw(job_id)
-        record = self.store.parse(job_id, raw)
+            return None, raw
         if (
             record.request is None
             or record.terminal
@@ -114,6 +117,47 @@ class Runner:
             job_id, record.request.model, str(record.next_tier), est, since_s=record.created_at.timestamp()
         )
         return admission, raw
+
+    async def _from_cache(self, record: JobRecord, raw: bytes) -> bool:
+        """A job that opted in to the response cache and whose request was answered lately succeeds
+        with that answer (a ``cached`` attempt, no cost). False when there is nothing to do so."""
+        if not record.cache or record.request is None or record.terminal or record.cancel_requested:
+            return False
+        key = cache.request_key(record.request)
+        hit = cache.load(found) if (found := await self.store.redis.get(self.store.keys.cache(key))) else None
+        if hit is None:
+            return False
+        if hit.images:  # the answer's images must outlive the record that now refers to them
+            await self.store.blobs.touch({image.sha256 for image in hit.images}, ttl_s=self.store.retention_s)
+        now = utcnow()
+
+        def decide(current: JobRecord) -> transitions.Change[None] | None:
+            if current.terminal or current.cancel_requested or current.open_attempt is not None:
+                return None
+            done = transitions.answer_from_cache(
+                current, result=hit, tier=current.next_tier, worker=self.worker_name, now=now
+            )
+            return transitions.Change(done, counted=(done.attempts[-1],))
+
+        change = await self.store.update(record.id, decide, current=raw)
+        if change is None:
+            return False
+        log.info("attempt", job_id=record.id, attempt=change.record.attempts[-1].number, outcome=str(Outcome.CACHED),
+                 tier=str(change.record.attempts[-1].tier), job_status=str(change.record.status), cost_usd=0.0,
+                 cache_key=key[:16])
+        return True
+
+    async def _keep_in_cache(self, record: JobRecord) -> None:
+        """Store a fresh answer of a job that opted in to the response cache (best effort)."""
+        if not record.cache or record.request is None or record.result is None or self.settings.cache_ttl_s <= 0:
+            return
+        try:
+            await self.store.redis.set(
+                self.store.keys.cache(cache.request_key(record.request)), cache.dump(record.result),
+                ex=self.settings.cache_ttl_s,
+            )
+        except RedisError as err:  # the job has succeeded; a missed cache entry costs one call later
+            log.warning("cache_write_failed", job_id=record.id, error=f"{type(err).__name__}: {err}")
 
     async def _pause_outlasts_deadline(self, job_id: str, delay_s: float) -> bool:
         """A model paused (a 429, or ``flexq pause``) past this job's deadline: fail the job now rather
@@ -291,8 +335,10 @@ class Runner:
             if decision.action == policy.Action.SUCCEED and answer is not None:
                 assert closed.request is not None
                 model = closed.request.model
-                usd, standard_usd = cost_usd(model, answer.usage, tier), cost_usd(model, answer.usage, Tier.STANDARD)
-                cost = Cost(str(tier), usd, standard_usd, model)
+                # billed as served: a flex request the API served (and bills) at standard costs standard
+                billed = Tier(answer.served_tier) if answer.served_tier in (Tier.FLEX, Tier.STANDARD) else tier
+                usd, standard_usd = cost_usd(model, answer.usage, billed), cost_usd(model, answer.usage, Tier.STANDARD)
+                cost = Cost(str(billed), usd, standard_usd, model)
                 result = answer.result(str(tier), parsed)
                 done = transitions.succeed(
                     closed, result=result, now=now, cost_usd=cost.usd, standard_cost_usd=cost.standard_usd
@@ -324,6 +370,8 @@ class Runner:
         self._log_attempt(change.record, classified, decision, verdict)  # with the job's end, if it ended
         if self.metrics is not None:
             self.metrics.attempt(change.record, number)
+        if decision.action == policy.Action.SUCCEED:
+            await self._keep_in_cache(change.record)
         return decision.delay_s if decision.action == policy.Action.RETRY else None
 
     async def _through_outage(self, job_id: str, write: Callable[[], Awaitable[T]]) -> T:
