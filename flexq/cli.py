@@ -250,10 +250,21 @@ async def cmd_stats(args: argparse.Namespace, settings: WorkerConfig) -> int:
         flow = FlowControl(queue.redis, queue.store.keys, config_from_settings(settings))
         doc["flow_control"] = await flow.snapshot()
         doc["flow"] = flow_lines(doc["flow_control"])
+        doc["budgets"] = await _budgets(queue, settings)
         _print_json(doc) if args.json else _render().stats(_console(), doc)
         return 0
 
     return await _with_queue(settings, body)
+
+
+async def _budgets(queue: FlexQueue, settings: WorkerConfig) -> list[dict[str, Any]]:
+    """Spend against each budget of ``FLEXQ_BUDGETS`` (this process's setting) in its current window."""
+    from worker.budget import BudgetStore, budgets_from
+
+    budgets = budgets_from(settings.budgets)
+    if not budgets:
+        return []
+    return await BudgetStore(queue.redis, queue.store.keys, budgets, hold_ttl_s=settings.job_timeout_s).snapshot()
 
 
 #: How many of the latest succeeded jobs ``flexq stats`` reads to name the models with no known price.

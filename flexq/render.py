@@ -152,6 +152,12 @@ def stats(console: Console, doc: dict[str, Any]) -> None:
     )
     for line in doc.get("flow", []):
         console.print(line)
+    for budget in doc.get("budgets", []):
+        console.print(
+            f"budget {escape(clean(budget['scope']))} per {budget['window']} ({budget['window_id']}): "
+            f"spent ${budget['spent_usd']:.6f} of ${budget['limit_usd']:g}, reserved ${budget['reserved_usd']:.6f}, "
+            f"left ${budget['left_usd']:.6f}; window ends {budget['ends_at']}"
+        )
 
 
 def _pct(value: float | None) -> str:

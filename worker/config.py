@@ -8,6 +8,7 @@ tooling uses (``GEMINI_API_KEY`` or ``GOOGLE_API_KEY``, ``GEMINI_BASE_URL``).
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PositiveInt, SecretStr, field_validator
@@ -23,6 +24,19 @@ class Limits(BaseModel):
 
     rpm: PositiveInt | None = None
     tpm: PositiveInt | None = None
+
+
+class BudgetLimits(BaseModel):
+    """Spending limits of one budget scope in USD, per UTC calendar day and month (either optional)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    day: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    month: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+
+
+#: A budget scope: the whole queue, or the jobs with one tag (``tenant=acme``).
+BUDGET_SCOPE_RE = re.compile(r"queue|[^=\s]+=\S+")
 
 
 def flow_model(model: str) -> str:
@@ -145,6 +159,12 @@ class WorkerConfig(ProducerSettings):
         default_factory=dict,
         description='per-model RPM/TPM quotas as JSON, e.g. `{"gemini-2.5-flash": {"rpm": 1000, "tpm": 1000000}}`',
     )
+    budgets: dict[str, BudgetLimits] = Field(
+        default_factory=dict,
+        description='spending limits in USD per UTC day and month, for the whole queue (`queue`) or the jobs with '
+        'a tag (`key=value`), as JSON, e.g. `{"queue": {"day": 20, "month": 400}, "tenant=acme": {"day": 5}}`; '
+        "a job over one waits for the next window, or fails with `budget_exceeded` if that passes its deadline",
+    )
     log_format: Literal["auto", "json", "console"] = Field(
         default="auto", description="worker logs: `auto` is JSON lines off a terminal and readable lines on one"
     )
@@ -171,6 +191,16 @@ class WorkerConfig(ProducerSettings):
                 raise ValueError(f"model {flow_model(model)!r} is given twice")
             out[flow_model(model)] = limits
         return out
+
+    @field_validator("budgets")
+    @classmethod
+    def _budget_scopes(cls, value: dict[str, BudgetLimits]) -> dict[str, BudgetLimits]:
+        for scope, limits in value.items():
+            if not BUDGET_SCOPE_RE.fullmatch(scope):
+                raise ValueError(f"{scope!r} is not a budget scope: 'queue' or a tag such as 'tenant=acme'")
+            if limits.day is None and limits.month is None:
+                raise ValueError(f"budget {scope!r} has no limit: give 'day', 'month' or both")
+        return value
 
     @property
     def job_timeout_s(self) -> float:

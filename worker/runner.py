@@ -24,8 +24,9 @@ from producer.status import Outcome, Status, Tier
 from producer.store import JobStore
 from producer.transitions import Cost
 from worker import classify, outputs, policy
+from worker.budget import BUDGET_EXCEEDED, BudgetStore, Hold, Refusal, applying, budgets_from, estimate_usd, on_refusal
 from worker.config import WorkerConfig
-from worker.flow import Admission, Permit, Release, defer_s, estimate_tokens
+from worker.flow import Admission, FlowConfig, Permit, Release, defer_s, estimate_tokens
 from worker.flow_store import FlowControl
 from worker.gemini import Answer
 from worker.logs import get_logger, redact
@@ -61,6 +62,15 @@ class Runner:
     flow: FlowControl | None = None
     #: This process's Prometheus metrics (FLEXQ_METRICS_PORT); None when not served.
     metrics: WorkerMetrics | None = None
+    #: Spending limits (FLEXQ_BUDGETS); None when there are none.
+    budget: BudgetStore | None = None
+
+    def __post_init__(self) -> None:
+        if self.budget is None and self.settings.budgets:
+            self.budget = BudgetStore(
+                self.store.redis, self.store.keys, budgets_from(self.settings.budgets),
+                hold_ttl_s=self.settings.job_timeout_s + self.settings.lease_s,  # a dead worker's reservation lapses
+            )
 
     async def run(self, job_id: str) -> float | None:
         """Run one attempt of ``job_id``. Returns the deferral in seconds, or None when done."""
@@ -77,6 +87,10 @@ class Runner:
                     return None
                 return delay_s
             permit = admission.permit if admission is not None else None
+            hold = await self._reserve(record)
+            if isinstance(hold, Refusal):  # over a budget: not an attempt
+                await self._release(permit, None)
+                return await self._over_budget(record, hold)
             record, opened, written = await self._begin(job_id, current)
         except JobNotFoundError:
             log.warning("job_missing", job_id=job_id, detail="no record (expired or never enqueued)")
@@ -87,13 +101,15 @@ class Runner:
             return None
         if not opened:
             await self._release(permit, None)
+            await self._settle(hold, None)
             return None
         attempt = record.attempts[-1]
         self.leases.add(job_id)
         try:
-            return await self._attempt(record, attempt.number, attempt.tier, permit, written)
+            return await self._attempt(record, attempt.number, attempt.tier, permit, written, hold)
         except asyncio.CancelledError:
             await asyncio.shield(self._release(permit, Outcome.INTERRUPTED))
+            await asyncio.shield(self._settle(hold, None))
             await asyncio.shield(self._interrupted(job_id, attempt.number))
             raise
         finally:
@@ -117,6 +133,45 @@ class Runner:
             job_id, record.request.model, str(record.next_tier), est, since_s=record.created_at.timestamp()
         )
         return admission, raw
+
+    async def _reserve(self, record: JobRecord) -> Hold | Refusal | None:
+        """Reserve the attempt's estimated cost against the job's budgets (None: none apply, or no call)."""
+        if self.budget is None or record.request is None or record.terminal or record.cancel_requested:
+            return None
+        budgets = applying(self.budget.budgets, record.tags)
+        if not budgets or utcnow() >= record.deadline_at:
+            return None
+        default = self.flow.cfg.output_tokens_default if self.flow is not None else FlowConfig().output_tokens_default
+        usd = estimate_usd(record.request, record.next_tier, output_tokens_default=default)
+        return await self.budget.reserve(record.id, budgets, usd or 0.0)  # an unknown price reserves 0
+
+    async def _settle(self, hold: Hold | None, usd: float | None) -> None:
+        """Replace a reservation by the actual cost (None: nothing was billed to the record)."""
+        if self.budget is None or hold is None:
+            return
+        try:
+            await self.budget.settle(hold, usd or 0.0)
+        except Exception as err:  # the reservation lapses by itself; the attempt is recorded regardless
+            log.warning("budget_settle_failed", job_id=hold.id.rpartition(":")[0], error=f"{type(err).__name__}: {err}")
+
+    async def _over_budget(self, record: JobRecord, refusal: Refusal) -> float | None:
+        """A job over one of its budgets waits for the budget's window to end, or fails if that is too late."""
+        verdict = on_refusal(refusal, deadline_s=record.deadline_at.timestamp(), now_s=time.time(), rand=self.rand)
+        if verdict.wait_s is not None:
+            log.info("budget_wait", job_id=record.id, budget=refusal.budget.name, wait_s=verdict.wait_s,
+                     detail=verdict.message)
+            return verdict.wait_s
+        now = utcnow()
+
+        def decide(current: JobRecord) -> transitions.Change[None] | None:
+            if current.terminal:
+                return None
+            return transitions.Change(transitions.fail(current, kind=BUDGET_EXCEEDED, message=verdict.message, now=now))
+
+        change = await self.store.update(record.id, decide)
+        if change is not None:
+            self._log_terminal(change.record)
+        return None
 
     async def _from_cache(self, record: JobRecord, raw: bytes) -> bool:
         """A job that opted in to the response cache and whose request was answered lately succeeds
@@ -223,7 +278,8 @@ class Runner:
     # -- attempt --------------------------------------------------------------------------------
 
     async def _attempt(
-        self, record: JobRecord, number: int, tier: Tier, permit: Permit | None, written: str | None = None
+        self, record: JobRecord, number: int, tier: Tier, permit: Permit | None, written: str | None = None,
+        hold: Hold | None = None,
     ) -> float | None:
         assert record.request is not None
         left_s = record.deadline_at.timestamp() - time.time()
@@ -268,7 +324,7 @@ class Runner:
             blobs_ = answer.blobs
             await self._through_outage(record.id, lambda: self.store.blobs.put(blobs_, ttl_s=self.store.retention_s))
         return await self._finish(
-            record.id, number, tier, classified, answer, learned.verdict if learned else None, parsed, written
+            record.id, number, tier, classified, answer, learned.verdict if learned else None, parsed, written, hold
         )
 
     async def _sendable(self, request: GenerateRequest) -> GenerateRequest:
@@ -303,6 +359,7 @@ class Runner:
     async def _finish(
         self, job_id: str, number: int, tier: Tier, classified: classify.Classified, answer: Answer | None,
         verdict: str | None = None, parsed: Any = None, current: str | None = None,
+        hold: Hold | None = None,
     ) -> float | None:
         """Close the attempt and apply the policy's decision; the deferral, or None when done.
         ``current``: the record's text as the attempt's start wrote it (most often still current)."""
@@ -358,6 +415,7 @@ class Runner:
             return transitions.Change(failed, decided=decision, counted=(failed.attempts[-1],))
 
         change = await self._through_outage(job_id, lambda: self.store.update(job_id, decide, current=current))
+        await self._settle(hold, change.cost.usd if change is not None and change.cost is not None else None)
         if change is None:
             log.warning("lease_lost", job_id=job_id, attempt=number, outcome=str(classified.outcome),
                         detail="outcome not recorded: a newer attempt, or the job's end, owns the job")
