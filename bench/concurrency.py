@@ -314,13 +314,13 @@ def main(argv: list[str] | None = None) -> BenchResult:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--redis-url")
     parser.add_argument("--keep", metavar="DIR", help="keep the worker's and simulator's logs and report in DIR")
-    parser.add_argument("--gc-freeze", action="store_true", help="experiment: worker calls gc.freeze() after start-up")
+    parser.add_argument("--default-gc", action="store_true", help="experiment: CPython's default GC thresholds")
     parser.add_argument("--census", action="store_true", help="diagnosis: gc-tracked objects by type at full load")
     parser.add_argument("--profile", metavar="PATH", help="diagnosis: cProfile the worker into PATH (slows it)")
     args = parser.parse_args(argv)
     flows = {"off": (False,), "on": (True,), "both": (False, True), None: None}[args.flow]
     with bench_redis(args.redis_url) as url:
-        extra = tuple(flag for flag, on in (("--gc-freeze", args.gc_freeze), ("--census", args.census)) if on)
+        extra = tuple(flag for flag, on in (("--default-gc", args.default_gc), ("--census", args.census)) if on)
         if args.profile:
             extra += ("--profile", str(Path(args.profile).resolve()))
         result = run(url, smoke=args.smoke, calls=args.calls, latency_s=args.latency_s, flows=flows, keep=args.keep,

@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", required=True, help="where to write the JSON report")
     parser.add_argument("--concurrency", type=int, required=True)
     parser.add_argument("--no-burst", action="store_true", help="run until SIGTERM instead of until the queue is empty")
-    parser.add_argument("--gc-freeze", action="store_true",
-                        help="experiment: gc.freeze() right after the worker's start-up (not what flexq does)")
+    parser.add_argument("--default-gc", action="store_true",
+                        help="experiment: CPython's default GC thresholds, not flexq worker's tuning (tune_gc)")
     parser.add_argument("--census", action="store_true",
                         help="diagnosis: gc-tracked objects by type once all calls are in flight (one long pause)")
     parser.add_argument("--profile", metavar="PATH", help="diagnosis: cProfile the worker, dump the stats to PATH")
@@ -123,26 +123,18 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
 
     from worker import logs
-    from worker.runtime import create_worker
+    from worker.runtime import create_worker, tune_gc
 
     settings = WorkerConfig().model_copy(update={"concurrency": args.concurrency})
     logs.configure(settings.log_format)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     worker = create_worker(settings, concurrency=args.concurrency, burst=not args.no_burst)
+    if not args.default_gc:
+        tune_gc()  # as `flexq worker` does
     probe = Probe()
     gc.callbacks.append(probe.gc)
     probe_task = loop.create_task(probe.run())
-    if args.gc_freeze:
-        startup = worker.on_startup
-
-        async def startup_then_freeze(ctx: dict[str, Any]) -> None:
-            if startup is not None:
-                await startup(ctx)
-            gc.collect()
-            gc.freeze()
-
-        worker.on_startup = startup_then_freeze
     census: dict[str, Any] = {}
     if args.census:
         census_task = loop.create_task(take_census(worker, args.concurrency, census))

@@ -311,7 +311,7 @@ async def cmd_pause(args: argparse.Namespace, settings: WorkerConfig) -> int:
 
 def cmd_worker(args: argparse.Namespace, settings: WorkerConfig) -> int:
     from worker.gemini import require_api_key
-    from worker.runtime import create_worker
+    from worker.runtime import create_worker, tune_gc
 
     require_api_key(settings)  # fail fast, before connecting anywhere
     if args.concurrency is not None:
@@ -321,6 +321,7 @@ def cmd_worker(args: argparse.Namespace, settings: WorkerConfig) -> int:
     logs.configure(settings.log_format)
     worker = create_worker(settings, burst=args.burst)
     from redis.exceptions import RedisError
+    tune_gc()  # a long-lived process with thousands of calls in flight (worker/runtime.py)
 
     from producer.errors import StoreUnavailableError, redis_failure
 

@@ -15,6 +15,7 @@ Run with ``flexq worker`` or ``arq worker.runtime.WorkerSettings``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import socket
 import time
@@ -157,6 +158,20 @@ async def check_redis(redis: Redis, settings: WorkerConfig) -> dict[str, str]:
             "'noeviction' (CONFIG SET maxmemory-policy noeviction), or FLEXQ_ALLOW_EVICTION=1 to run anyway"
         )
     return found
+
+
+#: Young-generation threshold for a long-lived worker: thousands of calls in flight allocate fast, and
+#: CPython's default (700) collects so often that short-lived objects get promoted and then make the
+#: full collections, which walk every in-flight call's objects, frequent (docs/benchmarks.md, section 3).
+GC_THRESHOLD0 = 10_000
+
+
+def tune_gc() -> None:
+    """Freeze what start-up built (never collected again) and collect the young generation less often."""
+    gc.collect()
+    gc.freeze()
+    _, threshold1, threshold2 = gc.get_threshold()
+    gc.set_threshold(GC_THRESHOLD0, threshold1, threshold2)
 
 
 async def startup(ctx: dict[str, Any]) -> None:
