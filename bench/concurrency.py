@@ -42,6 +42,7 @@ from bench.common import (
     summarize,
 )
 from producer.queue import FlexQueue, JobSpec
+from producer.stats import percentile
 from worker.config import WorkerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -235,10 +236,10 @@ def run_variant(
 
 def gc_summary(pauses: list[list[float]]) -> dict[str, Any]:
     full = [ms for _, gen, ms in pauses if gen == 2]
-    ordered = sorted(ms for _, _, ms in pauses)
+    all_ms = [ms for _, _, ms in pauses]
 
     def pct(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2) if ordered else 0.0
+        return round(percentile(all_ms, 100 * q) or 0.0, 2)
 
     return {
         "collections": len(pauses), "gen2": len(full), "total_ms": round(sum(ms for _, _, ms in pauses), 1),

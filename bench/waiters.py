@@ -21,14 +21,15 @@ from redis.asyncio import Redis
 from bench.common import BenchResult, flush
 from producer.queue import FlexQueue, JobSpec
 from producer.settings import ProducerSettings
+from producer.stats import percentile
 
 QUEUE = "bench-waiters"
 P99_TARGET_MS = 50.0
 
 
 def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+    """Nearest-rank percentile (``q`` in 0..1), as ``flexq stats`` and the other benchmarks report it."""
+    return percentile(values, 100 * q) or 0.0
 
 
 async def _commands(redis: Redis) -> int:

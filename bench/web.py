@@ -21,13 +21,14 @@ from aiohttp import ClientSession, TCPConnector, web
 from bench.common import BenchResult, flush, raise_nofile_limit
 from examples.web_app import make_app
 from producer.settings import ProducerSettings
+from producer.stats import percentile
 
 QUEUE = "bench-web"
 
 
 def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+    """Nearest-rank percentile (``q`` in 0..1), as ``flexq stats`` and the other benchmarks report it."""
+    return percentile(values, 100 * q) or 0.0
 
 
 async def _run(redis_url: str, requests: int) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from producer.errors import StoreUnavailableError
+from producer.events import text
 from producer.keys import Keys
 from producer.stats import summarize
 from producer.status import TERMINAL, Status
@@ -121,7 +122,7 @@ class FleetReader:
         now_s = seconds + micros / 1e6
         jobs = {str(status): int(replies.pop(0)) for status in Status}
         ended = sum(int(replies.pop(0)) for _ in ended_statuses)
-        counters = {_text(k): float(v) for k, v in replies.pop(0).items()}
+        counters = {text(k): float(v) for k, v in replies.pop(0).items()}
         samples = [int(v) for v in replies.pop(0)] if latencies else []
         arq_due, arq_deferred, workers = (int(n) for n in replies)
         return Fleet(
@@ -132,5 +133,3 @@ class FleetReader:
         )
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

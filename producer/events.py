@@ -77,18 +77,19 @@ def status_event(record: JobRecord, previous: Status | None, closed: Attempt | N
     return fields
 
 
-def _text(value: Any) -> str:
+def text(value: Any) -> str:
+    """A Redis reply value (bytes, or str on a decoding client) as text."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def parse_event(entry_id: Any, raw: dict[Any, Any]) -> Event | None:
     """An ``Event`` from one stream entry; None for an entry that is not a readable job event."""
-    fields = {_text(k): _text(v) for k, v in raw.items()}
+    fields = {text(k): text(v) for k, v in raw.items()}
     try:
         status = Status(fields["status"])
         previous = Status(fields["from"]) if "from" in fields else None
         return Event(
-            id=_text(entry_id), job_id=fields["job"], status=status, previous=previous,
+            id=text(entry_id), job_id=fields["job"], status=status, previous=previous,
             at_s=float(fields.get("at", 0.0)),
             attempt=int(fields["attempt"]) if "attempt" in fields else None,
             tier=fields.get("tier"), outcome=fields.get("outcome"),
@@ -119,18 +120,22 @@ async def read_events(
             yield event
 
 
+async def newest_event_id(redis: Any, key: str) -> str:
+    """The id of the newest entry of stream ``key`` (``"0-0"`` when it is empty or missing): a position
+    to read after, fixed before anything else is read, so that nothing later is missed."""
+    newest = await redis.xrevrange(key, "+", "-", count=1)
+    return text(newest[0][0]) if newest else "0-0"
+
+
 async def _tail(redis: Any, key: str, after: str, block_ms: int | None, count: int) -> AsyncIterator[tuple[Any, Any]]:
-    last = after
-    if last == "$":  # from now on: fix the position, so nothing between reads is missed
-        newest = await redis.xrevrange(key, "+", "-", count=1)
-        last = _text(newest[0][0]) if newest else "0-0"
+    last = await newest_event_id(redis, key) if after == "$" else after  # "$": from now on
     while True:
         reply = await redis.xread({key: last}, count=count, block=block_ms)
         if not reply and block_ms is None:
             return
         for _stream, batch in reply or ():
             for entry_id, fields in batch:
-                last = _text(entry_id)
+                last = text(entry_id)
                 yield entry_id, fields
 
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterable
-from typing import Any
 
 from redis.exceptions import RedisError
 
+from producer.events import newest_event_id, text
 from producer.status import TERMINAL
 from producer.store import JobStore
 
@@ -25,10 +25,6 @@ from producer.store import JobStore
 READ_COUNT = 1000
 #: Waited jobs checked per pipelined safety-net read.
 CHECK_CHUNK = 1000
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class Completions:
@@ -58,8 +54,7 @@ class Completions:
             if self._task is not None and not self._task.done():
                 return
             if self.store.events_maxlen > 0:
-                last = await self.store.redis.xrevrange(self.store.keys.events, "+", "-", count=1)
-                self._last_id = _text(last[0][0]) if last else "0-0"
+                self._last_id = await newest_event_id(self.store.redis, self.store.keys.events)
             self._task = asyncio.get_running_loop().create_task(self._run(), name="flexq-completions")
 
     async def close(self) -> None:
@@ -125,12 +120,12 @@ class Completions:
         terminal = {str(status) for status in TERMINAL}
         for _stream, entries in reply or ():
             for entry_id, fields in entries:
-                self._last_id = _text(entry_id)
+                self._last_id = text(entry_id)
                 if not self._waiters:
                     continue
                 status = fields.get(b"status", fields.get("status"))
-                if status is not None and _text(status) in terminal:
-                    self._wake(_text(fields.get(b"job", fields.get("job", ""))))
+                if status is not None and text(status) in terminal:
+                    self._wake(text(fields.get(b"job", fields.get("job", ""))))
 
     async def check(self) -> None:
         """The safety net: wake the waiters of every waited job a terminal status index holds."""

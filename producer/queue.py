@@ -28,7 +28,7 @@ from producer.errors import (
     WaitTimeoutError,
     redis_failure,
 )
-from producer.events import Event, read_events
+from producer.events import Event, newest_event_id, read_events
 from producer.models import ImageRef, JobRecord, Redaction, utcnow
 from producer.notify import Completions
 from producer.redact import Redactor
@@ -340,11 +340,7 @@ class FlexQueue:
     async def last_event_id(self) -> str:
         """The id of the newest event kept (``"0-0"`` when none): read it *before* a record, then
         ``events(after=it)`` misses nothing that happened to the job after that read."""
-        newest = await self.redis.xrevrange(self.store.keys.events, "+", "-", count=1)
-        if not newest:
-            return "0-0"
-        entry_id = newest[0][0]
-        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        return await newest_event_id(self.redis, self.store.keys.events)
 
     async def ack_events(self, group: str, *event_ids: str) -> int:
         """Acknowledge events of a consumer group (``events`` does it for each event it moves past)."""

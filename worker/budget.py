@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from redis.asyncio import Redis
 
+from producer.events import text
 from producer.keys import Keys
 from producer.models import Usage
 from producer.pricing import cost_usd
@@ -144,10 +145,6 @@ def on_refusal(
     return Verdict(None, describe(refusal) + ", past the job's deadline")
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 class BudgetStore:
     """Budget state of one queue in Redis, shared by all workers."""
 
@@ -172,7 +169,7 @@ class BudgetStore:
             budgets=[[b.scope, b.window, b.limit_usd] for b in budgets],
         )
         if int(reply[0]) == 1:
-            found = json.loads(_text(reply[2]))
+            found = json.loads(text(reply[2]))
             return Hold(hold_id, usd, tuple((str(key), float(end)) for key, end in (found or [])))
         _, now, index, spent, reserved, end = reply
         return Refusal(budgets[int(index) - 1], float(spent), float(reserved), usd, float(end), float(now))
@@ -190,7 +187,7 @@ class BudgetStore:
         for budget, (window_id, spent, reserved, end) in zip(self.budgets, reply[1:], strict=True):
             spent_usd, reserved_usd = round(float(spent), 6), round(float(reserved), 6)
             out.append({
-                "scope": budget.scope, "window": budget.window, "window_id": _text(window_id),
+                "scope": budget.scope, "window": budget.window, "window_id": text(window_id),
                 "limit_usd": budget.limit_usd, "spent_usd": spent_usd, "reserved_usd": reserved_usd,
                 "left_usd": round(max(0.0, budget.limit_usd - spent_usd - reserved_usd), 6),
                 "ends_at": _when(float(end)),

@@ -42,6 +42,7 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
+from producer.events import text
 from producer.keys import Keys
 from worker.classify import QuotaKind
 from worker.config import flow_model
@@ -70,12 +71,8 @@ def _arg(now_s: float | None) -> str:
     return "" if now_s is None else repr(float(now_s))
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _hash(raw: dict[Any, Any]) -> dict[str, str]:
-    return {_text(k): _text(v) for k, v in raw.items()}
+    return {text(k): text(v) for k, v in raw.items()}
 
 
 def _num(fields: dict[str, str], name: str, default: float = 0.0) -> float:
@@ -158,7 +155,7 @@ class FlowControl:
         )
         admitted, reason, wait_s, probe, started_s, limit, in_flight = reply
         admission = Admission(
-            bool(int(admitted)), _text(reason), float(wait_s), bool(int(probe)), float(limit), int(in_flight)
+            bool(int(admitted)), text(reason), float(wait_s), bool(int(probe)), float(limit), int(in_flight)
         )
         if admission.admitted:
             permit = Permit(job_id, model, tier, max(0, est_tokens), float(started_s), int(in_flight),
@@ -216,7 +213,7 @@ class FlowControl:
                   self._levels(permit.model, permit.tier), self._reserved(permit.model, permit.tier)],
             args=[json.dumps(call), self._release_cfg],
         )
-        return Release(float(limit), _text(verdict))
+        return Release(float(limit), text(verdict))
 
     async def renew(self, now_s: float | None = None) -> int:
         """Extend the leases of the permits this process holds; returns how many were still held.
@@ -258,7 +255,7 @@ class FlowControl:
         seen_since = (now_s if now_s is not None else time.time()) - self.cfg.state_ttl_s
         members = await cast("Awaitable[list[bytes]]", self.redis.zrangebyscore(
             self.keys.flow("scopes_seen"), seen_since, "+inf"))
-        scopes = sorted(_text(m).split(" ", 1) for m in members)
+        scopes = sorted(text(m).split(" ", 1) for m in members)
         models = sorted({model for model, _ in scopes})
         async with self.redis.pipeline(transaction=False) as pipe:
             for model, tier in scopes:
@@ -277,7 +274,7 @@ class FlowControl:
         for j, model in enumerate(models):
             pause, quota, rate = (_hash(replies[base + 3 * j + k]) for k in range(3))
             doc["models"][model] = self._model_doc(model, pause, quota, rate, now_s)
-        doc["transitions"] = [json.loads(_text(entry)) for entry in replies[-1]]
+        doc["transitions"] = [json.loads(text(entry)) for entry in replies[-1]]
         return doc
 
     def _scope_doc(self, model: str, tier: str, s: dict[str, str], in_flight: int, now_s: float) -> dict[str, Any]:
