@@ -162,6 +162,7 @@ class BatchJob:
     out: Path
     deadline_s: float | None = None
     fallback: str = "none"
+    tier: str | None = None  # every line's tier unless the line gives its own (None: the queue's default)
     on_progress: Callable[[Progress], None] = lambda _p: None
     previous: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: (503s, 429s) per job, from its record when last read
@@ -192,6 +193,7 @@ class BatchJob:
             default_id=stable_line_id(str(self.source.resolve())),
             deadline_s=self.deadline_s,
             fallback=self.fallback,
+            **({"tier": self.tier} if self.tier is not None else {}),
         )
 
     async def run(self, lines: list[Line], bad: list[LineError]) -> BatchResult:
@@ -231,7 +233,8 @@ class BatchJob:
                 try:
                     enqueued.append(await self.queue.enqueue(
                         line.spec.request, job_id=line.spec.job_id, deadline_s=line.spec.deadline_s,
-                        fallback=line.spec.fallback, tags=line.spec.tags,
+                        fallback=line.spec.fallback, tags=line.spec.tags, cache=line.spec.cache, tier=line.spec.tier,
+                        channels=line.spec.channels,
                     ))
                 except InvalidRequestError as err:
                     self._output[str(line.spec.job_id)] = _never_ran(line, "invalid_request", str(err))

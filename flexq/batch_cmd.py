@@ -54,7 +54,12 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=exits.count(0), default=1,
                         help="in-process workers (0: rely on `flexq worker`s)")
     parser.add_argument("--deadline-s", type=exits.seconds, default=None, help="per-job deadline (default 24 h)")
-    parser.add_argument("--fallback", choices=["none", "standard"], default="none")
+    parser.add_argument("--fallback", choices=["none", "flex", "standard"], default="none",
+                        help="standard: may end on the standard tier; flex: batch-tier lines whose batch expires run "
+                        "on flex")
+    parser.add_argument("--tier", choices=["flex", "standard", "priority", "batch"], default=None,
+                        help="every line's tier unless the line has its own (`tier`): flex (default), standard, "
+                        "priority, batch (the Gemini Batch API)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     return parser
 
@@ -135,7 +140,7 @@ async def _run(
     try:
         display = Display(console)
         job = BatchJob(runtime.queue, source, output, deadline_s=args.deadline_s, fallback=args.fallback,
-                       on_progress=display.update)
+                       tier=args.tier, on_progress=display.update)
         lines, bad = job.parse()
         for error in bad:
             console.print(f"[red]{source}:[/] {error}")

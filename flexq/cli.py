@@ -19,7 +19,7 @@ from flexq.metrics import add_commands as add_metrics_commands
 from flexq.metrics import cmd_metrics
 from flexq.top import add_commands as add_top_commands
 from flexq.top import cmd_top
-from producer.status import Status
+from producer.status import Status, Tier
 
 if TYPE_CHECKING:
     from producer.queue import FlexQueue
@@ -67,6 +67,16 @@ def _render() -> Any:
 # -- commands ------------------------------------------------------------------------------------
 
 
+def _policy_args(args: argparse.Namespace) -> dict[str, Any]:
+    """``--tier`` and ``--channel`` as enqueue keywords (left out when not given: the queue's defaults)."""
+    out: dict[str, Any] = {}
+    if args.tier is not None:
+        out["tier"] = args.tier
+    if args.channel:
+        out["channels"] = list(args.channel)
+    return out
+
+
 async def cmd_enqueue(args: argparse.Namespace, settings: ProducerSettings) -> int:
     from flexq.jsonl import parse_jsonl
 
@@ -81,6 +91,7 @@ async def cmd_enqueue(args: argparse.Namespace, settings: ProducerSettings) -> i
             text.splitlines(), max_bytes=settings.max_request_bytes,
             default_id=stable_line_id(str(Path(args.file).resolve())),  # noqa: ASYNC240 - before any I/O starts
             deadline_s=args.deadline_s, fallback=args.fallback, cache=True if args.cache else None,
+            **_policy_args(args),
         )
         for error in errors:
             print(f"flexq: {args.file}: {error}", file=sys.stderr)
@@ -114,7 +125,7 @@ async def cmd_enqueue(args: argparse.Namespace, settings: ProducerSettings) -> i
     async def one(queue: FlexQueue) -> int:
         done = await queue.enqueue(
             request, job_id=args.id, deadline_s=args.deadline_s, fallback=args.fallback, tags=tags,
-            cache=True if args.cache else None,
+            cache=True if args.cache else None, **_policy_args(args),
         )
         if done.created:
             print(done.id)
@@ -259,12 +270,10 @@ async def cmd_stats(args: argparse.Namespace, settings: WorkerConfig) -> int:
 
 async def _budgets(queue: FlexQueue, settings: WorkerConfig) -> list[dict[str, Any]]:
     """Spend against each budget of ``FLEXQ_BUDGETS`` (this process's setting) in its current window."""
-    from worker.budget import BudgetStore, budgets_from
+    from worker.budget import BudgetStore
 
-    budgets = budgets_from(settings.budgets)
-    if not budgets:
-        return []
-    return await BudgetStore(queue.redis, queue.store.keys, budgets, hold_ttl_s=settings.job_timeout_s).snapshot()
+    store = BudgetStore.of(queue.redis, queue.store.keys, settings)
+    return [] if store is None else await store.snapshot()
 
 
 #: How many of the latest succeeded jobs ``flexq stats`` reads to name the models with no known price.
@@ -293,17 +302,19 @@ async def cmd_pause(args: argparse.Namespace, settings: WorkerConfig) -> int:
     async def body(queue: FlexQueue) -> int:
         import time
 
+        from worker.config import flow_model
         from worker.flow import config_from_settings
         from worker.flow_store import FlowControl
 
         flow = FlowControl(queue.redis, queue.store.keys, config_from_settings(settings))
+        scope = flow_model(args.model, args.channel)  # a channel's own pause: `model@channel`
         if args.command == "resume":
-            await flow.resume(args.model)
+            await flow.resume(scope)
             woken = await queue.store.wake_waiting(args.model)
-            print(f"{args.model}: resumed (pause and quota alert lifted); {woken} waiting job(s) due now")
+            print(f"{scope}: resumed (pause and quota alert lifted); {woken} waiting job(s) due now")
         else:
-            await flow.pause(args.model, time.time() + args.for_s, args.reason)
-            print(f"{args.model}: paused for {args.for_s:g}s by every worker ({args.reason})")
+            await flow.pause(scope, time.time() + args.for_s, args.reason)
+            print(f"{scope}: paused for {args.for_s:g}s by every worker ({args.reason})")
         return 0
 
     return await _with_queue(settings, body)
@@ -351,7 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", help="JSONL: one {id?, model, prompt|contents, config?, system_instruction?} a line")
     p.add_argument("--id", help="job id (idempotency key): [A-Za-z0-9._:-]{1,128}")
     p.add_argument("--deadline-s", type=seconds, default=None, help="give up after this long (default 24 h)")
-    p.add_argument("--fallback", choices=["none", "standard"], default="none")
+    p.add_argument("--fallback", choices=["none", "flex", "standard"], default="none",
+                   help="standard: may end on the standard tier; flex: a batch job whose batch expires runs on flex")
+    p.add_argument("--tier", choices=[str(t) for t in Tier], default=None,
+                   help="flex (default), standard, priority, or batch (the Gemini Batch API: half price, up to 24 h)")
+    p.add_argument("--channel", action="append", metavar="NAME",
+                   help="a worker channel to try, in order (repeat; default: all, in the worker's order)")
     p.add_argument("--tag", action="append", metavar="KEY=VALUE")
     p.add_argument("--continue-from", metavar="ID", help="continue this succeeded job's thread; --prompt is the turn")
     p.add_argument("--cache", action="store_true",
@@ -391,9 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--for", dest="for_s", type=duration, required=True, metavar="DURATION",
                    help="how long: 90s, 10m, 2h (a longer pause already set is kept)")
     p.add_argument("--reason", default="paused by an operator")
+    p.add_argument("--channel", metavar="NAME", help="pause the model on this channel only (FLEXQ_CHANNELS)")
 
     p = sub.add_parser("resume", help="lift a model's pause and quota alert")
     p.add_argument("model")
+    p.add_argument("--channel", metavar="NAME", help="the channel whose pause to lift")
 
     p = sub.add_parser("worker", help="run an arq worker (also: arq worker.runtime.WorkerSettings)")
     p.add_argument("--concurrency", type=count(1), default=None,

@@ -10,12 +10,21 @@ from typing import Any
 
 from producer.errors import InvalidRequestError
 from producer.queue import JobSpec
-from producer.request import MAX_DEPTH, GenerateRequest, check_job_id, check_tags, nesting_depth, parse_request
+from producer.request import (
+    MAX_DEPTH,
+    GenerateRequest,
+    check_channels,
+    check_job_id,
+    check_tags,
+    nesting_depth,
+    parse_request,
+)
+from producer.status import Tier
 from producer.thread import parse_continue
 
 REQUEST_FIELDS = ("model", "prompt", "contents", "system_instruction", "config")
 THREAD_FIELDS = ("continue_from", "parts")
-LINE_FIELDS = {*REQUEST_FIELDS, *THREAD_FIELDS, "id", "tags"}
+LINE_FIELDS = {*REQUEST_FIELDS, *THREAD_FIELDS, "id", "tags", "tier", "channels"}
 
 
 @dataclass(frozen=True)
@@ -89,10 +98,30 @@ def parse_jsonl(
         if job_id is not None and job_id in seen:
             bad.append(LineError(number, f"id {job_id!r} repeats line {seen[job_id]}"))
             continue
+        try:
+            own = _own_policy(data)
+        except InvalidRequestError as err:
+            bad.append(LineError(number, str(err)))
+            continue
         if job_id is not None:
             seen[job_id] = number
-        good.append(Line(number, JobSpec(request, job_id=job_id, tags=tags, **spec_defaults)))  # type: ignore[arg-type]
+        fields = {**spec_defaults, **own}
+        good.append(Line(number, JobSpec(request, job_id=job_id, tags=tags, **fields)))
     return good, bad
+
+
+def _own_policy(data: dict[str, Any]) -> dict[str, Any]:
+    """A line's own ``tier`` and ``channels``, checked here so that a bad one is that line's error."""
+    own: dict[str, Any] = {}
+    if data.get("tier") is not None:
+        if data["tier"] not in {str(t) for t in Tier}:
+            raise InvalidRequestError(
+                f"tier: must be one of {', '.join(repr(str(t)) for t in Tier)}, not {data['tier']!r}", field="tier"
+            )
+        own["tier"] = str(data["tier"])
+    if data.get("channels") is not None:
+        own["channels"] = check_channels(data["channels"])
+    return own
 
 
 def _line(data: dict[str, Any], max_bytes: int, default_id: str | None) -> tuple[Any, str | None, dict[str, str]]:

@@ -6,6 +6,10 @@ answers in a thread, and its collector hands the read to this process's event lo
 :data:`METRICS` (and docs/operations.md). A scrape when Redis does not answer still succeeds, with
 ``flexq_up 0`` and nothing else.
 
+Budgets: this process's ``FLEXQ_BUDGETS``, read from Redis as ``flexq stats`` reads them
+(``worker.budget.BudgetStore.snapshot``): spent, reserved and limit of each budget (scope, window)
+that has a limit, in its current UTC window.
+
 Nothing heavy is imported at load: ``flexq`` builds its parser with :func:`add_commands` on every start.
 """
 
@@ -13,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from flexq.exits import count, seconds
@@ -26,6 +30,7 @@ if TYPE_CHECKING:
     Family = CounterMetricFamily | GaugeMetricFamily
 
     from flexq.fleet import Fleet, FleetReader
+    from worker.budget import BudgetStore
     from worker.config import WorkerConfig
 
 DEFAULT_HOST = "127.0.0.1"
@@ -57,19 +62,30 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("flexq_flow_capacity_step", "gauge", "the in-flight level above which 503s jump (the pool's size), if found"),
     ("flexq_model_pause_left_seconds", "gauge", "time left in a model's pause (a 429's, or flexq pause), 0 if none"),
     ("flexq_model_quota_alert", "gauge", "1 while a model has a quota alert (a daily or billing 429), by kind"),
+    ("flexq_budget_spent_usd", "gauge", "cost settled against a budget (FLEXQ_BUDGETS) in its current UTC window"),
+    ("flexq_budget_reserved_usd", "gauge", "estimated cost reserved against a budget by attempts in flight"),
+    ("flexq_budget_limit_usd", "gauge", "a budget's limit per window (FLEXQ_BUDGETS of the exporter's process)"),
 )
+BUDGET_FAMILIES = {"flexq_budget_spent_usd": "spent_usd", "flexq_budget_reserved_usd": "reserved_usd",
+                   "flexq_budget_limit_usd": "limit_usd"}
 BREAKER_STATES = ("closed", "open", "half_open")
 
 
 # -- families ------------------------------------------------------------------------------------
 
 
-def families(fleet: Fleet | None, *, queue: str, duration_s: float | None = None) -> list[Metric]:
-    """The metric families of one read that have samples (``None``: Redis did not answer: ``flexq_up 0``)."""
-    return [family for family in _families(fleet, queue, duration_s).values() if family.samples]
+def families(
+    fleet: Fleet | None, *, queue: str, duration_s: float | None = None,
+    budgets: Sequence[Mapping[str, Any]] = (),
+) -> list[Metric]:
+    """The metric families of one read that have samples (``None``: Redis did not answer: ``flexq_up 0``).
+    ``budgets``: ``BudgetStore.snapshot()``, as ``flexq stats`` has it (ignored without a ``fleet``)."""
+    return [family for family in _families(fleet, queue, duration_s, budgets).values() if family.samples]
 
 
-def _families(fleet: Fleet | None, queue: str, duration_s: float | None) -> dict[str, Family]:
+def _families(
+    fleet: Fleet | None, queue: str, duration_s: float | None, budgets: Sequence[Mapping[str, Any]] = ()
+) -> dict[str, Family]:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     def make(name: str, kind: str, doc: str, labels: Iterable[str]) -> Family:
@@ -82,6 +98,7 @@ def _families(fleet: Fleet | None, queue: str, duration_s: float | None) -> dict
         "flexq_cost_usd": ["tier"], "flexq_ok_latency_seconds": ["quantile"], "flexq_arq_queue_jobs": ["state"],
         "flexq_model_pause_left_seconds": ["model"], "flexq_model_quota_alert": ["model", "kind"],
         "flexq_flow_breaker_state": ["model", "tier", "state"],
+        **{name: ["budget", "window"] for name in BUDGET_FAMILIES},
     }
     out = {name: make(name, kind, doc, labels.get(name, ["model", "tier"] if name.startswith("flexq_flow_") else []))
            for name, kind, doc in METRICS}
@@ -91,6 +108,7 @@ def _families(fleet: Fleet | None, queue: str, duration_s: float | None) -> dict
     if fleet is not None:
         _queue_samples(out, fleet, queue)
         _flow_samples(out, fleet.flow, queue)
+        _budget_samples(out, budgets, queue)
     return out
 
 
@@ -140,6 +158,13 @@ def _flow_samples(out: dict[str, Family], flow: dict[str, Any], q: str) -> None:
             out["flexq_model_quota_alert"].add_metric([q, model, str(info["quota_alert"]["kind"])], 1.0)
 
 
+def _budget_samples(out: dict[str, Family], budgets: Sequence[Mapping[str, Any]], q: str) -> None:
+    for budget in budgets:  # only budgets with a limit: a scope without one for a window has no series for it
+        where = [q, str(budget["scope"]), str(budget["window"])]
+        for name, field in BUDGET_FAMILIES.items():
+            out[name].add_metric(where, float(budget[field]))
+
+
 # -- the collector -------------------------------------------------------------------------------
 
 
@@ -156,6 +181,32 @@ class FleetCollector:
         self.timeout_s = timeout_s
         self.queue = reader.settings.queue
         self._failing = False
+        self._budgets: BudgetStore | None = None  # made at the first read: describe() reads nothing
+
+    async def read(self) -> tuple[Fleet, list[dict[str, Any]]]:
+        """The fleet, then its budgets as ``flexq stats`` reads them (``[]`` without ``FLEXQ_BUDGETS``).
+
+        Raises ``StoreUnavailableError`` (the URL redacted) when Redis fails."""
+        from redis.exceptions import RedisError
+
+        from producer.errors import StoreUnavailableError
+
+        fleet = await self.reader.read()
+        try:
+            return fleet, await self._budget_snapshot()
+        except (RedisError, OSError) as err:
+            raise StoreUnavailableError(
+                f"cannot read Redis at {self.reader.settings.redis_url_redacted}: {type(err).__name__}"
+            ) from None
+
+    async def _budget_snapshot(self) -> list[dict[str, Any]]:
+        from worker.budget import BudgetStore
+
+        if self._budgets is None:
+            self._budgets = BudgetStore.of(self.reader.redis, self.reader.keys, self.reader.settings)
+            if self._budgets is None:
+                return []
+        return await self._budgets.snapshot()
 
     def describe(self) -> list[Metric]:
         """Every family, without samples, for the registry (no Redis read at registration)."""
@@ -169,10 +220,11 @@ class FleetCollector:
         from producer.errors import StoreUnavailableError
 
         started = time.perf_counter()
-        future = asyncio.run_coroutine_threadsafe(self.reader.read(), self.loop)
+        future = asyncio.run_coroutine_threadsafe(self.read(), self.loop)
         fleet: Fleet | None = None
+        budgets: list[dict[str, Any]] = []
         try:
-            fleet = future.result(self.timeout_s)
+            fleet, budgets = future.result(self.timeout_s)
         except StoreUnavailableError as err:  # its message has the URL redacted
             self._note(str(err))
         except concurrent.futures.TimeoutError:
@@ -184,7 +236,7 @@ class FleetCollector:
             if self._failing:
                 self._failing = False
                 print("flexq metrics: Redis answers again", file=sys.stderr, flush=True)
-        return families(fleet, queue=self.queue, duration_s=time.perf_counter() - started)
+        return families(fleet, queue=self.queue, duration_s=time.perf_counter() - started, budgets=budgets)
 
     def _note(self, why: str) -> None:
         if not self._failing:  # one line when scrapes start failing, not one a scrape

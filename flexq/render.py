@@ -37,7 +37,12 @@ def status(
     head.add_row("created", _t(record.created_at))
     head.add_row("updated", _t(record.updated_at))
     head.add_row("deadline", _t(record.deadline_at))
+    head.add_row("tier", str(record.tier))
     head.add_row("fallback", record.fallback)
+    if record.channels:
+        head.add_row("channels", escape(", ".join(record.channels)))
+    if record.batch is not None:
+        head.add_row("batch", escape(f"{record.batch.name} since {_t(record.batch.submitted_at)}"))
     if thread and len(thread) > 1:
         head.add_row("thread", escape(" -> ".join(thread)) + f" (turn {len(thread)})")
     if children:
@@ -71,12 +76,15 @@ def attempts_table(console: Console, record: JobRecord) -> Table:
     start time without the date on the job's creation day, ``std`` for standard, the served tier only
     where it differs, no HTTP status (the error says it), and the error cut to what is left of the line."""
     wide = Table(title="attempts", title_justify="left")
-    for col in ("#", "tier", "served", "started", "latency ms", "outcome", "http", "retry in s", "error"):
+    channels = any(a.channel not in (None, "default") for a in record.attempts)  # FLEXQ_CHANNELS, a batch
+    cols = ("#", "tier", "served", *(("channel",) if channels else ()), "started", "latency ms", "outcome", "http",
+            "retry in s", "error")
+    for col in cols:
         wide.add_column(col, no_wrap=True)
     for a in record.attempts:
         wide.add_row(
-            str(a.number), str(a.tier), a.served_tier or "-", _t(a.started_at),
-            "-" if a.latency_ms is None else str(a.latency_ms), str(a.outcome or "in flight"),
+            str(a.number), str(a.tier), a.served_tier or "-", *((escape(a.channel or "-"),) if channels else ()),
+            _t(a.started_at), "-" if a.latency_ms is None else str(a.latency_ms), str(a.outcome or "in flight"),
             "-" if a.http_status is None else str(a.http_status),
             "-" if a.retry_in_s is None else f"{a.retry_in_s:g}", _short(a.error, 50),
         )

@@ -58,3 +58,21 @@ class Keys:
     def flow(self, name: str) -> str:
         """Flow-control state shared by all workers (permits, pauses, breakers)."""
         return f"{self.queue}:flow:{name}"
+
+    def batch_pending(self, model: str) -> str:
+        """Sorted set of the ids of ``batch``-tier jobs of ``model`` waiting to be packed into a Batch API job,
+        scored by when they started waiting (epoch s) (worker.batch_tier)."""
+        return f"{self.queue}:batch:pending:{model}"
+
+    def batch(self, name: str) -> str:
+        """Hash of one Batch API job flexq created (``batches/...``): its model, members, creation time."""
+        return f"{self.queue}:batch:job:{name}"
+
+    def batch_member(self, job_id: str) -> str:
+        """The Batch API job a job was packed into (JSON: name, enqueues), written with the batch's hash so
+        that a crash before the job's record says so never packs it twice."""
+        return f"{self.queue}:batch:member:{job_id}"
+
+    def batch_lock(self, what: str) -> str:
+        """A short lock: ``pack:{model}`` (one packer per model) or ``poll:{name}`` (one poll per interval)."""
+        return f"{self.queue}:batch:lock:{what}"

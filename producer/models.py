@@ -64,6 +64,11 @@ class Attempt(BaseModel):
     )
     usage: Usage | None = Field(default=None, description="token usage of a 200 answer")
     worker: str | None = Field(default=None, description="the worker process that ran it: `host:pid:random`")
+    channel: str | None = Field(
+        default=None,
+        description="the channel it was sent through (`FLEXQ_CHANNELS`: an AI Studio key, a Vertex AI project, a "
+        "relay); `default` without channels configured; for a `batch` attempt, the Batch API job's name",
+    )
 
 
 class ImageRef(BaseModel):
@@ -134,6 +139,14 @@ class Redaction(BaseModel):
     )
 
 
+class BatchRef(BaseModel):
+    """The Gemini Batch API job a ``batch``-tier job was packed into (worker.batch_tier)."""
+
+    name: str = Field(description="the Batch API job's name, `batches/...`")
+    submitted_at: datetime = Field(description="when the batch was created")
+    channel: str | None = Field(default=None, description="the channel it was created on")
+
+
 class JobRecord(BaseModel):
     """The persisted state of one job; ``flexq status ID --json`` prints exactly this."""
 
@@ -147,7 +160,24 @@ class JobRecord(BaseModel):
     created_at: datetime = Field(description="when the job was enqueued")
     updated_at: datetime = Field(description="the record's last change")
     deadline_at: datetime = Field(description="the retry budget: no attempt starts after it (`flexq retry` resets it)")
-    fallback: Fallback = Field(default="none", description="`standard`: the job may end on the standard tier")
+    tier: Tier = Field(
+        default=Tier.FLEX,
+        description="the tier asked for at enqueue: `flex` (the default), `standard`, `priority` (not shed; the "
+        "attempt's `served_tier` says when the API served it at standard), or `batch` (through the Gemini Batch API)",
+    )
+    fallback: Fallback = Field(
+        default="none",
+        description="where the job goes when its tier gives up: `standard` (after flex; for a `batch` job, flex "
+        "first), `flex` (a `batch` job whose Batch API job expired or failed runs on flex), `none`",
+    )
+    channels: list[str] | None = Field(
+        default=None,
+        description="the channels to try, in order (a channel that is open or paused is skipped); null: every "
+        "channel the worker has, in its `FLEXQ_CHANNELS` order",
+    )
+    batch: BatchRef | None = Field(
+        default=None, description="the Batch API job a `batch`-tier job is waiting in; null otherwise"
+    )
     tags: dict[str, str] = Field(default_factory=dict, description="the producer's labels, string to string")
     request: GenerateRequest | None = Field(  # None only for a record quarantined as invalid_job
         description="the request as submitted; null only for a record quarantined as `invalid_job`"
@@ -162,7 +192,11 @@ class JobRecord(BaseModel):
     cancel_requested: bool = Field(
         default=False, description="set by `flexq cancel`; a running job ends `cancelled` when its call is aborted"
     )
-    next_tier: Tier = Field(default=Tier.FLEX, description="the tier of the next attempt (`standard` after escalation)")
+    next_tier: Tier = Field(
+        default=Tier.FLEX,
+        description="the tier of the next attempt: the job's `tier`, then `standard` after an escalation (or `flex` "
+        "after an expired batch)",
+    )
     interrupts: int = Field(
         default=0,
         description="attempts cut short by a dead or stopping worker since the last enqueue; "

@@ -29,6 +29,12 @@ class Price:
 LONG_PROMPT_TOKENS = 200_000
 #: Flex (and batch) cost this fraction of standard.
 FLEX_DISCOUNT = 0.5
+#: Priority costs this multiple of standard wherever Google publishes it (75-100% above standard; 1.8x on
+#: the pricing pages read 2026-11-30).
+PRIORITY_FACTOR = 1.8
+#: Each tier's price as a fraction of standard ("provisioned" and unknown served tiers: standard).
+TIER_FACTORS: dict[str, float] = {"flex": FLEX_DISCOUNT, "batch": FLEX_DISCOUNT, "standard": 1.0,
+                                  "priority": PRIORITY_FACTOR}
 
 PRICES: dict[str, Price] = {
     "gemini-2.5-flash": Price(0.30, 2.50, "ai.google.dev pricing page, 2026-08-04"),
@@ -85,7 +91,7 @@ def cost_usd(model: str, usage: Usage, tier: Tier | str) -> float | None:
     price = price_for(model)
     if price is None:
         return None
-    factor = FLEX_DISCOUNT if str(tier) == Tier.FLEX else 1.0
+    factor = TIER_FACTORS.get(str(tier), 1.0)
     if price.images:
         image_tokens = usage.output_details.get("IMAGE", usage.output_tokens)  # text beside images: not priced
         return round(image_cost_usd(image_tokens, price.images) * factor, 10)

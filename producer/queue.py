@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -32,10 +32,10 @@ from producer.events import Event, newest_event_id, read_events
 from producer.models import ImageRef, JobRecord, Redaction, utcnow
 from producer.notify import Completions
 from producer.redact import Redactor
-from producer.request import STORED, GenerateRequest, check_job_id, check_tags, parse_request
+from producer.request import STORED, GenerateRequest, check_channels, check_job_id, check_tags, parse_request
 from producer.settings import ProducerSettings
 from producer.stats import summarize
-from producer.status import ACTIVE, TERMINAL, Fallback, Status
+from producer.status import ACTIVE, TERMINAL, Fallback, Status, Tier
 from producer.store import JobStore
 from producer.thread import parse_continue, thread_contents
 
@@ -52,6 +52,8 @@ class JobSpec:
     fallback: Fallback = "none"
     tags: Mapping[str, str] = field(default_factory=dict)
     cache: bool | None = None  # the response cache (producer.cache); None: the producer's FLEXQ_CACHE
+    tier: Tier | str | None = None  # flex | standard | priority | batch; None: flex (or batch, FLEXQ_BATCH_AFTER_S)
+    channels: Sequence[str] | None = None  # channels to try in order; None: all the worker has
 
 
 @dataclass(frozen=True)
@@ -140,8 +142,15 @@ class FlexQueue:
             request, redaction = redact.apply(request, self.redactor)
         job_id = check_job_id(spec.job_id) if spec.job_id is not None else uuid.uuid4().hex
         deadline_s = self.settings.deadline_s if spec.deadline_s is None else spec.deadline_s
-        if spec.fallback not in ("none", "standard"):
-            raise InvalidRequestError("fallback: must be 'none' or 'standard'", field="fallback")
+        tier = self._tier(spec, deadline_s)
+        if spec.fallback not in ("none", "flex", "standard"):
+            raise InvalidRequestError("fallback: must be 'none', 'flex' or 'standard'", field="fallback")
+        if spec.fallback == "flex" and tier != Tier.BATCH:
+            raise InvalidRequestError(
+                f"fallback: 'flex' is for batch-tier jobs (back to flex when their batch expires); this job's "
+                f"tier is {str(tier)!r}", field="fallback",
+            )
+        channels = check_channels(spec.channels)
         tags = check_tags(dict(spec.tags) if isinstance(spec.tags, Mapping) else spec.tags)
         tag_bytes = len(json.dumps(tags).encode()) if tags else 0
         request_bytes = len(request.model_dump_json(exclude_none=True).encode())
@@ -153,8 +162,22 @@ class FlexQueue:
         record = transitions.new_record(
             job_id, request, now=utcnow(), deadline_s=deadline_s, fallback=spec.fallback, tags=tags,
             parent_id=parent_id, cache=self.settings.cache if spec.cache is None else bool(spec.cache),
+            tier=tier, channels=channels,
         )
         return record if redaction is None else record.model_copy(update={"redaction": redaction})
+
+    def _tier(self, spec: JobSpec, deadline_s: float) -> Tier:
+        """The job's tier: as given, else ``batch`` when ``FLEXQ_BATCH_AFTER_S`` is set and the deadline is at
+        least that far away, else ``flex``."""
+        if spec.tier is None:
+            after_s = self.settings.batch_after_s
+            return Tier.BATCH if after_s is not None and deadline_s >= after_s else Tier.FLEX
+        try:
+            return Tier(spec.tier)
+        except ValueError:
+            raise InvalidRequestError(
+                f"tier: must be one of {', '.join(repr(str(t)) for t in Tier)}, not {spec.tier!r}", field="tier"
+            ) from None
 
     @staticmethod
     def _continuation(data: Any, parent: JobRecord) -> GenerateRequest:
@@ -217,11 +240,15 @@ class FlexQueue:
         fallback: Fallback = "none",
         tags: Mapping[str, str] | None = None,
         cache: bool | None = None,
+        tier: Tier | str | None = None,
+        channels: Sequence[str] | None = None,
     ) -> Enqueued:
         """Validate and enqueue one job. An existing ``job_id`` is not enqueued again. ``cache``: answer
-        it from the response cache if an identical request was answered lately (``producer.cache``)."""
+        it from the response cache if an identical request was answered lately (``producer.cache``).
+        ``tier``: ``flex`` (default), ``standard``, ``priority`` or ``batch``; ``channels``: the worker's
+        channels to try, in order (default: all, in the worker's order)."""
         spec = JobSpec(request, job_id=job_id, deadline_s=deadline_s, fallback=fallback, tags=tags or {},
-                       cache=cache)
+                       cache=cache, tier=tier, channels=channels)
         record = self._prepare(spec, await self._parents([spec]))  # an error names the field, no [index]
         existing = (await self.store.create([record]))[0]
         return Enqueued(record=existing or record, created=existing is None)

@@ -6,6 +6,7 @@ Field names here are stable and documented in docs/producer-api.md; workers, the
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import (
@@ -24,6 +25,8 @@ from producer.errors import InvalidRequestError, first_error, one_line
 
 JOB_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 MODEL_RE = re.compile(r"(?:models/|tunedModels/)?[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+#: A channel's name (``FLEXQ_CHANNELS``; a job's ``channels`` preference).
+CHANNEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,39}")
 #: Deepest nesting of lists and objects accepted in a request (the SDK and JSON parsers recurse).
 MAX_DEPTH = 64
 #: Config fields the queue owns: a request may not set them.
@@ -180,6 +183,25 @@ def nesting_depth(value: Any, limit: int = MAX_DEPTH) -> int:
                 return depth
             stack.extend((child, depth) for child in (item.values() if isinstance(item, dict) else item))
     return deepest
+
+
+def check_channels(value: Sequence[str] | None) -> list[str] | None:
+    """A job's channel preference: distinct channel names, at least one; None: every channel."""
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise InvalidRequestError("channels: must be a list of channel names", field="channels")
+    names = list(value)
+    if not names:
+        raise InvalidRequestError("channels: must name at least one channel (or be left out: all)", field="channels")
+    for name in names:
+        if not isinstance(name, str) or not CHANNEL_RE.fullmatch(name):
+            raise InvalidRequestError(
+                f"channels: {name!r} is not a channel name (letters, digits, '_' and '-', up to 40)", field="channels"
+            )
+    if len(set(names)) != len(names):
+        raise InvalidRequestError("channels: a channel is named twice", field="channels")
+    return names
 
 
 def check_tags(tags: Any) -> dict[str, str]:

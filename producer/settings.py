@@ -49,6 +49,11 @@ class ProducerSettings(BaseSettings):
         default=24 * 3600.0, gt=0, allow_inf_nan=False,
         description="seconds from enqueue to a job's deadline (its retry budget) when the producer gives none",
     )
+    batch_after_s: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False,
+        description="a job enqueued without a tier whose deadline is at least this many seconds away goes to the "
+        "`batch` tier (the Gemini Batch API, half price, up to 24 h) instead of flex; unset: never (e.g. `172800`)",
+    )
 
     blob_store: str = Field(
         default="redis",

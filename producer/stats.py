@@ -22,6 +22,8 @@ def attempt_counts(attempt: Attempt) -> dict[str, int]:
     """The counters one closed attempt adds (an attempt closed without an outcome counts as interrupted)."""
     outcome = attempt.outcome or Outcome.INTERRUPTED
     counts = {f"attempts:{outcome}": 1, f"attempts:{attempt.tier}:{outcome}": 1}
+    if attempt.channel is not None and attempt.tier != "batch":  # a batch attempt's channel is its batch's name
+        counts[f"channel_attempts:{attempt.channel}:{outcome}"] = 1
     if attempt.usage is not None:
         counts[f"tokens:{attempt.tier}:prompt"] = attempt.usage.prompt_tokens
         counts[f"tokens:{attempt.tier}:output"] = attempt.usage.output_tokens
@@ -30,13 +32,16 @@ def attempt_counts(attempt: Attempt) -> dict[str, int]:
 
 
 def cost_counts(
-    tier: str, usd: float | None, standard_usd: float | None, *, model: str | None = None
+    tier: str, usd: float | None, standard_usd: float | None, *, model: str | None = None,
+    channel: str | None = None,
 ) -> dict[str, float]:
     """The counters one successful job's cost adds; ``usd`` None: the model's price is unknown (and
     ``model``, when given, is counted by name, so that the report says which models had no price)."""
     counts: dict[str, float] = {}
     if usd is not None:
         counts[f"cost_usd:{tier}"] = usd
+        if channel is not None:
+            counts[f"channel_cost_usd:{channel}"] = usd
     if standard_usd is not None:
         counts["standard_cost_usd"] = standard_usd
     if usd is None:
@@ -72,6 +77,8 @@ def summarize(
     by_tier_outcome: dict[str, dict[str, int]] = {}
     tokens: dict[str, dict[str, int]] = {}
     cost_by_tier: dict[str, float] = {}
+    by_channel: dict[str, dict[str, int]] = {}
+    cost_by_channel: dict[str, float] = {}
     unpriced: dict[str, int] = {}
     for key, value in counters.items():
         parts = key.split(":")
@@ -85,12 +92,17 @@ def summarize(
             tokens.setdefault(parts[1], {})[parts[2]] = int(value)
         elif parts[0] == "cost_usd" and len(parts) == 2:
             cost_by_tier[parts[1]] = round(value, 6)
+        elif parts[0] == "channel_attempts" and len(parts) == 3:
+            by_channel.setdefault(parts[1], {})[parts[2]] = int(value)
+        elif parts[0] == "channel_cost_usd" and len(parts) == 2:
+            cost_by_channel[parts[1]] = round(value, 6)
     total_attempts = sum(by_outcome.values())
     spent = round(sum(cost_by_tier.values()), 6)
     standard = round(counters.get("standard_cost_usd", 0.0), 6)
     return {
         "jobs": dict(counts),
-        "attempts": {"total": total_attempts, "by_outcome": by_outcome, "by_tier": by_tier_outcome},
+        "attempts": {"total": total_attempts, "by_outcome": by_outcome, "by_tier": by_tier_outcome,
+                     "by_channel": by_channel},
         "rates": {
             "overloaded_503": _rate(by_outcome.get("overloaded", 0), total_attempts),
             "rate_limited_429": _rate(by_outcome.get("rate_limited", 0), total_attempts),
@@ -104,6 +116,7 @@ def summarize(
         "cost": {
             "spent_usd": spent,
             "by_tier_usd": cost_by_tier,
+            "by_channel_usd": cost_by_channel,
             "standard_equivalent_usd": standard,
             "saved_usd": round(standard - spent, 6),  # of the rounded figures, so that the three add up
             "jobs_with_unknown_cost": int(counters.get("cost_unknown_jobs", 0)),

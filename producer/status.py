@@ -35,11 +35,21 @@ class Outcome(StrEnum):
     INVALID_OUTPUT = "invalid_output"  # JSON asked for, and the answer does not parse or fit the schema
     INTERRUPTED = "interrupted"  # worker died or shut down mid-attempt
     CACHED = "cached"  # answered from the response cache: no call, no cost
+    EXPIRED = "expired"  # its Batch API job expired (not done within the batch's turnaround) or was cancelled
 
 
 class Tier(StrEnum):
+    """A job's tier policy and an attempt's tier. ``batch`` jobs go through the Batch API (worker.batch_tier)."""
+
     FLEX = "flex"
     STANDARD = "standard"
+    PRIORITY = "priority"  # not shed; past its limit the API serves it at standard and says so
+    BATCH = "batch"  # half price, up to 24 h: packed into Gemini Batch API jobs
 
 
-Fallback = Literal["none", "standard"]
+#: Tiers an attempt can call ``generateContent`` on (``batch`` goes through the Batch API).
+CALL_TIERS = frozenset({Tier.FLEX, Tier.STANDARD, Tier.PRIORITY})
+
+#: Where a job may go when its tier gives up: ``standard`` after flex; ``flex`` (then, with ``standard``,
+#: standard) after an expired or failed Batch API job.
+Fallback = Literal["none", "flex", "standard"]

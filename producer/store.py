@@ -290,7 +290,8 @@ class JobStore:
             pipe.ltrim(self.keys.latencies, 0, LATENCY_SAMPLES - 1)
 
     def _count_cost(self, pipe: Pipeline, cost: Cost) -> None:
-        for key, value in cost_counts(cost.tier, cost.usd, cost.standard_usd, model=cost.model).items():
+        counts = cost_counts(cost.tier, cost.usd, cost.standard_usd, model=cost.model, channel=cost.channel)
+        for key, value in counts.items():
             if key == "cost_unknown_jobs" or key.startswith(f"{UNKNOWN_MODEL}:"):
                 pipe.hincrby(self.keys.stats, key, int(value))
             else:

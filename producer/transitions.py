@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 from producer.errors import InvalidRequestError
-from producer.models import Attempt, JobError, JobRecord, JobResult, Usage
+from producer.models import Attempt, BatchRef, JobError, JobRecord, JobResult, Usage
 from producer.request import GenerateRequest
 from producer.status import ACTIVE, Fallback, Outcome, Status, Tier
 
@@ -31,6 +31,7 @@ class Cost:
     usd: float | None  # None: the model's price is unknown
     standard_usd: float | None
     model: str | None = None  # named in the counters when its price is unknown
+    channel: str | None = None  # the channel that answered (FLEXQ_CHANNELS), counted per channel
 
 
 @dataclass(frozen=True)
@@ -72,21 +73,37 @@ def _copy(record: JobRecord, **changes: Any) -> JobRecord:
 
 def new_record(
     job_id: str, request: GenerateRequest, *, now: datetime, deadline_s: float, fallback: Fallback,
-    tags: dict[str, str], parent_id: str | None = None, cache: bool = False,
+    tags: dict[str, str], parent_id: str | None = None, cache: bool = False, tier: Tier = Tier.FLEX,
+    channels: list[str] | None = None,
 ) -> JobRecord:
     return JobRecord(
         id=job_id, status=Status.QUEUED, created_at=now, updated_at=now, fallback=fallback, tags=dict(tags),
         deadline_at=now + timedelta(seconds=check_deadline_s(deadline_s)), request=request, parent_id=parent_id,
-        cache=cache,
+        cache=cache, tier=tier, next_tier=tier, channels=list(channels) if channels is not None else None,
     )
 
 
-def begin_attempt(record: JobRecord, *, tier: Tier, worker: str, now: datetime) -> JobRecord:
+def begin_attempt(
+    record: JobRecord, *, tier: Tier, worker: str, now: datetime, channel: str | None = None
+) -> JobRecord:
     """Open attempt number ``len(attempts) + 1``; the job is ``running``."""
     if record.open_attempt is not None:
         raise ValueError(f"job {record.id!r} already has attempt {record.open_attempt.number} open")
-    attempt = Attempt(number=len(record.attempts) + 1, tier=tier, started_at=now, worker=worker)
+    attempt = Attempt(number=len(record.attempts) + 1, tier=tier, started_at=now, worker=worker, channel=channel)
     return _copy(record, attempts=[*record.attempts, attempt], status=Status.RUNNING, updated_at=now)
+
+
+def packed(record: JobRecord, *, ref: BatchRef, now: datetime) -> JobRecord:
+    """A ``batch``-tier job was packed into the Batch API job ``ref``: it waits there, ``queued``, no attempt open."""
+    return _copy(record, batch=ref, updated_at=now)
+
+
+def begin_batch_attempt(record: JobRecord, *, ref: BatchRef, worker: str, now: datetime) -> JobRecord:
+    """The Batch API job ``ref`` ended: open the job's ``batch`` attempt, started when the batch was created
+    and sent through it (``channel``: the batch's name), so that ``close_attempt`` records how it ended.
+    The job no longer waits in the batch (``batch`` is cleared: the attempt names it)."""
+    begun = begin_attempt(record, tier=Tier.BATCH, worker=worker, now=ref.submitted_at, channel=ref.name)
+    return begun.model_copy(update={"batch": None, "updated_at": now})
 
 
 def close_attempt(
@@ -205,7 +222,7 @@ def requeue(record: JobRecord, *, now: datetime, deadline_s: float) -> JobRecord
     if record.status in ACTIVE or record.status == Status.SUCCEEDED:
         raise ValueError(f"only failed or cancelled jobs can be retried, not {record.status}")
     return _copy(
-        record, status=Status.QUEUED, error=None, result=None, cancel_requested=False, next_tier=Tier.FLEX,
-        interrupts=0, enqueues=record.enqueues + 1, deadline_at=now + timedelta(seconds=check_deadline_s(deadline_s)),
-        updated_at=now,
+        record, status=Status.QUEUED, error=None, result=None, cancel_requested=False, next_tier=record.tier,
+        batch=None, interrupts=0, enqueues=record.enqueues + 1,
+        deadline_at=now + timedelta(seconds=check_deadline_s(deadline_s)), updated_at=now,
     )

@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from simulator import outputs, signatures, vertex, wire
+from simulator import batch, files, outputs, signatures, vertex, wire
 from simulator.config import SimConfig, SimStats
 from simulator.faults import (
     FINISH_KINDS,
@@ -24,7 +24,7 @@ from simulator.faults import (
     directive_key,
     parse_directives,
 )
-from simulator.request import FLEX, BadRequest, ParsedRequest, field_of, parse_request
+from simulator.request import FLEX, PRIORITY, STANDARD, BadRequest, ParsedRequest, field_of, parse_request
 
 TIER_HEADER = "x-gemini-service-tier"
 SERVER_TIMEOUT_HEADER = "X-Server-Timeout"
@@ -34,6 +34,18 @@ SERVER_TIMEOUT_GRACE_S = 0.5
 RPM_WINDOW_S = 60.0
 LOGNORMAL_SIGMA = 0.5
 ACTIONS = ("generateContent", "streamGenerateContent")
+#: Largest request body read (aiohttp's default is 1 MiB): inline images, inline batches over their limit
+#: (refused with the API's 400, not aiohttp's 413) and the SDK's 8 MiB upload chunks fit.
+CLIENT_MAX_SIZE = 64 * 1024 * 1024
+#: A fault directive in a batch request: the HTTP error it would get from generateContent, which becomes
+#: the request's error entry (connection faults have no status: they end as INTERNAL).
+BATCH_FAULT_BODIES: dict[str, dict[str, Any]] = {
+    "503": wire.unavailable(0),
+    "504": wire.deadline_exceeded(),
+    "400": wire.invalid_argument(wire.UNKNOWN_FIELD_MESSAGE),
+    "403": wire.permission_denied(wire.LEAKED_KEY_MESSAGE),
+    "429-billing": wire.billing_depleted(),
+}
 #: The paths google-genai calls in Vertex AI mode: express mode (an API key), then project and location.
 VERTEX_ROUTES = (
     "/{version}/publishers/{publisher}/models/{target}",
@@ -97,7 +109,16 @@ class Simulator:
         self._rpm_windows: dict[str, deque[float]] = {}
         self._overload_turn = 0
         self._closing = asyncio.Event()
-        self.app = web.Application()
+        self.app = web.Application(client_max_size=CLIENT_MAX_SIZE)
+        self.files = files.FileStore(
+            self._authorized, self.stats, random.Random(None if config.seed is None else config.seed + 2)
+        )
+        self.batches = batch.BatchStore(
+            self._authorized, self._batch_answer, self.files, lambda: self.config, self.stats,
+            random.Random(None if config.seed is None else config.seed + 3),
+        )
+        self.batches.routes(self.app)  # before generateContent's route, which would take :batchGenerateContent
+        self.files.routes(self.app)
         self.app.router.add_post("/{version}/models/{target}", self._generate)
         for route in VERTEX_ROUTES:
             self.app.router.add_post(route, self._generate)
@@ -109,8 +130,10 @@ class Simulator:
 
     # ---- control -------------------------------------------------------------------------------
     def reset(self) -> None:
-        """Clear counters, per-prompt fault state and rate-limit windows."""
+        """Clear counters, per-prompt fault state, rate-limit windows, batches and files."""
         self.stats.reset()
+        self.batches.clear()
+        self.files.clear()
         self._rpm_windows.clear()
         self._overload_turn = 0
         self._started_s = time.monotonic()  # capacity schedules and load profiles start over
@@ -221,6 +244,57 @@ class Simulator:
             self.stats.bearer_tokens_seen += 1
         return kind
 
+    def _authorized(self, request: web.Request) -> bool:
+        """The Gemini API's key check, for the Batch and Files API routes."""
+        return self._credential(request, None) is not None
+
+    async def _batch_answer(self, model: str, body: Any) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """A request inside a batch, answered like generateContent (no capacity, rate limit or latency):
+        (the 200 body, None), or (None, the HTTP error body it would get)."""
+        try:
+            req = parse_request(body)
+            outputs.validate(model, req)
+        except BadRequest as exc:
+            return None, wire.invalid_argument(exc.message, exc.field)
+        check = signatures.check_signatures(model, req.body)
+        self.stats.count_signatures(check.checked, rejected=check.error is not None)
+        if check.error is not None:
+            return None, wire.invalid_argument(check.error.message, check.error.field)
+        directives = parse_directives(req.texts)
+        if directives.errors:
+            return None, wire.invalid_argument(f"Simulator: unknown directive(s): {', '.join(directives.errors)}")
+        thinking, finish = False, None
+        for fault in directives.faults:
+            key = directive_key(fault.spec, req.full_text)
+            count = self.stats.calls_by_directive_key.get(key, 0) + 1
+            self.stats.calls_by_directive_key[key] = count
+            if fault.times is not None and count > fault.times:
+                continue
+            if fault.kind in MODIFIER_KINDS:
+                thinking = True
+                continue
+            if fault.kind in FINISH_KINDS or fault.kind in SHAPE_KINDS or fault.kind == "block":
+                finish = FINISH_KINDS.get(fault.kind) or SHAPE_KINDS.get(fault.kind, "BLOCK")
+                break
+            return None, self._batch_fault_body(model, fault)
+        if finish is None:
+            await outputs.prepare(model, req)
+        answer = outputs.plan(req, model, thinking=thinking, finish_kind=finish, new_id=self._call_id)
+        self.stats.count_output(answer.output)
+        answered = wire.success_body(req, answer, model, wire.response_id(self._id_rng), STANDARD)
+        usage = dict(answered.get("usageMetadata") or {})
+        usage.pop("serviceTier", None)  # the tier of a batch request is the batch: not said per response
+        return answered | {"usageMetadata": usage}, None
+
+    def _batch_fault_body(self, model: str, fault: Fault) -> dict[str, Any]:
+        if fault.kind in BATCH_FAULT_BODIES:
+            return BATCH_FAULT_BODIES[fault.kind]
+        if fault.kind.startswith("429"):
+            return wire.quota_exceeded(model, self.config.retry_delay_s, self._rng)
+        if fault.kind == "404":
+            return wire.not_found(model, "v1beta")
+        return wire.internal()
+
     def _vertex_body(
         self, request: web.Request, credential: str, body: Any, version: str, facts: dict[str, Any]
     ) -> Any:
@@ -321,6 +395,8 @@ class Simulator:
         if cfg.rate_500 > 0 and self._rng.random() < cfg.rate_500:
             return _json(500, wire.internal())
         service_s = self._service_time(call)
+        if call.tier == PRIORITY:
+            return await self._serve_priority(call, request, service_s)
         if call.tier != FLEX:
             return await self._answer(call, request, service_s, False, None)
         elapsed_s = self.elapsed_s
@@ -336,6 +412,18 @@ class Simulator:
             return await self._answer(call, request, service_s, False, None)
         finally:
             self.stats.flex_finished()
+
+    async def _serve_priority(self, call: _Call, request: web.Request, service_s: float) -> web.StreamResponse:
+        """Never shed; past priority_capacity calls in service, quietly served (and billed) at standard."""
+        limit = self.config.priority_capacity
+        if limit is not None and self.stats.in_flight_priority >= limit:
+            self.stats.priority_downgrades += 1
+            return await self._answer(call, request, service_s, False, None, served=STANDARD)
+        self.stats.priority_started()
+        try:
+            return await self._answer(call, request, service_s, False, None)
+        finally:
+            self.stats.priority_finished()
 
     def _rate_limited(self, call: _Call, delay_s: float) -> web.Response:
         if call.vertex:
@@ -382,9 +470,11 @@ class Simulator:
         raise _Abort
 
     async def _answer(
-        self, call: _Call, request: web.Request, service_s: float, thinking: bool, finish: str | None
+        self, call: _Call, request: web.Request, service_s: float, thinking: bool, finish: str | None,
+        served: str | None = None,
     ) -> web.StreamResponse:
-        """Spend the service time (504 if it outlasts a flex X-Server-Timeout), then answer 200."""
+        """Spend the service time (504 if it outlasts a flex X-Server-Timeout), then answer 200 at the
+        `served` tier (default: the one asked for, or serve_flex_as for flex)."""
         deadline_s = call.server_timeout_s
         if call.tier == FLEX and deadline_s is not None and service_s > deadline_s:
             await self._sleep(deadline_s + SERVER_TIMEOUT_GRACE_S)
@@ -394,7 +484,8 @@ class Simulator:
             await outputs.prepare(call.model, call.req)
         answer = outputs.plan(call.req, call.model, thinking=thinking, finish_kind=finish, new_id=self._call_id)
         resp_id = wire.response_id(self._id_rng)
-        served = self.config.serve_flex_as if call.tier == FLEX else call.tier
+        if served is None:
+            served = self.config.serve_flex_as if call.tier == FLEX else call.tier
         self.stats.count_ok(call.tier)
         self.stats.count_output(answer.output)
         header_tier = None if call.vertex else served  # Vertex AI says it in usageMetadata.trafficType only

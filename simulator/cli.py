@@ -9,7 +9,7 @@ import signal
 import sys
 from dataclasses import fields
 
-from simulator.config import LATENCY_DISTS, PROFILES, SERVED_FLEX_TIERS, SimConfig
+from simulator.config import BATCH_OUTCOMES, LATENCY_DISTS, PROFILES, SERVED_FLEX_TIERS, SimConfig
 from simulator.server import start_simulator
 
 USAGE_ERROR = 2
@@ -36,6 +36,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="capacity over time, SECONDS:CAPACITY,... e.g. 0:20,20:8,40:30 (overrides --capacity)")
     p.add_argument("--serve-flex-as", choices=SERVED_FLEX_TIERS, default=defaults.serve_flex_as,
                    help="the tier a flex call that is not shed is served and billed at (default %(default)s)")
+    p.add_argument("--priority-capacity", type=int, default=defaults.priority_capacity,
+                   help="priority calls in service at once; one more is served at standard (default unlimited)")
+    p.add_argument("--batch-turnaround-s", type=float, default=defaults.batch_turnaround_s,
+                   help="seconds from batches.create until a batch ends (default %(default)s)")
+    p.add_argument("--batch-outcome", choices=BATCH_OUTCOMES, default=defaults.batch_outcome,
+                   help="how a batch ends (default %(default)s)")
+    p.add_argument("--batch-inline-limit-bytes", type=int, default=defaults.batch_inline_limit_bytes,
+                   help="largest inline batch request body (default %(default)s)")
+    p.add_argument("--batch-shuffle", action="store_true", default=defaults.batch_shuffle,
+                   help="answer inline batch requests in a shuffled order")
     return p
 
 

@@ -14,6 +14,10 @@ OFFPEAK_MULTIPLIERS: tuple[float, float] = (1.5, 0.3)
 SERVER_TIMEOUT_HISTORY = 20
 VERTEX_CALL_HISTORY = 50
 SERVED_FLEX_TIERS: tuple[str, ...] = ("flex", "standard")
+#: How a batch created while the setting holds ends once its turnaround is over (simulator/batch.py).
+BATCH_OUTCOMES: tuple[str, ...] = ("succeeded", "expired", "failed")
+#: The Batch API's limit on an inline source (the whole create request body); larger ones go through a file.
+INLINE_BATCH_LIMIT_BYTES = 20 * 1024 * 1024
 
 
 @dataclass
@@ -38,6 +42,17 @@ class SimConfig:
     #: The tier a flex call that is not shed is served (and billed) at: "flex", or "standard" to play a
     #: server that quietly serves flex at the standard price (x-gemini-service-tier / trafficType say so).
     serve_flex_as: str = "flex"
+    #: Priority calls in service at once; one more is quietly served at standard (the tier header, the
+    #: usage's serviceTier and Vertex's trafficType say so). None: unlimited; 0: every priority call downgraded.
+    priority_capacity: int | None = None
+    #: Seconds from batches.create until the batch ends: PENDING for the first half, RUNNING for the second.
+    batch_turnaround_s: float = 2.0
+    #: How a batch created from now on ends: "succeeded" (answers), "expired" or "failed" (no output).
+    batch_outcome: str = "succeeded"
+    #: An inline batch whose create request body is larger than this is refused with 400.
+    batch_inline_limit_bytes: int = INLINE_BATCH_LIMIT_BYTES
+    #: Answer inline batch requests in a shuffled order (match them by metadata, never by position).
+    batch_shuffle: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -48,7 +63,7 @@ class SimConfig:
             rate = float(getattr(self, name))
             if not 0.0 <= rate <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {rate}")
-        for name in ("latency_s", "retry_delay_s", "shed_latency_s"):
+        for name in ("latency_s", "retry_delay_s", "shed_latency_s", "batch_turnaround_s"):
             value = float(getattr(self, name))
             if not math.isfinite(value) or value < 0.0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
@@ -58,14 +73,22 @@ class SimConfig:
             raise ValueError(f"capacity must be >= 1 (or unset), got {self.capacity}")
         if self.rpm is not None and self.rpm < 1:
             raise ValueError(f"rpm must be >= 1 (or unset), got {self.rpm}")
-        if self.latency_dist not in LATENCY_DISTS:
-            choices = ", ".join(LATENCY_DISTS)
-            raise ValueError(f"latency_dist must be one of {choices}, got {self.latency_dist!r}")
-        if self.serve_flex_as not in SERVED_FLEX_TIERS:
-            raise ValueError(f"serve_flex_as must be one of {', '.join(SERVED_FLEX_TIERS)}, got {self.serve_flex_as!r}")
-        if self.profile not in PROFILES:
-            raise ValueError(f"profile must be one of {', '.join(PROFILES)}, got {self.profile!r}")
+        if self.priority_capacity is not None and self.priority_capacity < 0:
+            raise ValueError(f"priority_capacity must be >= 0 (or unset), got {self.priority_capacity}")
+        if self.batch_inline_limit_bytes < 1:
+            raise ValueError(f"batch_inline_limit_bytes must be >= 1, got {self.batch_inline_limit_bytes}")
+        self._validate_choices()
         parse_schedule(self.capacity_schedule)
+
+    def _validate_choices(self) -> None:
+        choices = (
+            ("latency_dist", LATENCY_DISTS), ("serve_flex_as", SERVED_FLEX_TIERS), ("profile", PROFILES),
+            ("batch_outcome", BATCH_OUTCOMES),
+        )
+        for name, allowed in choices:
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
 
     def updated(self, changes: dict[str, Any]) -> SimConfig:
         """A validated copy with `changes` applied; unknown field names raise ValueError."""
@@ -148,6 +171,15 @@ class SimStats:
     #: The last requests to the Vertex AI paths, oldest first: path, credential kind, the tier headers, whether the
     #: body carried serviceTier (and its value), the status and the trafficType answered (simulator/vertex.py).
     vertex_calls: list[dict[str, Any]] = field(default_factory=list)
+    in_flight_priority: int = 0
+    max_in_flight_priority: int = 0
+    #: priority calls served at standard because priority_capacity was reached
+    priority_downgrades: int = 0
+    batches_created: int = 0
+    batches_by_state: dict[str, int] = field(default_factory=dict)  # ended batches by final state
+    batch_requests_answered: int = 0  # requests inside batches answered with a response
+    batch_request_errors: int = 0  # requests inside batches answered with an error entry
+    files_uploaded: int = 0
 
     def record_vertex_call(self, facts: dict[str, Any]) -> None:
         self.vertex_calls.append(facts)
@@ -192,10 +224,25 @@ class SimStats:
     def flex_finished(self) -> None:
         self.in_flight_flex -= 1
 
+    def priority_started(self) -> None:
+        self.in_flight_priority += 1
+        self.max_in_flight_priority = max(self.max_in_flight_priority, self.in_flight_priority)
+
+    def priority_finished(self) -> None:
+        self.in_flight_priority -= 1
+
+    def count_batch_end(self, state: str, answered: int, errors: int) -> None:
+        self.batches_by_state[state] = self.batches_by_state.get(state, 0) + 1
+        self.batch_requests_answered += answered
+        self.batch_request_errors += errors
+
     def reset(self) -> None:
         """Clear every counter but keep the live in-flight count (those requests are still running)."""
-        in_flight = self.in_flight_flex
-        fresh = SimStats(in_flight_flex=in_flight, max_in_flight_flex=in_flight)
+        in_flight, priority = self.in_flight_flex, self.in_flight_priority
+        fresh = SimStats(
+            in_flight_flex=in_flight, max_in_flight_flex=in_flight,
+            in_flight_priority=priority, max_in_flight_priority=priority,
+        )
         for f in fields(self):
             setattr(self, f.name, getattr(fresh, f.name))
 

@@ -8,7 +8,7 @@ from typing import Any
 
 FLEX = "flex"
 STANDARD = "standard"
-PRIORITY = "priority"  # Vertex AI only (its header); the Gemini API path serves priority as standard
+PRIORITY = "priority"  # the body's serviceTier on the Gemini API, the shared-request-type header on Vertex AI
 IMAGE_TOKENS = 258  # what the real API bills for one inline image
 
 
@@ -23,7 +23,7 @@ class BadRequest(Exception):
 
 @dataclass(frozen=True)
 class ParsedRequest:
-    tier: str  # "flex" | "standard" | "priority" (Vertex AI only)
+    tier: str  # "flex" | "standard" | "priority"
     texts: list[str]  # every text part, system instruction first
     last_user_text: str
     image_count: int
@@ -52,7 +52,7 @@ def field_of(obj: dict[str, Any], camel: str, snake: str) -> Any:
 
 
 def parse_tier(raw: Any) -> str:
-    """Map a serviceTier value to "flex" or "standard"; raise BadRequest for anything else."""
+    """Map a serviceTier value to "flex", "standard" or "priority"; raise BadRequest for anything else."""
     if raw is None:
         return STANDARD
     value = str(raw).strip().lower() if isinstance(raw, str) else None
@@ -60,8 +60,10 @@ def parse_tier(raw: Any) -> str:
         value = value.removeprefix("service_tier_")
     if value == FLEX:
         return FLEX
-    if value in ("", STANDARD, "unspecified", "priority"):
-        return STANDARD  # priority is served like standard here
+    if value == PRIORITY:
+        return PRIORITY
+    if value in ("", STANDARD, "unspecified"):
+        return STANDARD
     message = (
         "Invalid value at 'service_tier' "
         f"(type.googleapis.com/google.ai.generativelanguage.v1beta.ServiceTier), {_json_repr(raw)}"

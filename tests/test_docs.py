@@ -71,6 +71,7 @@ PAGE_SERVICES: dict[str, tuple[str, ...]] = {
     "docs/producer-api.md": ("simulator", "worker"),
     "docs/job-record.md": ("simulator", "worker"),
     "docs/outputs.md": ("simulator", "worker"),
+    "docs/channels.md": ("simulator", "worker"),
 }
 
 #: Blocks that cannot run as they stand, in pages owned elsewhere (flow-control, benchmarks, gemini-wire):

@@ -609,6 +609,8 @@ RATE_LIMITED_59 = _classified(Outcome.RATE_LIMITED, 59.0, QuotaKind.PER_MINUTE)
 PER_DAY = _classified(Outcome.RATE_LIMITED, 59.0, QuotaKind.PER_DAY)
 STD = Tier.STANDARD
 FLEX = Tier.FLEX
+BATCH = Tier.BATCH
+EXPIRED = _classified(Outcome.EXPIRED)
 RETRY, FAIL, SUCCEED = Action.RETRY, Action.FAIL, Action.SUCCEED
 
 
@@ -638,6 +640,26 @@ RETRY, FAIL, SUCCEED = Action.RETRY, Action.FAIL, Action.SUCCEED
         pytest.param(_classified(Outcome.TIMEOUT), _budget(), RETRY, FLEX, 2.5, None, id="timeout"),
         pytest.param(_classified(Outcome.CONNECTION_ERROR), _budget(), RETRY, FLEX, 2.5, None, id="connection"),
         pytest.param(_classified(Outcome.INTERRUPTED), _budget(), RETRY, FLEX, 2.5, None, id="interrupted"),
+        # priority: retried on priority, never escalated (the API itself serves it at standard past its limit)
+        pytest.param(OVERLOADED, _budget(tier=Tier.PRIORITY, fallback="standard"), RETRY, Tier.PRIORITY, 2.5, None,
+                     id="priority-overloaded-stays-priority"),
+        pytest.param(_classified(Outcome.OK), _budget(tier=Tier.PRIORITY), SUCCEED, Tier.PRIORITY, 0.0, None,
+                     id="ok-priority"),
+        # batch: no second batch; on to flex (fallback flex or standard) or fail
+        pytest.param(_classified(Outcome.OK), _budget(tier=BATCH), SUCCEED, BATCH, 0.0, None, id="ok-batch"),
+        pytest.param(EXPIRED, _budget(tier=BATCH, fallback="flex"), RETRY, FLEX, 0.0, None,
+                     id="batch-expired-to-flex"),
+        pytest.param(EXPIRED, _budget(tier=BATCH, fallback="standard"), RETRY, FLEX, 0.0, None,
+                     id="batch-expired-standard-fallback-goes-to-flex-first"),
+        pytest.param(EXPIRED, _budget(tier=BATCH), FAIL, BATCH, 0.0, "batch_expired", id="batch-expired-no-fallback"),
+        pytest.param(EXPIRED, _budget(tier=BATCH, fallback="flex", deadline_s=NOW + 0.5), FAIL, BATCH, 0.0,
+                     "deadline_exceeded", id="batch-expired-too-late-for-flex"),
+        pytest.param(_classified(Outcome.SERVER_ERROR), _budget(tier=BATCH), FAIL, BATCH, 0.0, "batch_server_error",
+                     id="batch-failed-no-fallback"),
+        pytest.param(_classified(Outcome.INVALID_OUTPUT), _budget(tier=BATCH, fallback="flex"), RETRY, FLEX, 0.0,
+                     None, id="batch-unusable-answer-re-asked-on-flex"),
+        pytest.param(_classified(Outcome.CLIENT_ERROR), _budget(tier=BATCH, fallback="flex"), FAIL, BATCH, 0.0,
+                     "client_error", id="batch-client-error-is-permanent"),
         pytest.param(RATE_LIMITED_59, _budget(), RETRY, FLEX, 60.0, None, id="429-waits-retry-info"),
         pytest.param(OVERLOADED, _budget(fallback="standard"), RETRY, FLEX, 2.5, None,
                      id="fallback-standard-still-retries-flex-first"),

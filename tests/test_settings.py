@@ -208,6 +208,7 @@ def test_a_producer_sees_only_what_it_needs() -> None:
         "events_maxlen",  # its writes append job events
         "cache",  # its jobs opt in to the response cache
         "redact",  # it redacts requests before they are stored (producer.redact)
+        "batch_after_s",  # it picks the batch tier for far deadlines at enqueue
     }
     assert set(ProducerSettings.model_fields) == fields
     assert set(ProducerSettings.model_fields) < set(WorkerConfig.model_fields)

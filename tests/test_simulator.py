@@ -167,7 +167,7 @@ async def test_standard_is_the_default_tier(client: genai.Client, sim: RunningSi
         ("service_tier", "Flex", "flex"),
         ("serviceTier", "STANDARD", "standard"),
         ("service_tier", "SERVICE_TIER_UNSPECIFIED", "standard"),
-        ("serviceTier", "priority", "standard"),
+        ("serviceTier", "priority", "priority"),
         (None, None, "standard"),
     ],
 )

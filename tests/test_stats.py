@@ -66,6 +66,10 @@ def test_summarize_full() -> None:
         "tokens:standard:thoughts": 50.0,
         "cost_usd:flex": 0.1234564,
         "cost_usd:standard": 0.1,
+        "channel_attempts:studio:ok": 7.0,
+        "channel_attempts:vx:ok": 3.0,
+        "channel_cost_usd:studio": 0.2,
+        "channel_cost_usd:vx": 0.0234564,
         "standard_cost_usd": 0.3469128,
         "cost_unknown_jobs": 2.0,
         "cost_unknown_model:gemini-2.5-flsh": 1.0,
@@ -78,6 +82,7 @@ def test_summarize_full() -> None:
         "total": 20,
         "by_outcome": {"ok": 10, "overloaded": 6, "rate_limited": 3, "client_error": 1},
         "by_tier": {"flex": {"ok": 8, "overloaded": 6}, "standard": {"ok": 2}},
+        "by_channel": {"studio": {"ok": 7}, "vx": {"ok": 3}},
     }
     assert doc["rates"] == {"overloaded_503": 0.3, "rate_limited_429": 0.15}
     assert doc["latency_ms"] == {"samples": 100, "p50": 50.0, "p95": 95.0}
@@ -85,6 +90,7 @@ def test_summarize_full() -> None:
     assert doc["cost"] == {
         "spent_usd": 0.223456,
         "by_tier_usd": {"flex": 0.123456, "standard": 0.1},
+        "by_channel_usd": {"studio": 0.2, "vx": 0.023456},
         "standard_equivalent_usd": 0.346913,
         "saved_usd": 0.123457,
         "jobs_with_unknown_cost": 2,
@@ -127,7 +133,7 @@ def test_summarize_cost(counters: dict[str, float], spent: float, standard: floa
 
 def test_summarize_empty() -> None:
     doc = summarize(counts={}, counters={}, latencies_ms=[])
-    assert doc["attempts"] == {"total": 0, "by_outcome": {}, "by_tier": {}}
+    assert doc["attempts"] == {"total": 0, "by_outcome": {}, "by_tier": {}, "by_channel": {}}
     assert doc["latency_ms"] == {"samples": 0, "p50": None, "p95": None}
     assert doc["tokens"] == {}
     assert doc["cost"]["jobs_with_unknown_cost"] == 0

@@ -33,7 +33,7 @@ from producer.models import Usage
 from producer.pricing import cost_usd
 from producer.request import GenerateRequest
 from producer.status import Tier
-from worker.config import BudgetLimits
+from worker.config import BudgetLimits, WorkerConfig
 from worker.flow import estimate_tokens
 from worker.flow_store import script
 from worker.policy import DEADLINE_MARGIN_S
@@ -155,6 +155,15 @@ class BudgetStore:
         self.prefix = f"{keys.queue}:budget:"
         self._keys = [self.prefix + "holds", self.prefix + "held"]
         self._script = redis.register_script(script("budget"))
+
+    @classmethod
+    def of(cls, redis: Redis, keys: Keys, settings: WorkerConfig) -> BudgetStore | None:
+        """The budgets of ``FLEXQ_BUDGETS`` (None when there are none): a reservation lapses when no worker
+        can still be settling it (the longest attempt, plus a dead worker's lease)."""
+        budgets = budgets_from(settings.budgets)
+        if not budgets:
+            return None
+        return cls(redis, keys, budgets, hold_ttl_s=settings.job_timeout_s + settings.lease_s)
 
     async def _call(self, **call: Any) -> Any:
         return await self._script(keys=self._keys, args=[json.dumps({"prefix": self.prefix, **call})])

@@ -24,6 +24,7 @@ RETRYABLE = frozenset(
         Outcome.TIMEOUT,
         Outcome.CONNECTION_ERROR,
         Outcome.INTERRUPTED,
+        Outcome.EXPIRED,  # a Batch API job that expired or was cancelled: the job can run elsewhere
     }
 )
 PERMANENT = frozenset({Outcome.CLIENT_ERROR, Outcome.BLOCKED})

@@ -8,12 +8,23 @@ tooling uses (``GEMINI_API_KEY`` or ``GOOGLE_API_KEY``, ``GEMINI_BASE_URL``).
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PositiveInt, SecretStr, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 
-from producer.request import MODEL_RE
+from producer.errors import ConfigError
+from producer.request import CHANNEL_RE, MODEL_RE
 from producer.settings import ProducerSettings
 
 
@@ -35,13 +46,89 @@ class BudgetLimits(BaseModel):
     month: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
+class ChannelConfig(BaseModel):
+    """One way to reach Gemini (``FLEXQ_CHANNELS``): an AI Studio key, a Vertex AI project, or a
+    Gemini-compatible relay. Each has its own flow-control scope, breaker and 429 pause."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="the channel's name, recorded on each attempt")
+    kind: Literal["gemini", "vertex", "relay"] = Field(
+        default="gemini", description="`gemini` (AI Studio key), `vertex` (Vertex AI), `relay` (Gemini API wire at "
+        "`base_url`)"
+    )
+    api_key: SecretStr | None = Field(default=None, description="the key itself (prefer `api_key_env`)")
+    api_key_env: str | None = Field(
+        default=None, pattern=r"[A-Za-z_][A-Za-z0-9_]*", description="the environment variable holding the key"
+    )
+    base_url: str | None = Field(default=None, min_length=1, description="another endpoint (needed by `relay`)")
+    api_version: str | None = Field(default=None, min_length=1, description="the API version in the request path")
+    project: str | None = Field(default=None, min_length=1, description="`vertex`: the project (ADC)")
+    location: str = Field(default="global", min_length=1, description="`vertex`: the location")
+    price_factor: float = Field(
+        default=1.0, gt=0, allow_inf_nan=False,
+        description="what this channel charges relative to Google's list price (a relay's markup, a discount)",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not CHANNEL_RE.fullmatch(value):
+            raise ValueError(f"{value!r} is not a channel name (letters, digits, '_' and '-', up to 40)")
+        return value
+
+    @model_validator(mode="after")
+    def _complete(self) -> ChannelConfig:
+        if self.api_key is not None and self.api_key_env is not None:
+            raise ValueError(f"channel {self.name!r}: give api_key or api_key_env, not both")
+        if self.kind == "relay" and self.base_url is None:
+            raise ValueError(f"channel {self.name!r}: a relay needs base_url")
+        if self.kind == "vertex" and self.project is not None and self.has_key:
+            raise ValueError(f"channel {self.name!r}: Vertex AI takes an API key (express mode) or a project, not both")
+        if self.kind == "vertex" and self.project is None and not self.has_key:
+            raise ValueError(f"channel {self.name!r}: Vertex AI needs project (ADC) or an API key (express mode)")
+        if self.kind != "vertex" and self.project is not None:
+            raise ValueError(f"channel {self.name!r}: project is for kind 'vertex'")
+        if self.kind != "vertex" and not self.has_key:
+            raise ValueError(f"channel {self.name!r}: needs api_key_env (or api_key)")
+        return self
+
+    @property
+    def has_key(self) -> bool:
+        return self.api_key is not None or self.api_key_env is not None
+
+    def key(self) -> str | None:
+        """The API key (read from ``api_key_env`` now); None when the channel has none."""
+        import os
+
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        if self.api_key_env is not None:
+            value = os.environ.get(self.api_key_env, "")
+            if not value:
+                raise ConfigError(f"channel {self.name!r}: the environment variable {self.api_key_env} is not set")
+            return value
+        return None
+
+
+#: The channel made of the top-level settings when ``FLEXQ_CHANNELS`` is not set.
+DEFAULT_CHANNEL = "default"
+
+
 #: A budget scope: the whole queue, or the jobs with one tag (``tenant=acme``).
 BUDGET_SCOPE_RE = re.compile(r"queue|[^=\s]+=\S+")
 
 
-def flow_model(model: str) -> str:
-    """The name flow state is kept under: ``models/gemini-2.5-flash`` is ``gemini-2.5-flash``."""
-    return model.removeprefix("models/")
+def flow_model(model: str, channel: str | None = None) -> str:
+    """The name flow state is kept under: ``models/gemini-2.5-flash`` is ``gemini-2.5-flash``; on a channel
+    other than ``default``, ``gemini-2.5-flash@vx`` (each channel its own limit, breaker and pause)."""
+    name = model.removeprefix("models/")
+    return name if channel is None or channel == DEFAULT_CHANNEL else f"{name}@{channel}"
+
+
+def limits_model(scope: str) -> str:
+    """The model a flow scope (``gemini-2.5-flash@vx``) counts against in ``FLEXQ_LIMITS``."""
+    return scope.partition("@")[0]
 
 
 class WorkerConfig(ProducerSettings):
@@ -83,6 +170,14 @@ class WorkerConfig(ProducerSettings):
         description="with `FLEXQ_VERTEX`: the Vertex AI API version in the request path (`FLEXQ_API_VERSION` is "
         "the Gemini API's)",
     )
+    channels: list[ChannelConfig] = Field(
+        default_factory=list,
+        description='ways to reach Gemini, tried in this order (cheapest first), as JSON, e.g. `[{"name": "studio", '
+        '"api_key_env": "STUDIO_KEY"}, {"name": "vx", "kind": "vertex", "project": "my-proj"}, {"name": "relay", '
+        '"kind": "relay", "base_url": "https://relay.example", "api_key_env": "RELAY_KEY", "price_factor": 1.1}]`. '
+        "Each has its own flow control, breaker and 429 pause; an attempt skips a channel whose breaker is open or "
+        "that is paused. Unset: one channel, `default`, from `GEMINI_API_KEY`/`GEMINI_BASE_URL`/`FLEXQ_VERTEX*`",
+    )
     request_timeout_s: float = Field(
         default=900.0, gt=0, allow_inf_nan=False,
         description="timeout of one call in seconds, capped at the time left before the deadline; arq's job "
@@ -118,6 +213,17 @@ class WorkerConfig(ProducerSettings):
         default=24 * 3600, ge=0,
         description="how long a fresh answer to a job that opted in to the response cache is kept for identical "
         "requests (0: answers are not cached)",
+    )
+    batch_pack_s: float = Field(
+        default=60.0, gt=0, allow_inf_nan=False,
+        description="`batch`-tier jobs wait at most this long to be packed together into one Gemini Batch API job",
+    )
+    batch_max_jobs: int = Field(
+        default=1000, ge=1, description="most jobs packed into one Batch API job (a full pack is sent at once)"
+    )
+    batch_poll_s: float = Field(
+        default=60.0, gt=0, allow_inf_nan=False,
+        description="how often a Batch API job's state is polled (one poll per batch, whatever its size)",
     )
     unreachable_fail_s: float = Field(
         default=900.0, ge=0, allow_inf_nan=False,
@@ -192,6 +298,30 @@ class WorkerConfig(ProducerSettings):
             out[flow_model(model)] = limits
         return out
 
+    @field_validator("channels")
+    @classmethod
+    def _channel_names(cls, value: list[ChannelConfig]) -> list[ChannelConfig]:
+        names = [channel.name for channel in value]
+        if len(set(names)) != len(names):
+            raise ValueError("a channel name is given twice")
+        return value
+
+    def channel_list(self) -> list[ChannelConfig]:
+        """The configured channels, or the one ``default`` channel the top-level settings describe."""
+        if self.channels:
+            return list(self.channels)
+        if self.vertex:
+            return [ChannelConfig.model_construct(
+                name=DEFAULT_CHANNEL, kind="vertex", api_key=self.vertex_api_key, api_key_env=None,
+                base_url=self.gemini_base_url, api_version=self.vertex_api_version, project=self.vertex_project,
+                location=self.vertex_location, price_factor=1.0,
+            )]
+        return [ChannelConfig.model_construct(
+            name=DEFAULT_CHANNEL, kind="gemini", api_key=self.gemini_api_key, api_key_env=None,
+            base_url=self.gemini_base_url, api_version=self.api_version, project=None, location="global",
+            price_factor=1.0,
+        )]
+
     @field_validator("budgets")
     @classmethod
     def _budget_scopes(cls, value: dict[str, BudgetLimits]) -> dict[str, BudgetLimits]:
@@ -215,4 +345,7 @@ class WorkerConfig(ProducerSettings):
         values = [self.gemini_api_key.get_secret_value() if self.gemini_api_key else None,
                   self.vertex_api_key.get_secret_value() if self.vertex_api_key else None,
                   urlsplit(self.redis_url.get_secret_value()).password]
+        for channel in self.channels:
+            with contextlib.suppress(ConfigError):  # an unset variable: nothing to hide
+                values.append(channel.key())
         return [value for value in values if value]

@@ -45,7 +45,7 @@ from redis.asyncio import Redis
 from producer.events import text
 from producer.keys import Keys
 from worker.classify import QuotaKind
-from worker.config import flow_model
+from worker.config import flow_model, limits_model
 from worker.flow import (
     LIMIT_OUTCOMES,
     RATE_WINDOW_S,
@@ -135,11 +135,12 @@ class FlowControl:
 
     async def acquire(
         self, job_id: str, model: str, tier: str, est_tokens: int, now_s: float | None = None,
-        since_s: float | None = None,
+        since_s: float | None = None, channel: str | None = None,
     ) -> Admission:
-        """Admit one attempt (holding a permit until ``release``) or say why not and for how long."""
-        model = flow_model(model)
-        limits = self.cfg.limits.get(model)
+        """Admit one attempt (holding a permit until ``release``) or say why not and for how long.
+        ``channel``: its own scope (limit, breaker, pause) unless it is the ``default`` one."""
+        model = flow_model(model, channel)
+        limits = self.cfg.limits.get(limits_model(model))
         state, permits = self._scope(model, tier)
         pause, _, rate = self._model(model)
         call = {
@@ -192,7 +193,7 @@ class FlowControl:
             reason = reason or f"429 {quota or 'rate limit'}" + (
                 f", retryDelay {retry_after_s:g}s" if retry_after_s is not None else ""
             )
-        limits = cfg.limits.get(permit.model)
+        limits = cfg.limits.get(limits_model(permit.model))
         requests_delta, tokens_delta = 0, 0
         if limits is not None and outcome is None:
             requests_delta, tokens_delta = -1, -permit.est_tokens
@@ -297,7 +298,7 @@ class FlowControl:
         self, model: str, pause: dict[str, str], quota: dict[str, str], rate: dict[str, str], now_s: float
     ) -> dict[str, Any]:
         until_s = _num(pause, "until_s")
-        limits = self.cfg.limits.get(model)
+        limits = self.cfg.limits.get(limits_model(model))
         current = _num(rate, "win") == float(int(now_s // RATE_WINDOW_S))
         return {
             "paused": until_s > now_s,

@@ -23,7 +23,7 @@ from producer.errors import ConfigError
 from producer.models import FunctionCall, ImageRef, JobResult, Usage
 from producer.request import GenerateRequest
 from producer.status import Tier
-from worker.config import WorkerConfig
+from worker.config import ChannelConfig, WorkerConfig
 
 #: The header carrying the tier the API actually served (the SDK drops usageMetadata.serviceTier).
 SERVED_TIER_HEADER = "x-gemini-service-tier"
@@ -31,6 +31,11 @@ NO_RETRIES = types.HttpRetryOptions(attempts=1)
 #: How Vertex AI is asked for flex. Its body ``serviceTier`` is no way: ``"flex"`` is refused with a 400, and
 #: ``"SERVICE_TIER_FLEX"`` is accepted and billed at the standard rate (docs/gemini-wire.md, "Vertex AI").
 VERTEX_TIER_HEADER = "X-Vertex-AI-LLM-Shared-Request-Type"
+#: The Gemini API's body ``serviceTier`` per tier (the API serves priority past its limit at standard).
+SERVICE_TIERS: dict[Tier, types.ServiceTier] = {
+    Tier.FLEX: types.ServiceTier.FLEX, Tier.STANDARD: types.ServiceTier.STANDARD,
+    Tier.PRIORITY: types.ServiceTier.PRIORITY,
+}
 #: Vertex AI's ``usageMetadata.trafficType`` -> the tier an attempt records as served.
 TRAFFIC_TIERS: dict[str, str] = {
     "ON_DEMAND_FLEX": "flex",
@@ -110,52 +115,78 @@ class GeminiClient:
     """
 
     def __init__(
-        self, settings: WorkerConfig, credentials: google.auth.credentials.Credentials | None = None
+        self, settings: WorkerConfig, credentials: google.auth.credentials.Credentials | None = None,
+        channel: ChannelConfig | None = None,
     ) -> None:
         self._settings = settings
-        self._vertex = settings.vertex
-        api_key = require_api_key(settings)
+        if channel is None:  # the top-level settings' channel, checked with errors naming their variables
+            api_key = require_api_key(settings)
+            channel = settings.channel_list()[0]
+        else:
+            api_key = channel.key()
+        self.channel = channel.name
+        self._vertex = channel.kind == "vertex"
+        version = channel.api_version or (settings.vertex_api_version if self._vertex else settings.api_version)
         http_options = types.HttpOptions(
-            api_version=settings.vertex_api_version if settings.vertex else settings.api_version,
+            api_version=version,
             # Explicit: without retry_options the SDK silently sleeps 1-10 s and retries
             # aiohttp connection errors. Retries are the queue's job.
             retry_options=NO_RETRIES,
             timeout=_ms(settings.request_timeout_s),
         )
-        if settings.gemini_base_url:
-            http_options.base_url = settings.gemini_base_url
-        if not settings.vertex:
+        if channel.base_url:
+            http_options.base_url = channel.base_url
+        if not self._vertex:
             # vertexai=False: the SDK's GOOGLE_GENAI_USE_VERTEXAI must not switch the API under flexq
             self._client = genai.Client(vertexai=False, api_key=api_key, http_options=http_options)
         elif api_key is not None:  # express mode: the project comes with the key
             self._client = genai.Client(vertexai=True, api_key=api_key, http_options=http_options)
         else:
             self._client = genai.Client(
-                vertexai=True, project=settings.vertex_project, location=settings.vertex_location,
+                vertexai=True, project=channel.project, location=channel.location,
                 credentials=credentials, http_options=http_options,
             )
 
     async def aclose(self) -> None:
         await self._client.aio.aclose()
 
+    @property
+    def sdk(self) -> genai.Client:
+        """The SDK client (the Batch and Files APIs use it: worker.batch_tier)."""
+        return self._client
+
+    @property
+    def vertex(self) -> bool:
+        return self._vertex
+
     async def generate(self, request: GenerateRequest, *, tier: Tier, timeout_s: float) -> Answer:
-        config = types.GenerateContentConfig.model_validate(request.config or {})
+        model, contents, config = sdk_call_args(request, vertex=self._vertex)
         headers: dict[str, str] | None = None
+        if tier not in SERVICE_TIERS:
+            raise ValueError(f"tier {str(tier)!r} is not called through generateContent (batch: the Batch API)")
         if self._vertex:  # the tier goes in a header; the body's serviceTier is refused or billed at standard
             config.service_tier = None
-            headers = {VERTEX_TIER_HEADER: "flex"} if tier == Tier.FLEX else None
+            headers = {VERTEX_TIER_HEADER: str(tier)} if tier in (Tier.FLEX, Tier.PRIORITY) else None
         else:
-            config.service_tier = types.ServiceTier.FLEX if tier == Tier.FLEX else types.ServiceTier.STANDARD
+            config.service_tier = SERVICE_TIERS[tier]
         config.http_options = types.HttpOptions(timeout=_ms(timeout_s), retry_options=NO_RETRIES, headers=headers)
         # the queue never runs a function: a turn with function calls is an answer for the pipeline
         config.automatic_function_calling = types.AutomaticFunctionCallingConfig(disable=True)
-        if request.system_instruction is not None:
-            config.system_instruction = request.system_instruction  # type: ignore[assignment]
-        contents: Any = request.prompt if request.prompt is not None else request.contents
-        # on Vertex AI, "models/x" would be a project's own model resource, not Google's published one
-        model = request.model.removeprefix("models/") if self._vertex else request.model
         response = await self._client.aio.models.generate_content(model=model, contents=contents, config=config)
         return to_answer(response, vertex=self._vertex)
+
+
+def sdk_call_args(request: GenerateRequest, *, vertex: bool = False) -> tuple[str, Any, types.GenerateContentConfig]:
+    """The SDK's ``generate_content`` arguments for ``request`` as enqueued: model, contents, config (with the
+    system instruction), and no tier, timeout or retry options (``generate`` adds those; the Batch API,
+    worker.batch_tier, sends them as they are). Pure: the request's inline bytes must be filled in already."""
+    config = types.GenerateContentConfig.model_validate(request.config or {})
+    if request.system_instruction is not None:
+        config.system_instruction = request.system_instruction  # type: ignore[assignment]
+    contents: Any = request.prompt if request.prompt is not None else request.contents
+    # on Vertex AI, "models/x" would be a project's own model resource, not Google's published one
+    model = request.model.removeprefix("models/") if vertex else request.model
+    return model, contents, config
 
 
 def _ms(seconds: float) -> int:

@@ -99,6 +99,8 @@ def decide(classified: Classified, budget: RetryBudget, rand: Callable[[], float
     if outcome in PERMANENT:
         kind = "blocked" if outcome == Outcome.BLOCKED else "client_error"
         return Decision(Action.FAIL, tier=budget.tier, error_kind=kind, reason=classified.message or str(outcome))
+    if budget.tier == Tier.BATCH:  # a batch is not tried twice: the job moves on to flex, or fails
+        return _after_batch(classified, budget)
     # The standard tier shares the project's daily quota and billing: escalating cannot help those.
     can_escalate = (
         outcome not in UNUSABLE  # the standard tier runs the same model: it would answer the same
@@ -145,3 +147,23 @@ def decide(classified: Classified, budget: RetryBudget, rand: Callable[[], float
         error_kind="deadline_exceeded",
         reason=f"{outcome}; the next retry (in {delay_s:g}s) would pass the deadline",
     )
+
+
+def _after_batch(classified: Classified, budget: RetryBudget) -> Decision:
+    """A ``batch`` attempt that gave no usable answer (the batch expired, failed or was cancelled, or its
+    entry for this job was an error or unusable): on to flex at once if the job's fallback allows it and
+    the deadline leaves room, else the job fails."""
+    outcome = classified.outcome
+    what = "its batch expired" if outcome == Outcome.EXPIRED else f"its batch answered {outcome}"
+    detail = f"{what}: {classified.message}" if classified.message else what
+    if budget.fallback == "none":
+        return Decision(Action.FAIL, tier=Tier.BATCH, error_kind=_batch_kind(outcome),
+                        reason=f"{detail} (fallback none)")
+    if budget.now_s + budget.margin_s >= budget.deadline_s:
+        return Decision(Action.FAIL, tier=Tier.BATCH, error_kind="deadline_exceeded",
+                        reason=f"{detail}, too close to the deadline to run on flex")
+    return Decision(Action.RETRY, 0.0, Tier.FLEX, reason=f"{detail}: on to flex")
+
+
+def _batch_kind(outcome: Outcome) -> str:
+    return "batch_expired" if outcome == Outcome.EXPIRED else "batch_" + str(outcome)

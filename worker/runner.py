@@ -20,12 +20,12 @@ from producer.errors import BlobMissingError, InvalidJobError, JobNotFoundError
 from producer.models import Attempt, JobRecord, utcnow
 from producer.pricing import cost_usd
 from producer.request import GenerateRequest
-from producer.status import Outcome, Status, Tier
+from producer.status import CALL_TIERS, Outcome, Status, Tier
 from producer.store import JobStore
 from producer.transitions import Cost
 from worker import classify, outputs, policy
-from worker.budget import BUDGET_EXCEEDED, BudgetStore, Hold, Refusal, applying, budgets_from, estimate_usd, on_refusal
-from worker.config import WorkerConfig
+from worker.budget import BUDGET_EXCEEDED, BudgetStore, Hold, Refusal, applying, estimate_usd, on_refusal
+from worker.config import DEFAULT_CHANNEL, WorkerConfig
 from worker.flow import Admission, FlowConfig, Permit, Release, defer_s, estimate_tokens
 from worker.flow_store import FlowControl
 from worker.gemini import Answer
@@ -47,6 +47,15 @@ class Generator(Protocol):
     async def generate(self, request: Any, *, tier: Tier, timeout_s: float) -> Answer: ...
 
 
+class BatchRoute(Protocol):
+    """Where ``batch``-tier jobs go (worker.batch_tier): one run of such a job, returning its deferral."""
+
+    #: The channel its Batch API jobs are created on (its price factor applies to their answers).
+    channel: str | None
+
+    async def run(self, runner: Runner, record: JobRecord, raw: bytes) -> float | None: ...
+
+
 @dataclass
 class Runner:
     store: JobStore
@@ -64,13 +73,17 @@ class Runner:
     metrics: WorkerMetrics | None = None
     #: Spending limits (FLEXQ_BUDGETS); None when there are none.
     budget: BudgetStore | None = None
+    #: The Batch API route of ``batch``-tier jobs; None: such jobs move on to flex or fail (no Batch API).
+    batch: BatchRoute | None = None
+    #: Channel name -> its client, in preference order (FLEXQ_CHANNELS); empty: ``gemini`` is the one
+    #: ``default`` channel.
+    clients: dict[str, Generator] = field(default_factory=dict)
+    #: Channel name -> what it charges relative to list prices (1.0 when not given).
+    price_factors: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.budget is None and self.settings.budgets:
-            self.budget = BudgetStore(
-                self.store.redis, self.store.keys, budgets_from(self.settings.budgets),
-                hold_ttl_s=self.settings.job_timeout_s + self.settings.lease_s,  # a dead worker's reservation lapses
-            )
+        if self.budget is None:
+            self.budget = BudgetStore.of(self.store.redis, self.store.keys, self.settings)
 
     async def run(self, job_id: str) -> float | None:
         """Run one attempt of ``job_id``. Returns the deferral in seconds, or None when done."""
@@ -79,7 +92,13 @@ class Runner:
             record = self.store.parse(job_id, raw)
             if await self._from_cache(record, raw):
                 return None  # answered from the response cache: no permit, no call
-            admission, current = await self._admit(record, raw)
+            if record.next_tier == Tier.BATCH and record.request is not None and not record.terminal:
+                return await self._batch(record, raw)
+            channels = self._channels_for(record)
+            if not channels:
+                await self._no_channel(record)
+                return None
+            admission, current, channel = await self._admit(record, raw, channels)
             if admission is not None and not admission.admitted:
                 assert self.flow is not None
                 delay_s = defer_s(admission, self.flow.cfg, self.rand)  # no permit: not an attempt
@@ -91,7 +110,7 @@ class Runner:
             if isinstance(hold, Refusal):  # over a budget: not an attempt
                 await self._release(permit, None)
                 return await self._over_budget(record, hold)
-            record, opened, written = await self._begin(job_id, current)
+            record, opened, written = await self._begin(job_id, current, channel)
         except JobNotFoundError:
             log.warning("job_missing", job_id=job_id, detail="no record (expired or never enqueued)")
             return None
@@ -115,24 +134,78 @@ class Runner:
         finally:
             self.leases.discard(job_id)
 
-    async def _admit(self, record: JobRecord, raw: bytes) -> tuple[Admission | None, bytes | None]:
-        """Ask flow control for a permit, unless the job will not call (ended, cancelled, past deadline).
-        Also the record's text as read, so that opening the attempt need not read it again."""
+    async def _batch(self, record: JobRecord, raw: bytes) -> float | None:
+        """A ``batch``-tier job: packed into a Batch API job, polled, answered (worker.batch_tier). Without
+        a Batch API (only Vertex AI channels), an attempt says so and the job moves on to flex or fails."""
+        if self.batch is not None:
+            return await self.batch.run(self, record, raw)
+        record, opened, written = await self._begin(record.id, raw)
+        if not opened:
+            return None
+        reason = "no channel has the Gemini Batch API (Vertex AI batch prediction is not supported)"
+        classified = classify.Classified(Outcome.EXPIRED, None, reason)
+        return await self.record_outcome(record.id, record.attempts[-1].number, Tier.BATCH, classified, None,
+                                         current=written)
+
+    @property
+    def channel_names(self) -> list[str]:
+        """This worker's channels in preference order."""
+        return list(self.clients) or [DEFAULT_CHANNEL]
+
+    def _channels_for(self, record: JobRecord) -> list[str]:
+        """The job's channels to try, in order: its own preference among this worker's channels, else all."""
+        if record.channels is None:
+            return self.channel_names
+        return [name for name in record.channels if name in self.channel_names]
+
+    async def _no_channel(self, record: JobRecord) -> None:
+        """None of the job's channels is configured on this worker: a configuration error, failed at once."""
+        message = (f"none of the job's channels ({', '.join(record.channels or [])}) is a channel of this worker "
+                   f"(FLEXQ_CHANNELS: {', '.join(self.channel_names)})")
+        now = utcnow()
+
+        def decide(current: JobRecord) -> transitions.Change[None] | None:
+            if current.terminal:
+                return None
+            return transitions.Change(transitions.fail(current, kind="unknown_channel", message=message, now=now))
+
+        change = await self.store.update(record.id, decide)
+        if change is not None:
+            self._log_terminal(change.record)
+        return None
+
+    async def _admit(
+        self, record: JobRecord, raw: bytes, channels: list[str]
+    ) -> tuple[Admission | None, bytes | None, str]:
+        """Ask flow control for a permit on the job's first channel that is neither open nor paused, unless
+        the job will not call (ended, cancelled, past deadline). Also the record's text as read, so that
+        opening the attempt need not read it again, and the channel chosen."""
         job_id = record.id
         if self.flow is None:
-            return None, raw
+            return None, raw, channels[0]
         if (
             record.request is None
             or record.terminal
             or record.cancel_requested
             or utcnow() >= record.deadline_at
         ):
-            return None, raw
+            return None, raw, channels[0]
         est = estimate_tokens(record.request, output_tokens_default=self.flow.cfg.output_tokens_default)
-        admission = await self.flow.acquire(
-            job_id, record.request.model, str(record.next_tier), est, since_s=record.created_at.timestamp()
-        )
-        return admission, raw
+        refused: list[tuple[Admission, str]] = []
+        for channel in channels:
+            admission = await self.flow.acquire(
+                job_id, record.request.model, str(record.next_tier), est, since_s=record.created_at.timestamp(),
+                channel=channel,
+            )
+            if admission.admitted:
+                if refused:
+                    log.info("failover", job_id=job_id, channel=channel,
+                             skipped=[f"{name}:{a.reason}" for a, name in refused])
+                return admission, raw, channel
+            if admission.reason not in FAILOVER_REASONS:
+                return admission, raw, channel  # usable but busy: the job waits in line on this channel
+            refused.append((admission, channel))
+        return _soonest(refused, raw)  # every channel open or paused: wait for the first to come back
 
     async def _reserve(self, record: JobRecord) -> Hold | Refusal | None:
         """Reserve the attempt's estimated cost against the job's budgets (None: none apply, or no call)."""
@@ -250,7 +323,9 @@ class Runner:
 
     # -- begin ----------------------------------------------------------------------------------
 
-    async def _begin(self, job_id: str, current: bytes | None = None) -> tuple[JobRecord, bool, str | None]:
+    async def _begin(
+        self, job_id: str, current: bytes | None = None, channel: str | None = None
+    ) -> tuple[JobRecord, bool, str | None]:
         """Open an attempt, unless the job has ended or must end first (``transitions.settle``).
         Returns the record, whether an attempt is open, and the record's text as written."""
         now = utcnow()
@@ -264,7 +339,9 @@ class Runner:
             counted = _interrupted_attempt(record, settled)
             if settled.terminal:
                 return transitions.Change(settled, counted=counted)
-            begun = transitions.begin_attempt(settled, tier=settled.next_tier, worker=self.worker_name, now=now)
+            begun = transitions.begin_attempt(
+                settled, tier=settled.next_tier, worker=self.worker_name, now=now, channel=channel
+            )
             # a short lease, renewed by this process, not arq's job-timeout-long one
             return transitions.Change(begun, counted=counted, lease_s=self.settings.lease_s)
 
@@ -288,8 +365,9 @@ class Runner:
         parsed: Any = None
         try:
             request = await self._sendable(record.request)
+            client = self.clients.get(record.attempts[number - 1].channel or DEFAULT_CHANNEL, self.gemini)
             with calling(self.metrics, record.request.model, str(tier)):
-                answer = await self.gemini.generate(request, tier=tier, timeout_s=timeout_s)
+                answer = await client.generate(request, tier=tier, timeout_s=timeout_s)
         except asyncio.CancelledError:
             raise
         except BlobMissingError as err:  # not a call: the request cannot be sent as it was enqueued
@@ -297,35 +375,24 @@ class Runner:
         except Exception as exc:  # every failure is classified; none escapes to arq
             classified = classify.classify_exception(exc)
         else:
-            output_error = None
-            if outputs.wants_json(record.request) and answer.has_candidates and not answer.function_calls:
-                parsed, output_error = outputs.check_json(
-                    answer.text, outputs.json_schema(record.request), answer.finish_reason
-                )
-            classified = classify.classify_response(
-                has_candidates=answer.has_candidates,
-                finish_reason=answer.finish_reason,
-                block_reason=answer.block_reason,
-                wants_image=outputs.wants_image(record.request),
-                has_image=bool(answer.images),
-                has_content=answer.content is not None,
-                text=answer.text,
-                output_error=output_error,
-                finish_message=answer.finish_message,
-            )
-        if classified.message:
-            classified = classify.Classified(
-                classified.outcome, classified.http_status, redact(classified.message)[:1000],
-                classified.retry_after_s, classified.quota, classified.quota_id,
-            )
+            classified, parsed = judge(record.request, answer)
+        classified = redacted(classified)
         learned = await self._release(permit, classified.outcome, classified, answer)
+        return await self.record_outcome(
+            record.id, number, tier, classified, answer, learned.verdict if learned else None, parsed, written, hold
+        )
+
+    async def record_outcome(
+        self, job_id: str, number: int, tier: Tier, classified: classify.Classified, answer: Answer | None,
+        verdict: str | None = None, parsed: Any = None, current: str | None = None, hold: Hold | None = None,
+    ) -> float | None:
+        """Record how open attempt ``number`` ended (its answer's bytes first) and apply the policy's
+        decision; the deferral, or None when the job is done. Also the Batch API's way in (worker.batch_tier)."""
         if classified.outcome == Outcome.OK and answer is not None and answer.blobs:
             # the bytes go in first: a record never refers to a blob that is not there
             blobs_ = answer.blobs
-            await self._through_outage(record.id, lambda: self.store.blobs.put(blobs_, ttl_s=self.store.retention_s))
-        return await self._finish(
-            record.id, number, tier, classified, answer, learned.verdict if learned else None, parsed, written, hold
-        )
+            await self._through_outage(job_id, lambda: self.store.blobs.put(blobs_, ttl_s=self.store.retention_s))
+        return await self._finish(job_id, number, tier, classified, answer, verdict, parsed, current, hold)
 
     async def _sendable(self, request: GenerateRequest) -> GenerateRequest:
         """The request with its inline bytes put back from the blob store (a no-op for most requests)."""
@@ -393,9 +460,14 @@ class Runner:
                 assert closed.request is not None
                 model = closed.request.model
                 # billed as served: a flex request the API served (and bills) at standard costs standard
-                billed = Tier(answer.served_tier) if answer.served_tier in (Tier.FLEX, Tier.STANDARD) else tier
-                usd, standard_usd = cost_usd(model, answer.usage, billed), cost_usd(model, answer.usage, Tier.STANDARD)
-                cost = Cost(str(billed), usd, standard_usd, model)
+                billed = Tier(answer.served_tier) if answer.served_tier in CALL_TIERS else tier
+                channel = closed.attempts[number - 1].channel  # a batch attempt's: its batch's name
+                if tier == Tier.BATCH:
+                    channel = self.batch.channel if self.batch is not None else None
+                factor = self.price_factors.get(channel or DEFAULT_CHANNEL, 1.0)  # a relay's markup, a discount
+                usd, standard_usd = (_times(cost_usd(model, answer.usage, billed), factor),
+                                     _times(cost_usd(model, answer.usage, Tier.STANDARD), factor))
+                cost = Cost(str(billed), usd, standard_usd, model, channel)
                 result = answer.result(str(tier), parsed)
                 done = transitions.succeed(
                     closed, result=result, now=now, cost_usd=cost.usd, standard_cost_usd=cost.standard_usd
@@ -515,6 +587,51 @@ class Runner:
             error_kind=record.error.kind if record.error else None,
             cost_usd=record.cost_usd,
         )
+
+
+def judge(request: GenerateRequest, answer: Answer) -> tuple[classify.Classified, Any]:
+    """How a 200 answer to ``request`` ended (usable, blocked, unusable as asked) and its parsed JSON, if
+    JSON was asked for."""
+    parsed: Any = None
+    output_error = None
+    if outputs.wants_json(request) and answer.has_candidates and not answer.function_calls:
+        parsed, output_error = outputs.check_json(answer.text, outputs.json_schema(request), answer.finish_reason)
+    classified = classify.classify_response(
+        has_candidates=answer.has_candidates,
+        finish_reason=answer.finish_reason,
+        block_reason=answer.block_reason,
+        wants_image=outputs.wants_image(request),
+        has_image=bool(answer.images),
+        has_content=answer.content is not None,
+        text=answer.text,
+        output_error=output_error,
+        finish_message=answer.finish_message,
+    )
+    return classified, parsed
+
+
+def redacted(classified: classify.Classified) -> classify.Classified:
+    """The classification with its message's secrets redacted and cut at 1,000 characters."""
+    if not classified.message:
+        return classified
+    return classify.Classified(
+        classified.outcome, classified.http_status, redact(classified.message)[:1000],
+        classified.retry_after_s, classified.quota, classified.quota_id,
+    )
+
+
+#: Admission refusals that send an attempt on to the job's next channel: the channel is not usable now.
+FAILOVER_REASONS = frozenset({"paused", "circuit_open", "probe_busy"})
+
+
+def _soonest(refused: list[tuple[Admission, str]], raw: bytes) -> tuple[Admission, bytes, str]:
+    """Of channels that all refused (open or paused), the one whose refusal ends first."""
+    admission, channel = min(refused, key=lambda item: item[0].wait_s)
+    return admission, raw, channel
+
+
+def _times(usd: float | None, factor: float) -> float | None:
+    return None if usd is None else round(usd * factor, 10)
 
 
 def _unreachable_since_s(record: JobRecord) -> float | None:

@@ -34,6 +34,7 @@ from producer.errors import ConfigError
 from producer.queue import connect_redis
 from producer.store import JobStore
 from worker import logs
+from worker.batch_tier import BatchTier
 from worker.config import WorkerConfig
 from worker.flow import config_from_settings
 from worker.flow_store import FlowControl
@@ -194,17 +195,34 @@ async def startup(ctx: dict[str, Any]) -> None:
         events_maxlen=settings.events_maxlen,
     )
     name = worker_name()
-    gemini = ctx.get("flexq_gemini_factory", GeminiClient)(settings)
+    factory = ctx.get("flexq_gemini_factory", GeminiClient)
+    if settings.channels:  # one client per channel, in preference order
+        clients = {channel.name: factory(settings, channel=channel) for channel in settings.channels}
+        gemini = next(iter(clients.values()))
+    else:
+        gemini = factory(settings)
+        clients = {}
     flow = FlowControl(redis, store.keys, config_from_settings(settings), worker=name) if settings.flow else None
     metrics = _serve_metrics(settings, name, ctx)
-    runner = Runner(store=store, gemini=gemini, settings=settings, worker_name=name, flow=flow, metrics=metrics)
+    runner = Runner(
+        store=store, gemini=gemini, settings=settings, worker_name=name, flow=flow, metrics=metrics, clients=clients,
+        price_factors={channel.name: channel.price_factor for channel in settings.channels},
+        batch=_batch_route(settings, list(clients.values()) or [gemini]),
+    )
     keeper = LeaseKeeper(store, runner.leases, lease_s=settings.lease_s, worker_name=name, flow=flow)
     keeper.start()
     ctx.update(flexq_runner=runner, flexq_keeper=keeper, flexq_redis=redis, flexq_gemini=gemini)
     logs.get_logger("flexq.worker").info(
         "worker_started", worker=name, queue=settings.queue, redis=settings.redis_url_redacted,
-        base_url=settings.gemini_base_url, lease_s=settings.lease_s,
+        base_url=settings.gemini_base_url, lease_s=settings.lease_s, channels=runner.channel_names,
     )
+
+
+def _batch_route(settings: WorkerConfig, clients: list[Any]) -> BatchTier | None:
+    """The Batch API of ``batch``-tier jobs: the first channel on the Gemini API (Vertex AI's batch
+    prediction is another API); None when there is none, and such jobs move on to flex or fail."""
+    client = next((c for c in clients if isinstance(c, GeminiClient) and not c.vertex), None)
+    return BatchTier(client.sdk, settings, channel=client.channel) if client is not None else None
 
 
 def _serve_metrics(settings: WorkerConfig, name: str, ctx: dict[str, Any]) -> WorkerMetrics | None:
@@ -232,9 +250,11 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     metrics: WorkerMetrics | None = ctx.get("flexq_metrics")
     if metrics is not None:
         await asyncio.to_thread(metrics.close)  # waits for the server thread's poll (up to 0.5 s)
+    runner: Runner | None = ctx.get("flexq_runner")
+    clients: list[Any] = list(runner.clients.values()) if runner is not None and runner.clients else []
     gemini = ctx.get("flexq_gemini")
-    if gemini is not None:
-        await gemini.aclose()
+    for client in clients or ([gemini] if gemini is not None else []):
+        await client.aclose()
     redis = ctx.get("flexq_redis")
     if redis is not None and ctx.get("flexq_owns_redis"):
         await redis.aclose()
