@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import logging
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +42,7 @@ from bench.common import MODEL, BenchResult, bench_redis, flush, quiet_logging
 from producer.models import Usage
 from producer.queue import FlexQueue, JobSpec
 from producer.status import Tier
+from worker import logs
 from worker.config import WorkerConfig
 from worker.gemini import Answer
 from worker.runtime import POLL_DELAY_S, create_worker
@@ -143,6 +146,20 @@ def commands_per_job(before: dict[str, int], after: dict[str, int], jobs: int) -
     return round(sum(after.values()) - sum(before.values()), 0) / jobs
 
 
+@contextlib.contextmanager
+def arq_run_lines() -> Iterator[None]:
+    """Raw arq logs its two lines per job as arq does (flexq's logging shows them only at DEBUG)."""
+    arq_logger = logging.getLogger("arq.worker")
+    removed = [f for f in arq_logger.filters if isinstance(f, logs.ArqRunLines)]
+    for f in removed:
+        arq_logger.removeFilter(f)
+    try:
+        yield
+    finally:
+        for f in removed:
+            arq_logger.addFilter(f)
+
+
 async def noop(ctx: dict[str, Any]) -> None:
     return None
 
@@ -167,7 +184,8 @@ async def run_raw_arq(redis_url: str, jobs: int) -> Run:
     )
     before = command_calls(redis_url)
     started = time.perf_counter()
-    await worker.main()
+    with arq_run_lines():
+        await worker.main()
     wall_s = time.perf_counter() - started
     after = command_calls(redis_url)
     done = worker.jobs_complete

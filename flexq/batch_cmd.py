@@ -102,7 +102,8 @@ async def _prepare(command: str, args: argparse.Namespace, interrupt: Interrupt)
     settings = WorkerConfig()
     demo = command == "demo"
     embedded = "REDIS_URL" not in os.environ
-    has_key = settings.gemini_api_key is not None and bool(settings.gemini_api_key.get_secret_value())
+    has_key = bool(settings.channels) or settings.vertex or (  # channels and Vertex AI are checked at start-up
+        settings.gemini_api_key is not None and bool(settings.gemini_api_key.get_secret_value()))
     simulate = demo or args.simulate
     if embedded and args.workers == 0:
         raise exits.UsageError("--workers 0 needs REDIS_URL: no `flexq worker` can reach the in-process Redis "

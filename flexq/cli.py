@@ -321,15 +321,15 @@ async def cmd_pause(args: argparse.Namespace, settings: WorkerConfig) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, settings: WorkerConfig) -> int:
-    from worker.gemini import require_api_key
+    from worker.gemini import check_channels
     from worker.runtime import create_worker, tune_gc
 
-    require_api_key(settings)  # fail fast, before connecting anywhere
+    check_channels(settings)  # fail fast, before connecting anywhere
     if args.concurrency is not None:
         settings = settings.model_copy(update={"concurrency": args.concurrency})
     from worker import logs
 
-    logs.configure(settings.log_format)
+    logs.configure(settings.log_format, level=logs.level_of(settings.log_level))
     worker = create_worker(settings, burst=args.burst)
     from redis.exceptions import RedisError
     tune_gc()  # a long-lived process with thousands of calls in flight (worker/runtime.py)

@@ -27,6 +27,8 @@ JOB_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 MODEL_RE = re.compile(r"(?:models/|tunedModels/)?[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 #: A channel's name (``FLEXQ_CHANNELS``; a job's ``channels`` preference).
 CHANNEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,39}")
+#: The channel a worker without ``FLEXQ_CHANNELS`` calls through (its top-level key and endpoint).
+DEFAULT_CHANNEL = "default"
 #: Deepest nesting of lists and objects accepted in a request (the SDK and JSON parsers recurse).
 MAX_DEPTH = 64
 #: Config fields the queue owns: a request may not set them.

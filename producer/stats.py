@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from producer.models import Attempt
+from producer.request import DEFAULT_CHANNEL
 from producer.status import Outcome
 
 #: Counter prefix of the successful jobs per model with no known price: ``cost_unknown_model:<model>``.
@@ -22,7 +23,7 @@ def attempt_counts(attempt: Attempt) -> dict[str, int]:
     """The counters one closed attempt adds (an attempt closed without an outcome counts as interrupted)."""
     outcome = attempt.outcome or Outcome.INTERRUPTED
     counts = {f"attempts:{outcome}": 1, f"attempts:{attempt.tier}:{outcome}": 1}
-    if attempt.channel is not None and attempt.tier != "batch":  # a batch attempt's channel is its batch's name
+    if attempt.channel not in (None, DEFAULT_CHANNEL) and attempt.tier != "batch":  # batch: its batch's name
         counts[f"channel_attempts:{attempt.channel}:{outcome}"] = 1
     if attempt.usage is not None:
         counts[f"tokens:{attempt.tier}:prompt"] = attempt.usage.prompt_tokens
@@ -40,7 +41,7 @@ def cost_counts(
     counts: dict[str, float] = {}
     if usd is not None:
         counts[f"cost_usd:{tier}"] = usd
-        if channel is not None:
+        if channel not in (None, DEFAULT_CHANNEL):  # FLEXQ_CHANNELS only: no extra counter without them
             counts[f"channel_cost_usd:{channel}"] = usd
     if standard_usd is not None:
         counts["standard_cost_usd"] = standard_usd

@@ -15,11 +15,12 @@ from pydantic import ValidationError
 from producer.errors import InvalidRequestError
 from producer.pricing import cost_usd
 from producer.queue import FlexQueue, JobSpec
+from producer.request import DEFAULT_CHANNEL
 from producer.status import Status, Tier
 from simulator import SimConfig, start_simulator
 from tests.conftest import API_KEY, make_settings
 from tests.helpers import ROOT, poll, running_worker, wait_all, worker_env
-from worker.config import DEFAULT_CHANNEL, ChannelConfig, WorkerConfig, flow_model, limits_model
+from worker.config import ChannelConfig, WorkerConfig, flow_model, limits_model
 
 MODEL = "gemini-2.5-flash"
 OTHER_KEY = "second-key-DO-NOT-LEAK-91c2"
@@ -212,3 +213,15 @@ async def test_a_paused_channel_is_skipped_and_a_job_keeps_to_its_preference(
     finally:
         await a.close()
         await b.close()
+
+
+def test_a_worker_refuses_to_start_when_a_channels_key_variable_is_unset(tmp_path: Path) -> None:
+    channels = [{"name": "studio", "api_key_env": "STUDIO_KEY_UNSET_HERE"}]
+    env = worker_env("redis://127.0.0.1:1/0", "http://127.0.0.1:9", API_KEY, FLEXQ_CHANNELS=json.dumps(channels))
+    env.pop("GEMINI_API_KEY")  # channels need no top-level key
+    done = flexq(env, "worker")
+    assert done.returncode == 1
+    assert "channel 'studio': the environment variable STUDIO_KEY_UNSET_HERE is not set" in done.stderr
+    env["STUDIO_KEY_UNSET_HERE"] = OTHER_KEY
+    done = flexq(env, "worker")  # the key is there now: it gets as far as Redis (port 1: refused)
+    assert done.returncode != 0 and "STUDIO_KEY_UNSET_HERE" not in done.stderr and OTHER_KEY not in done.stderr

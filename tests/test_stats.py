@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from producer.stats import percentile, summarize
+from producer.stats import attempt_counts, cost_counts, percentile, summarize
 from producer.status import Status
 
 ONE_TO_100 = list(range(1, 101))
@@ -151,3 +151,23 @@ def test_cost_counts_name_a_model_with_no_known_price() -> None:
     cost = summarize(counts={}, counters=counts, latencies_ms=[])["cost"]
     assert cost["jobs_with_unknown_cost"] == 3
     assert cost["unknown_price_models"] == {"gemini-2.5-flsh": 2}
+
+
+@pytest.mark.parametrize(
+    ("channel", "tier", "counted"),
+    [
+        pytest.param(None, "flex", False, id="no-channel"),
+        pytest.param("default", "flex", False, id="default-adds-no-counter"),
+        pytest.param("vx", "flex", True, id="configured-channel"),
+        pytest.param("batches/abc", "batch", False, id="batch-attempt-names-its-batch"),
+    ],
+)
+def test_attempts_and_cost_are_counted_per_configured_channel(channel: str | None, tier: str, counted: bool) -> None:
+    from datetime import UTC, datetime
+
+    from producer.models import Attempt
+
+    attempt = Attempt(number=1, tier=tier, started_at=datetime.now(UTC), outcome="ok", channel=channel)
+    assert any(k.startswith("channel_attempts:") for k in attempt_counts(attempt)) == counted
+    cost_channel = None if tier == "batch" else channel
+    assert any(k.startswith("channel_cost_usd:") for k in cost_counts(tier, 0.1, 0.2, channel=cost_channel)) == counted

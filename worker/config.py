@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from producer.errors import ConfigError
-from producer.request import CHANNEL_RE, MODEL_RE
+from producer.request import CHANNEL_RE, DEFAULT_CHANNEL, MODEL_RE
 from producer.settings import ProducerSettings
 
 
@@ -109,10 +109,6 @@ class ChannelConfig(BaseModel):
                 raise ConfigError(f"channel {self.name!r}: the environment variable {self.api_key_env} is not set")
             return value
         return None
-
-
-#: The channel made of the top-level settings when ``FLEXQ_CHANNELS`` is not set.
-DEFAULT_CHANNEL = "default"
 
 
 #: A budget scope: the whole queue, or the jobs with one tag (``tenant=acme``).
@@ -273,6 +269,11 @@ class WorkerConfig(ProducerSettings):
     )
     log_format: Literal["auto", "json", "console"] = Field(
         default="auto", description="worker logs: `auto` is JSON lines off a terminal and readable lines on one"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info",
+        description="worker log level: `info` is one `attempt` line per attempt; `debug` adds arq's own line per "
+        "job run (start, deferral, end)",
     )
     metrics_port: int | None = Field(
         default=None, ge=1, le=65535,

@@ -73,6 +73,16 @@ class Answer:
         )
 
 
+def check_channels(settings: WorkerConfig) -> None:
+    """Fail fast, naming what to set, when a channel cannot make a call (its key's variable unset; without
+    ``FLEXQ_CHANNELS``: the top-level settings, as ``require_api_key``)."""
+    if not settings.channels:
+        require_api_key(settings)
+        return
+    for channel in settings.channels:
+        channel.key()  # raises ConfigError naming the channel and the variable
+
+
 def require_api_key(settings: WorkerConfig) -> str | None:
     """The API key the client is built with: ``GEMINI_API_KEY`` on the Gemini API, ``FLEXQ_VERTEX_API_KEY``
     in Vertex AI express mode, None on Vertex AI with a project (Application Default Credentials).

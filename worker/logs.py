@@ -37,6 +37,16 @@ def _redact_processor(_: Any, __: str, event: MutableMapping[str, Any]) -> Mutab
     return event
 
 
+#: arq's routine line per job run (start, deferral, end): flexq's one ``attempt`` line per attempt says
+#: more, so these show only at DEBUG (each costs a formatted JSON line per run on the hot path).
+ARQ_RUN_LINES = frozenset({"%6.2fs → %s(%s)%s", "%6.2fs ↻ %s retrying job in %0.2fs", "%6.2fs ← %s ● %s"})
+
+
+class ArqRunLines(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg not in ARQ_RUN_LINES or logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
 def configure(fmt: str = "auto", *, level: int = logging.INFO, stream: Any = None) -> None:
     stream = stream or sys.stderr
     use_json = fmt == "json" or (fmt == "auto" and not (hasattr(stream, "isatty") and stream.isatty()))
@@ -69,6 +79,14 @@ def configure(fmt: str = "auto", *, level: int = logging.INFO, stream: Any = Non
     root.setLevel(level)
     for noisy in ("httpx", "httpcore", "google_genai", "google_genai.models", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    arq_worker = logging.getLogger("arq.worker")
+    if not any(isinstance(f, ArqRunLines) for f in arq_worker.filters):
+        arq_worker.addFilter(ArqRunLines())
+
+
+def level_of(name: str) -> int:
+    """``FLEXQ_LOG_LEVEL`` (``info``) as a ``logging`` level."""
+    return int(logging.getLevelName(name.upper()))
 
 
 def get_logger(name: str = "flexq") -> Any:

@@ -19,13 +19,13 @@ from producer import blobs, cache, transitions
 from producer.errors import BlobMissingError, InvalidJobError, JobNotFoundError
 from producer.models import Attempt, JobRecord, utcnow
 from producer.pricing import cost_usd
-from producer.request import GenerateRequest
+from producer.request import DEFAULT_CHANNEL, GenerateRequest
 from producer.status import CALL_TIERS, Outcome, Status, Tier
 from producer.store import JobStore
 from producer.transitions import Cost
 from worker import classify, outputs, policy
 from worker.budget import BUDGET_EXCEEDED, BudgetStore, Hold, Refusal, applying, estimate_usd, on_refusal
-from worker.config import DEFAULT_CHANNEL, WorkerConfig
+from worker.config import WorkerConfig
 from worker.flow import Admission, FlowConfig, Permit, Release, defer_s, estimate_tokens
 from worker.flow_store import FlowControl
 from worker.gemini import Answer

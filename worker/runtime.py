@@ -178,7 +178,7 @@ def tune_gc() -> None:
 async def startup(ctx: dict[str, Any]) -> None:
     settings: WorkerConfig = ctx.get("flexq_settings") or WorkerConfig()
     if ctx.get("flexq_configure_logs", True):
-        logs.configure(settings.log_format)
+        logs.configure(settings.log_format, level=logs.level_of(settings.log_level))
     for secret in settings.secrets:
         logs.register_secret(secret)
     redis = ctx.get("flexq_redis") or await connect_redis(settings)
