@@ -158,6 +158,13 @@ def stats(console: Console, doc: dict[str, Any]) -> None:
         f"cost: spent ${cost['spent_usd']:.6f}, standard would be ${cost['standard_equivalent_usd']:.6f}, "
         f"saved ${cost['saved_usd']:.6f}{escape(clean(unknown))}"
     )
+    if cost.get("by_tier_usd"):
+        console.print("cost by tier: " + ", ".join(f"{t} ${usd:.6f}" for t, usd in sorted(cost["by_tier_usd"].items())))
+    by_channel = doc["attempts"].get("by_channel") or {}
+    for channel in sorted(set(by_channel) | set(cost.get("by_channel_usd") or {})):
+        outcomes = ", ".join(f"{o} {n}" for o, n in sorted(by_channel.get(channel, {}).items())) or "no attempts"
+        usd = (cost.get("by_channel_usd") or {}).get(channel, 0.0)
+        console.print(f"channel {escape(clean(channel))}: {outcomes}; cost ${usd:.6f}")
     for line in doc.get("flow", []):
         console.print(line)
     for budget in doc.get("budgets", []):

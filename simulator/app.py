@@ -8,6 +8,7 @@ import math
 import random
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -263,19 +264,8 @@ class Simulator:
         directives = parse_directives(req.texts)
         if directives.errors:
             return None, wire.invalid_argument(f"Simulator: unknown directive(s): {', '.join(directives.errors)}")
-        thinking, finish = False, None
-        for fault in directives.faults:
-            key = directive_key(fault.spec, req.full_text)
-            count = self.stats.calls_by_directive_key.get(key, 0) + 1
-            self.stats.calls_by_directive_key[key] = count
-            if fault.times is not None and count > fault.times:
-                continue
-            if fault.kind in MODIFIER_KINDS:
-                thinking = True
-                continue
-            if fault.kind in FINISH_KINDS or fault.kind in SHAPE_KINDS or fault.kind == "block":
-                finish = FINISH_KINDS.get(fault.kind) or SHAPE_KINDS.get(fault.kind, "BLOCK")
-                break
+        thinking, finish, fault = self._first_fault(directives.faults, req.full_text)
+        if fault is not None:
             return None, self._batch_fault_body(model, fault)
         if finish is None:
             await outputs.prepare(model, req)
@@ -310,9 +300,17 @@ class Simulator:
 
     async def _serve_directed(self, call: _Call, request: web.Request) -> web.StreamResponse:
         """Fault directives fire in order of appearance; the first still-active one wins."""
+        thinking, finish, fault = self._first_fault(call.directives.faults, call.req.full_text)
+        if fault is not None:
+            return await self._fault_response(call, fault)
+        return await self._answer(call, request, self._service_time(call), thinking, finish)
+
+    def _first_fault(self, faults: Iterable[Fault], full_text: str) -> tuple[bool, str | None, Fault | None]:
+        """The directives of one request, counted, in order of appearance: (thinking asked for, the finish
+        kind of the first answer-shaping one, or else the first error fault still active)."""
         thinking = False
-        for fault in call.directives.faults:
-            key = directive_key(fault.spec, call.req.full_text)
+        for fault in faults:
+            key = directive_key(fault.spec, full_text)
             count = self.stats.calls_by_directive_key.get(key, 0) + 1
             self.stats.calls_by_directive_key[key] = count
             if fault.times is not None and count > fault.times:
@@ -321,10 +319,9 @@ class Simulator:
                 thinking = True
                 continue
             if fault.kind in FINISH_KINDS or fault.kind in SHAPE_KINDS or fault.kind == "block":
-                finish = FINISH_KINDS.get(fault.kind) or SHAPE_KINDS.get(fault.kind, "BLOCK")
-                return await self._answer(call, request, self._service_time(call), thinking, finish)
-            return await self._fault_response(call, fault)
-        return await self._answer(call, request, self._service_time(call), thinking, None)
+                return thinking, FINISH_KINDS.get(fault.kind) or SHAPE_KINDS.get(fault.kind, "BLOCK"), None
+            return thinking, None, fault
+        return thinking, None, None
 
     async def _fault_response(self, call: _Call, fault: Fault) -> web.Response:
         kind = fault.kind

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import fakeredis
 import pytest
 import redis as sync_redis
+from google import genai
 from redis.asyncio import Redis
 
 from bench.common import private_redis, redis_answers
@@ -112,3 +114,37 @@ async def sim() -> AsyncIterator[RunningSimulator]:
 @pytest.fixture
 def sim_url(sim: RunningSimulator) -> str:
     return sim.base_url
+
+
+SimFactory = Callable[..., Awaitable[RunningSimulator]]
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SDK honours proxy variables: calls to a local simulator must not go through one."""
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+
+
+@pytest.fixture
+async def make_sim() -> AsyncIterator[SimFactory]:
+    """Start in-process simulators (no latency, seed 7, ``SimConfig`` overrides); all closed after the test."""
+    running: list[RunningSimulator] = []
+
+    async def factory(**overrides: Any) -> RunningSimulator:
+        started = await start_simulator(SimConfig(**({"latency_s": 0.0, "seed": 7} | overrides)))
+        running.append(started)
+        return started
+
+    yield factory
+    for started in running:
+        await started.close()
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[list[genai.Client]]:
+    """SDK clients a test makes (append them): closed after the test."""
+    made: list[genai.Client] = []
+    yield made
+    for client in made:
+        await client.aio.aclose()

@@ -47,6 +47,8 @@ def test_a_secret_never_reaches_a_line(restore_logging: None) -> None:
     assert "sk-secret-value-1234" not in out.getvalue() and out.getvalue().count("***") == 2
 
 
-@pytest.mark.parametrize(("name", "level"), [("debug", logging.DEBUG), ("info", logging.INFO), ("error", logging.ERROR)])
+@pytest.mark.parametrize(
+    ("name", "level"), [("debug", logging.DEBUG), ("info", logging.INFO), ("error", logging.ERROR)]
+)
 def test_log_level_setting(name: str, level: int) -> None:
     assert logs.level_of(name) == level

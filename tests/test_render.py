@@ -250,3 +250,17 @@ def test_attempts_table_shows_every_column_where_they_fit() -> None:
     out = console.export_text()
     assert row_with(out, "#", "tier", "served", "started", "latency ms", "outcome", "http", "retry in s", "error")
     assert row_with(out, "1", "flex", "-", "2026-11-21 22:52:50", "14", "overloaded", "503", "0.092")
+
+
+def test_stats_show_cost_by_tier_and_each_channel() -> None:
+    doc = summarize(counts={"succeeded": 3}, counters={
+        "attempts:ok": 3, "cost_usd:flex": 0.002, "cost_usd:priority": 0.0072, "channel_attempts:studio:ok": 2,
+        "channel_attempts:studio:overloaded": 4, "channel_attempts:vx:ok": 1, "channel_cost_usd:studio": 0.002,
+        "channel_cost_usd:vx": 0.0072,
+    }, latencies_ms=[])
+    out = printed(render.stats, doc)
+    assert "cost by tier: flex $0.002000, priority $0.007200" in out
+    assert "channel studio: ok 2, overloaded 4; cost $0.002000" in out
+    assert "channel vx: ok 1; cost $0.007200" in out
+    empty = printed(render.stats, summarize(counts={}, counters={}, latencies_ms=[]))
+    assert "channel " not in empty and "cost by tier" not in empty

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -16,8 +16,9 @@ import pytest
 from google import genai
 from google.genai import errors, types
 
-from simulator import RunningSimulator, SimConfig, start_simulator
+from simulator import RunningSimulator, SimConfig
 from simulator.cli import _config_from, _parser, main
+from tests.conftest import SimFactory
 from tests.helpers import poll
 
 pytestmark = pytest.mark.filterwarnings(
@@ -29,41 +30,21 @@ KEY = "batch-key-DO-NOT-LEAK-2b9d41"
 FAST_S = 0.2  # a batch turnaround short enough to wait for
 ENDED = {"JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED"}
 
-SimFactory = Callable[..., Awaitable[RunningSimulator]]
-
-
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
 
 
 @pytest.fixture
-async def make_sim() -> AsyncIterator[SimFactory]:
-    running: list[RunningSimulator] = []
+def make_sim(make_sim: SimFactory) -> SimFactory:
+    """Simulators whose batches end after ``FAST_S`` unless told otherwise."""
 
     async def factory(**overrides: Any) -> RunningSimulator:
-        settings: dict[str, Any] = {"latency_s": 0.0, "seed": 7, "batch_turnaround_s": FAST_S} | overrides
-        sim = await start_simulator(SimConfig(**settings))
-        running.append(sim)
-        return sim
+        return await make_sim(**({"batch_turnaround_s": FAST_S} | overrides))
 
-    yield factory
-    for sim in running:
-        await sim.close()
+    return factory
 
 
 @pytest.fixture
 async def sim(make_sim: SimFactory) -> RunningSimulator:
     return await make_sim()
-
-
-@pytest.fixture
-async def clients() -> AsyncIterator[list[genai.Client]]:
-    made: list[genai.Client] = []
-    yield made
-    for client in made:
-        await client.aio.aclose()
 
 
 def new_client(clients: list[genai.Client], sim: RunningSimulator, api_key: str = KEY) -> genai.Client:

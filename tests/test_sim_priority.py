@@ -5,7 +5,7 @@ served) and on Vertex AI (the shared-request-type header, ``usageMetadata.traffi
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -13,8 +13,9 @@ import pytest
 from google import genai
 from google.genai import errors, types
 
-from simulator import RunningSimulator, SimConfig, start_simulator
+from simulator import RunningSimulator
 from simulator.cli import _config_from, _parser, main
+from tests.conftest import SimFactory
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Inheritance class AiohttpClientSession from ClientSession is discouraged:DeprecationWarning"
@@ -28,35 +29,6 @@ VERTEX_EXPRESS = f"/v1beta1/publishers/google/models/{MODEL}:generateContent"
 VERTEX_TIER_HEADER = "X-Vertex-AI-LLM-Shared-Request-Type"
 SLOW = "[[latency:400ms]]"  # long enough for the other calls of a gather to arrive while it is in service
 
-SimFactory = Callable[..., Awaitable[RunningSimulator]]
-
-
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-
-
-@pytest.fixture
-async def make_sim() -> AsyncIterator[SimFactory]:
-    running: list[RunningSimulator] = []
-
-    async def factory(**overrides: Any) -> RunningSimulator:
-        sim = await start_simulator(SimConfig(**({"latency_s": 0.0, "seed": 7} | overrides)))
-        running.append(sim)
-        return sim
-
-    yield factory
-    for sim in running:
-        await sim.close()
-
-
-@pytest.fixture
-async def clients() -> AsyncIterator[list[genai.Client]]:
-    made: list[genai.Client] = []
-    yield made
-    for client in made:
-        await client.aio.aclose()
 
 
 def new_client(clients: list[genai.Client], sim: RunningSimulator) -> genai.Client:

@@ -7,7 +7,7 @@ import json
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +16,10 @@ import pytest
 from google import genai
 from google.genai import errors, types
 
-from simulator import RunningSimulator, SimConfig, directive_key, start_simulator
+from simulator import RunningSimulator, SimConfig, directive_key
 from simulator.cli import main
 from simulator.wire import BILLING_MESSAGE, INTERNAL_MESSAGE, OVERLOADED_MESSAGES
+from tests.conftest import SimFactory
 
 # google-genai 3.4 subclasses aiohttp.ClientSession inside every new session; aiohttp warns about it.
 pytestmark = pytest.mark.filterwarnings(
@@ -31,29 +32,7 @@ RPC = "type.googleapis.com/google.rpc."
 FLEX = types.GenerateContentConfig(service_tier=types.ServiceTier.FLEX)
 ROOT = Path(__file__).resolve().parents[1]
 
-SimFactory = Callable[..., Awaitable[RunningSimulator]]
 ClientFactory = Callable[..., genai.Client]
-
-
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-
-
-@pytest.fixture
-async def make_sim() -> AsyncIterator[SimFactory]:
-    running: list[RunningSimulator] = []
-
-    async def factory(**overrides: Any) -> RunningSimulator:
-        settings: dict[str, Any] = {"latency_s": 0.0, "seed": 7} | overrides
-        sim = await start_simulator(SimConfig(**settings))
-        running.append(sim)
-        return sim
-
-    yield factory
-    for sim in running:
-        await sim.close()
 
 
 @pytest.fixture
