@@ -317,6 +317,7 @@ def main(argv: list[str] | None = None) -> BenchResult:
     parser.add_argument("--keep", metavar="DIR", help="keep the worker's and simulator's logs and report in DIR")
     parser.add_argument("--default-gc", action="store_true", help="experiment: CPython's default GC thresholds")
     parser.add_argument("--census", action="store_true", help="diagnosis: gc-tracked objects by type at full load")
+    parser.add_argument("--gc-thresholds", metavar="T0,T1,T2", help="experiment: these GC thresholds in the worker")
     parser.add_argument("--profile", metavar="PATH", help="diagnosis: cProfile the worker into PATH (slows it)")
     args = parser.parse_args(argv)
     flows = {"off": (False,), "on": (True,), "both": (False, True), None: None}[args.flow]
@@ -324,6 +325,8 @@ def main(argv: list[str] | None = None) -> BenchResult:
         extra = tuple(flag for flag, on in (("--default-gc", args.default_gc), ("--census", args.census)) if on)
         if args.profile:
             extra += ("--profile", str(Path(args.profile).resolve()))
+        if args.gc_thresholds:
+            extra += ("--gc-thresholds", args.gc_thresholds)
         result = run(url, smoke=args.smoke, calls=args.calls, latency_s=args.latency_s, flows=flows, keep=args.keep,
                      worker_args=extra)
     print_result(result)

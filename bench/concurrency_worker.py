@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-burst", action="store_true", help="run until SIGTERM instead of until the queue is empty")
     parser.add_argument("--default-gc", action="store_true",
                         help="experiment: CPython's default GC thresholds, not flexq worker's tuning (tune_gc)")
+    parser.add_argument("--gc-thresholds", metavar="T0,T1,T2",
+                        help="experiment: these GC thresholds after the freeze instead of tune_gc's")
     parser.add_argument("--census", action="store_true",
                         help="diagnosis: gc-tracked objects by type once all calls are in flight (one long pause)")
     parser.add_argument("--profile", metavar="PATH", help="diagnosis: cProfile the worker, dump the stats to PATH")
@@ -132,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     worker = create_worker(settings, concurrency=args.concurrency, burst=not args.no_burst)
     if not args.default_gc:
         tune_gc()  # as `flexq worker` does
+    if args.gc_thresholds:
+        gc.set_threshold(*(int(t) for t in args.gc_thresholds.split(",")))
     probe = Probe()
     gc.callbacks.append(probe.gc)
     probe_task = loop.create_task(probe.run())
