@@ -225,3 +225,26 @@ def test_a_worker_refuses_to_start_when_a_channels_key_variable_is_unset(tmp_pat
     env["STUDIO_KEY_UNSET_HERE"] = OTHER_KEY
     done = flexq(env, "worker")  # the key is there now: it gets as far as Redis (port 1: refused)
     assert done.returncode != 0 and "STUDIO_KEY_UNSET_HERE" not in done.stderr and OTHER_KEY not in done.stderr
+
+
+@pytest.mark.parametrize(("cancel", "status", "kind"), [(False, Status.FAILED, "unknown_channel"),
+                                                        (True, Status.CANCELLED, "cancelled")])
+async def test_a_job_with_no_known_channel_fails_at_once_unless_a_cancel_came_first(
+    fake_queue: FlexQueue, cancel: bool, status: Status, kind: str
+) -> None:
+    from producer import transitions
+    from producer.models import utcnow
+    from worker.runner import Runner
+
+    await fake_queue.enqueue({"model": MODEL, "prompt": "hi"}, job_id="j", channels=["zz", "yy"])
+    if cancel:
+        await fake_queue.store.update(
+            "j", lambda r: transitions.Change(transitions.request_cancel(r, now=utcnow()))
+        )
+    runner = Runner(store=fake_queue.store, gemini=None, settings=make_settings(), worker_name="w")  # type: ignore[arg-type]
+    assert await runner.run("j") is None
+    record = await fake_queue.get("j")
+    assert record.status == status and record.error is not None and record.error.kind == kind
+    assert not record.attempts
+    if not cancel:
+        assert "zz, yy" in record.error.message and "default" in record.error.message

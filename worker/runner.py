@@ -167,7 +167,11 @@ class Runner:
         def decide(current: JobRecord) -> transitions.Change[None] | None:
             if current.terminal:
                 return None
-            return transitions.Change(transitions.fail(current, kind="unknown_channel", message=message, now=now))
+            settled = transitions.settle(current, now=now, reason="no channel to run on")  # a cancel comes first
+            if settled.terminal:
+                return transitions.Change(settled, counted=_interrupted_attempt(current, settled))
+            return transitions.Change(transitions.fail(settled, kind="unknown_channel", message=message, now=now),
+                                      counted=_interrupted_attempt(current, settled))
 
         change = await self.store.update(record.id, decide)
         if change is not None:
