@@ -26,6 +26,7 @@ from flexq.batch import Progress as BatchProgress
 from flexq.embedded import open_runtime
 from flexq.interrupt import Interrupt
 from producer.pricing import unpriced_models, unpriced_warning
+from producer.status import FALLBACKS, Tier
 from simulator import SimConfig
 from worker import logs
 from worker.config import WorkerConfig
@@ -54,10 +55,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=exits.count(0), default=1,
                         help="in-process workers (0: rely on `flexq worker`s)")
     parser.add_argument("--deadline-s", type=exits.seconds, default=None, help="per-job deadline (default 24 h)")
-    parser.add_argument("--fallback", choices=["none", "flex", "standard"], default="none",
+    parser.add_argument("--fallback", choices=FALLBACKS, default="none",
                         help="standard: may end on the standard tier; flex: batch-tier lines whose batch expires run "
                         "on flex")
-    parser.add_argument("--tier", choices=["flex", "standard", "priority", "batch"], default=None,
+    parser.add_argument("--tier", choices=[str(t) for t in Tier], default=None,
                         help="every line's tier unless the line has its own (`tier`): flex (default), standard, "
                         "priority, batch (the Gemini Batch API)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")

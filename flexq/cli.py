@@ -19,7 +19,7 @@ from flexq.metrics import add_commands as add_metrics_commands
 from flexq.metrics import cmd_metrics
 from flexq.top import add_commands as add_top_commands
 from flexq.top import cmd_top
-from producer.status import Status, Tier
+from producer.status import FALLBACKS, Status, Tier
 
 if TYPE_CHECKING:
     from producer.queue import FlexQueue
@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", help="JSONL: one {id?, model, prompt|contents, config?, system_instruction?} a line")
     p.add_argument("--id", help="job id (idempotency key): [A-Za-z0-9._:-]{1,128}")
     p.add_argument("--deadline-s", type=seconds, default=None, help="give up after this long (default 24 h)")
-    p.add_argument("--fallback", choices=["none", "flex", "standard"], default="none",
+    p.add_argument("--fallback", choices=FALLBACKS, default="none",
                    help="standard: may end on the standard tier; flex: a batch job whose batch expires runs on flex")
     p.add_argument("--tier", choices=[str(t) for t in Tier], default=None,
                    help="flex (default), standard, priority, or batch (the Gemini Batch API: half price, up to 24 h)")

@@ -16,10 +16,10 @@ from producer.request import (
     check_channels,
     check_job_id,
     check_tags,
+    check_tier,
     nesting_depth,
     parse_request,
 )
-from producer.status import Tier
 from producer.thread import parse_continue
 
 REQUEST_FIELDS = ("model", "prompt", "contents", "system_instruction", "config")
@@ -114,11 +114,7 @@ def _own_policy(data: dict[str, Any]) -> dict[str, Any]:
     """A line's own ``tier`` and ``channels``, checked here so that a bad one is that line's error."""
     own: dict[str, Any] = {}
     if data.get("tier") is not None:
-        if data["tier"] not in {str(t) for t in Tier}:
-            raise InvalidRequestError(
-                f"tier: must be one of {', '.join(repr(str(t)) for t in Tier)}, not {data['tier']!r}", field="tier"
-            )
-        own["tier"] = str(data["tier"])
+        own["tier"] = str(check_tier(data["tier"]))
     if data.get("channels") is not None:
         own["channels"] = check_channels(data["channels"])
     return own

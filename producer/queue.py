@@ -32,10 +32,18 @@ from producer.events import Event, newest_event_id, read_events
 from producer.models import ImageRef, JobRecord, Redaction, utcnow
 from producer.notify import Completions
 from producer.redact import Redactor
-from producer.request import STORED, GenerateRequest, check_channels, check_job_id, check_tags, parse_request
+from producer.request import (
+    STORED,
+    GenerateRequest,
+    check_channels,
+    check_job_id,
+    check_tags,
+    check_tier,
+    parse_request,
+)
 from producer.settings import ProducerSettings
 from producer.stats import summarize
-from producer.status import ACTIVE, TERMINAL, Fallback, Status, Tier
+from producer.status import ACTIVE, FALLBACKS, TERMINAL, Fallback, Status, Tier
 from producer.store import JobStore
 from producer.thread import parse_continue, thread_contents
 
@@ -143,7 +151,7 @@ class FlexQueue:
         job_id = check_job_id(spec.job_id) if spec.job_id is not None else uuid.uuid4().hex
         deadline_s = self.settings.deadline_s if spec.deadline_s is None else spec.deadline_s
         tier = self._tier(spec, deadline_s)
-        if spec.fallback not in ("none", "flex", "standard"):
+        if spec.fallback not in FALLBACKS:
             raise InvalidRequestError("fallback: must be 'none', 'flex' or 'standard'", field="fallback")
         if spec.fallback == "flex" and tier != Tier.BATCH:
             raise InvalidRequestError(
@@ -172,12 +180,7 @@ class FlexQueue:
         if spec.tier is None:
             after_s = self.settings.batch_after_s
             return Tier.BATCH if after_s is not None and deadline_s >= after_s else Tier.FLEX
-        try:
-            return Tier(spec.tier)
-        except ValueError:
-            raise InvalidRequestError(
-                f"tier: must be one of {', '.join(repr(str(t)) for t in Tier)}, not {spec.tier!r}", field="tier"
-            ) from None
+        return check_tier(spec.tier)
 
     @staticmethod
     def _continuation(data: Any, parent: JobRecord) -> GenerateRequest:

@@ -22,6 +22,7 @@ from pydantic import (
 
 from producer.blobs import Blob, strip_inline
 from producer.errors import InvalidRequestError, first_error, one_line
+from producer.status import Tier
 
 JOB_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 MODEL_RE = re.compile(r"(?:models/|tunedModels/)?[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
@@ -185,6 +186,17 @@ def nesting_depth(value: Any, limit: int = MAX_DEPTH) -> int:
                 return depth
             stack.extend((child, depth) for child in (item.values() if isinstance(item, dict) else item))
     return deepest
+
+
+#: The tiers a job may ask for, as written in a request.
+TIERS = tuple(str(t) for t in Tier)
+
+
+def check_tier(value: object) -> Tier:
+    """A job's tier: ``flex``, ``standard``, ``priority`` or ``batch``; else an error naming the field."""
+    if isinstance(value, str) and value in TIERS:
+        return Tier(value)
+    raise InvalidRequestError(f"tier: must be one of {', '.join(map(repr, TIERS))}, not {value!r}", field="tier")
 
 
 def check_channels(value: Sequence[str] | None) -> list[str] | None:

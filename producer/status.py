@@ -6,7 +6,7 @@ The admin CLI's parser offers these as choices without loading pydantic, redis o
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Literal
+from typing import Literal, get_args
 
 
 class Status(StrEnum):
@@ -53,3 +53,4 @@ CALL_TIERS = frozenset({Tier.FLEX, Tier.STANDARD, Tier.PRIORITY})
 #: Where a job may go when its tier gives up: ``standard`` after flex; ``flex`` (then, with ``standard``,
 #: standard) after an expired or failed Batch API job.
 Fallback = Literal["none", "flex", "standard"]
+FALLBACKS: tuple[str, ...] = get_args(Fallback)

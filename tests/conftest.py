@@ -17,6 +17,7 @@ import fakeredis
 import pytest
 import redis as sync_redis
 from google import genai
+from google.genai import types
 from redis.asyncio import Redis
 
 from bench.common import private_redis, redis_answers
@@ -148,3 +149,13 @@ async def clients() -> AsyncIterator[list[genai.Client]]:
     yield made
     for client in made:
         await client.aio.aclose()
+
+
+def sdk_client(clients: list[genai.Client], sim: RunningSimulator, api_key: str) -> genai.Client:
+    """A google-genai client on ``sim`` (Gemini API, v1beta, no SDK retries, 10 s timeout), closed by ``clients``."""
+    options = types.HttpOptions(
+        base_url=sim.base_url, api_version="v1beta", retry_options=types.HttpRetryOptions(attempts=1), timeout=10_000
+    )
+    client = genai.Client(api_key=api_key, http_options=options)
+    clients.append(client)
+    return client

@@ -18,7 +18,7 @@ from google.genai import errors, types
 
 from simulator import RunningSimulator, SimConfig
 from simulator.cli import _config_from, _parser, main
-from tests.conftest import SimFactory
+from tests.conftest import SimFactory, sdk_client
 from tests.helpers import poll
 
 pytestmark = pytest.mark.filterwarnings(
@@ -48,12 +48,7 @@ async def sim(make_sim: SimFactory) -> RunningSimulator:
 
 
 def new_client(clients: list[genai.Client], sim: RunningSimulator, api_key: str = KEY) -> genai.Client:
-    options = types.HttpOptions(
-        base_url=sim.base_url, api_version="v1beta", retry_options=types.HttpRetryOptions(attempts=1), timeout=10_000
-    )
-    client = genai.Client(api_key=api_key, http_options=options)
-    clients.append(client)
-    return client
+    return sdk_client(clients, sim, api_key)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from google.genai import errors, types
 
 from simulator import RunningSimulator
 from simulator.cli import _config_from, _parser, main
-from tests.conftest import SimFactory
+from tests.conftest import SimFactory, sdk_client
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Inheritance class AiohttpClientSession from ClientSession is discouraged:DeprecationWarning"
@@ -30,14 +30,8 @@ VERTEX_TIER_HEADER = "X-Vertex-AI-LLM-Shared-Request-Type"
 SLOW = "[[latency:400ms]]"  # long enough for the other calls of a gather to arrive while it is in service
 
 
-
-def new_client(clients: list[genai.Client], sim: RunningSimulator) -> genai.Client:
-    options = types.HttpOptions(
-        base_url=sim.base_url, api_version="v1beta", retry_options=types.HttpRetryOptions(attempts=1), timeout=10_000
-    )
-    client = genai.Client(api_key=KEY, http_options=options)
-    clients.append(client)
-    return client
+def new_client(clients: list[genai.Client], sim: RunningSimulator, api_key: str = KEY) -> genai.Client:
+    return sdk_client(clients, sim, api_key)
 
 
 @pytest.fixture

@@ -29,17 +29,16 @@ JSON only (no pickle). Errors are redacted (``worker.runner.redacted``) before t
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import math
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from google import genai
 from google.genai import _common, types
@@ -56,10 +55,9 @@ from worker import classify
 from worker.config import WorkerConfig
 from worker.gemini import Answer, sdk_call_args, to_answer
 from worker.logs import get_logger
-from worker.runner import Runner, judge, redacted
+from worker.runner import Runner, interrupted_attempt, judge, redacted
 
 log = get_logger("flexq.batch")
-T = TypeVar("T")
 
 #: The Batch API refuses an inline batch whose create request passes 20 MB: larger packs go through a file.
 INLINE_LIMIT_BYTES = 19_000_000
@@ -306,17 +304,14 @@ class BatchTier:
             if current.terminal:
                 return None
             settled = transitions.settle(current, now=now, reason="cancelled while waiting in a batch")
-            opened = current.open_attempt
-            counted = (settled.attempts[opened.number - 1],) if opened is not None else ()
+            counted = interrupted_attempt(current, settled)
             return transitions.Change(settled, counted=counted) if settled is not current else None
 
         change = await runner.store.update(record.id, decide, current=raw)
         await self._forget(runner.store, record)
         if change is None or not change.record.terminal:
             return None if change is None else MIN_DEFER_S
-        done = change.record
-        log.info("job_" + str(done.status), job_id=done.id, attempts=len(done.attempts),
-                 error_kind=done.error.kind if done.error else None, cost_usd=done.cost_usd)
+        runner.log_terminal(change.record)
         return None
 
     async def _forget(self, store: JobStore, record: JobRecord) -> None:
@@ -458,7 +453,7 @@ class BatchTier:
             job.name, model, tuple((record.id, record.enqueues) for record, _ in requests),
             submitted_at if submitted_at.tzinfo else submitted_at.replace(tzinfo=UTC), self.channel, route,
         )
-        await self._durably(runner, info.name, lambda: self._remember(store, info))
+        await runner.through_outage(lambda: self._remember(store, info), batch=info.name)
         log.info("batch_created", batch=info.name, model=model, jobs=len(info.members), route=route, bytes=size,
                  display_name=display)
         now = utcnow()
@@ -681,7 +676,7 @@ class BatchTier:
             begun = transitions.begin_batch_attempt(current, ref=ref, worker=runner.worker_name, now=now)
             return transitions.Change(begun, decided=begun.attempts[-1].number)
 
-        change = await self._durably(runner, job_id, lambda: runner.store.update(job_id, decide))
+        change = await runner.through_outage(lambda: runner.store.update(job_id, decide), job_id=job_id)
         if change is None and not left_open:
             return False, None
         number = change.decided if change is not None else left_open[-1]
@@ -713,22 +708,6 @@ class BatchTier:
     async def _info(self, store: JobStore, name: str) -> BatchInfo | None:
         raw: dict[bytes, bytes] = await store.redis.hgetall(store.keys.batch(name))  # type: ignore[misc]
         return BatchInfo.from_hash(raw) if raw else None
-
-    async def _durably(self, runner: Runner, what: str, write: Callable[[], Awaitable[T]]) -> T:
-        """A write that must not be lost (a batch just paid for, an answer): tried again while Redis is away,
-        with capped backoff, for up to ``redis_outage_s``."""
-        give_up = time.monotonic() + self.settings.redis_outage_s
-        wait_s = 0.2
-        while True:
-            try:
-                return await write()
-            except (RedisError, OSError) as err:
-                if time.monotonic() + wait_s > give_up:
-                    log.error("batch_write_failed", what=what, error=f"{type(err).__name__}: {err}")
-                    raise
-                log.warning("batch_write_waiting", what=what, error=f"{type(err).__name__}: {err}")
-                await asyncio.sleep(wait_s)  # waiting for Redis to come back
-                wait_s = min(5.0, wait_s * 2)
 
     def _jitter(self, delay_s: float) -> float:
         """A deferral spread by up to 10% (jobs deferred together do not all run at the same moment)."""

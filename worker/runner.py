@@ -98,7 +98,7 @@ class Runner:
             if not channels:
                 await self._no_channel(record)
                 return None
-            admission, current, channel = await self._admit(record, raw, channels)
+            admission, channel = await self._admit(record, channels)
             if admission is not None and not admission.admitted:
                 assert self.flow is not None
                 delay_s = defer_s(admission, self.flow.cfg, self.rand)  # no permit: not an attempt
@@ -110,7 +110,7 @@ class Runner:
             if isinstance(hold, Refusal):  # over a budget: not an attempt
                 await self._release(permit, None)
                 return await self._over_budget(record, hold)
-            record, opened, written = await self._begin(job_id, current, channel)
+            record, opened, written = await self._begin(job_id, raw, channel)  # the record as read: no second read
         except JobNotFoundError:
             log.warning("job_missing", job_id=job_id, detail="no record (expired or never enqueued)")
             return None
@@ -169,31 +169,28 @@ class Runner:
                 return None
             settled = transitions.settle(current, now=now, reason="no channel to run on")  # a cancel comes first
             if settled.terminal:
-                return transitions.Change(settled, counted=_interrupted_attempt(current, settled))
+                return transitions.Change(settled, counted=interrupted_attempt(current, settled))
             return transitions.Change(transitions.fail(settled, kind="unknown_channel", message=message, now=now),
-                                      counted=_interrupted_attempt(current, settled))
+                                      counted=interrupted_attempt(current, settled))
 
         change = await self.store.update(record.id, decide)
         if change is not None:
-            self._log_terminal(change.record)
+            self.log_terminal(change.record)
         return None
 
-    async def _admit(
-        self, record: JobRecord, raw: bytes, channels: list[str]
-    ) -> tuple[Admission | None, bytes | None, str]:
+    async def _admit(self, record: JobRecord, channels: list[str]) -> tuple[Admission | None, str]:
         """Ask flow control for a permit on the job's first channel that is neither open nor paused, unless
-        the job will not call (ended, cancelled, past deadline). Also the record's text as read, so that
-        opening the attempt need not read it again, and the channel chosen."""
+        the job will not call (ended, cancelled, past deadline). Also the channel chosen."""
         job_id = record.id
         if self.flow is None:
-            return None, raw, channels[0]
+            return None, channels[0]
         if (
             record.request is None
             or record.terminal
             or record.cancel_requested
             or utcnow() >= record.deadline_at
         ):
-            return None, raw, channels[0]
+            return None, channels[0]
         est = estimate_tokens(record.request, output_tokens_default=self.flow.cfg.output_tokens_default)
         refused: list[tuple[Admission, str]] = []
         for channel in channels:
@@ -205,11 +202,12 @@ class Runner:
                 if refused:
                     log.info("failover", job_id=job_id, channel=channel,
                              skipped=[f"{name}:{a.reason}" for a, name in refused])
-                return admission, raw, channel
+                return admission, channel
             if admission.reason not in FAILOVER_REASONS:
-                return admission, raw, channel  # usable but busy: the job waits in line on this channel
+                return admission, channel  # usable but busy: the job waits in line on this channel
             refused.append((admission, channel))
-        return _soonest(refused, raw)  # every channel open or paused: wait for the first to come back
+        # every channel open or paused: wait for the one whose refusal ends first
+        return min(refused, key=lambda item: item[0].wait_s)
 
     async def _reserve(self, record: JobRecord) -> Hold | Refusal | None:
         """Reserve the attempt's estimated cost against the job's budgets (None: none apply, or no call)."""
@@ -247,7 +245,7 @@ class Runner:
 
         change = await self.store.update(record.id, decide)
         if change is not None:
-            self._log_terminal(change.record)
+            self.log_terminal(change.record)
         return None
 
     async def _from_cache(self, record: JobRecord, raw: bytes) -> bool:
@@ -304,7 +302,7 @@ class Runner:
 
         change = await self.store.update(job_id, decide)
         if change is not None:
-            self._log_terminal(change.record)
+            self.log_terminal(change.record)
         return change is not None
 
     async def _release(
@@ -340,7 +338,7 @@ class Runner:
             settled = transitions.settle(
                 record, now=now, reason="worker died or lost its lease", max_interrupts=self.settings.max_interrupts
             )
-            counted = _interrupted_attempt(record, settled)
+            counted = interrupted_attempt(record, settled)
             if settled.terminal:
                 return transitions.Change(settled, counted=counted)
             begun = transitions.begin_attempt(
@@ -353,7 +351,7 @@ class Runner:
         if change is None:
             return await self.store.get(job_id), False, None
         if change.record.terminal:
-            self._log_terminal(change.record)
+            self.log_terminal(change.record)
         return change.record, change.record.status == Status.RUNNING, change.written
 
     # -- attempt --------------------------------------------------------------------------------
@@ -395,7 +393,7 @@ class Runner:
         if classified.outcome == Outcome.OK and answer is not None and answer.blobs:
             # the bytes go in first: a record never refers to a blob that is not there
             blobs_ = answer.blobs
-            await self._through_outage(job_id, lambda: self.store.blobs.put(blobs_, ttl_s=self.store.retention_s))
+            await self.through_outage(lambda: self.store.blobs.put(blobs_, ttl_s=self.store.retention_s), job_id=job_id)
         return await self._finish(job_id, number, tier, classified, answer, verdict, parsed, current, hold)
 
     async def _sendable(self, request: GenerateRequest) -> GenerateRequest:
@@ -490,7 +488,7 @@ class Runner:
             )
             return transitions.Change(failed, decided=decision, counted=(failed.attempts[-1],))
 
-        change = await self._through_outage(job_id, lambda: self.store.update(job_id, decide, current=current))
+        change = await self.through_outage(lambda: self.store.update(job_id, decide, current=current), job_id=job_id)
         await self._settle(hold, change.cost.usd if change is not None and change.cost is not None else None)
         if change is None:
             log.warning("lease_lost", job_id=job_id, attempt=number, outcome=str(classified.outcome),
@@ -508,9 +506,10 @@ class Runner:
             await self._keep_in_cache(change.record)
         return decision.delay_s if decision.action == policy.Action.RETRY else None
 
-    async def _through_outage(self, job_id: str, write: Callable[[], Awaitable[T]]) -> T:
-        """A write that records an attempt's end (a paid answer, maybe): tried again, with capped
-        backoff, while Redis is unreachable (a restart, a failover), for up to ``redis_outage_s``."""
+    async def through_outage(self, write: Callable[[], Awaitable[T]], **where: str) -> T:
+        """A write that must not be lost (an attempt's end, a paid answer, a batch just created): tried
+        again, with capped backoff, while Redis is unreachable (a restart, a failover), for up to
+        ``redis_outage_s``. ``where``: what the log lines name (``job_id=...``, ``batch=...``)."""
         give_up = time.monotonic() + self.settings.redis_outage_s
         wait_s = REDIS_RETRY_BASE_S
         while True:
@@ -518,11 +517,11 @@ class Runner:
                 return await write()
             except (RedisError, OSError) as err:
                 if time.monotonic() + wait_s > give_up:
-                    log.error("redis_write_failed", job_id=job_id, error=f"{type(err).__name__}: {err}",
+                    log.error("redis_write_failed", **where, error=f"{type(err).__name__}: {err}",
                               detail=f"gave up after FLEXQ_REDIS_OUTAGE_S={self.settings.redis_outage_s:g}")
                     raise
                 if wait_s == REDIS_RETRY_BASE_S:
-                    log.warning("redis_write_waiting", job_id=job_id, error=f"{type(err).__name__}: {err}")
+                    log.warning("redis_write_waiting", **where, error=f"{type(err).__name__}: {err}")
                 await asyncio.sleep(wait_s)  # waiting for Redis to come back, with the answer in hand
                 wait_s = min(REDIS_RETRY_MAX_S, wait_s * 2)
 
@@ -539,7 +538,7 @@ class Runner:
             settled = transitions.settle(
                 record, now=now, reason="worker shut down mid-attempt", max_interrupts=self.settings.max_interrupts
             )
-            return transitions.Change(settled, counted=_interrupted_attempt(record, settled))
+            return transitions.Change(settled, counted=interrupted_attempt(record, settled))
 
         try:
             change = await self.store.update(job_id, decide)
@@ -583,7 +582,7 @@ class Runner:
             cost_usd=record.cost_usd,
         )
 
-    def _log_terminal(self, record: JobRecord) -> None:
+    def log_terminal(self, record: JobRecord) -> None:
         log.info(
             "job_" + str(record.status),
             job_id=record.id,
@@ -628,12 +627,6 @@ def redacted(classified: classify.Classified) -> classify.Classified:
 FAILOVER_REASONS = frozenset({"paused", "circuit_open", "probe_busy"})
 
 
-def _soonest(refused: list[tuple[Admission, str]], raw: bytes) -> tuple[Admission, bytes, str]:
-    """Of channels that all refused (open or paused), the one whose refusal ends first."""
-    admission, channel = min(refused, key=lambda item: item[0].wait_s)
-    return admission, raw, channel
-
-
 def _times(usd: float | None, factor: float) -> float | None:
     return None if usd is None else round(usd * factor, 10)
 
@@ -647,7 +640,7 @@ def _unreachable_since_s(record: JobRecord) -> float | None:
     return closed[0].started_at.timestamp()
 
 
-def _interrupted_attempt(before: JobRecord, after: JobRecord) -> tuple[Attempt, ...]:
+def interrupted_attempt(before: JobRecord, after: JobRecord) -> tuple[Attempt, ...]:
     """The attempt ``settle`` closed as interrupted, to count it (none if nothing was open)."""
     if before.open_attempt is None:
         return ()
