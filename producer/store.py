@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 
 from producer import arq_wire, blobs, events
 from producer.blobs import BlobStore, RedisBlobStore
+from producer.commands import Commands
 from producer.errors import InvalidJobError, JobNotFoundError, StoreUnavailableError, one_line
 from producer.keys import Keys
 from producer.models import Attempt, JobError, JobRecord, utcnow
@@ -174,7 +175,9 @@ class JobStore:
             raise JobNotFoundError(job_id)
         return raw
 
-    async def update(self, job_id: str, decide: Decide[T], *, current: str | bytes | None = None) -> Change[T] | None:
+    async def update(
+        self, job_id: str, decide: Decide[T], *, current: str | bytes | None = None, parsed: JobRecord | None = None
+    ) -> Change[T] | None:
         """Apply ``decide`` to the current record, atomically: one compare-and-set script call
         (``producer/lua/cas.lua``) that writes the record, its index, its event and the change's side
         effects only if the record is still the text ``decide`` saw.
@@ -183,31 +186,33 @@ class JobStore:
         ``None`` to leave the job as it is. Returns the change that was written (its ``written``: the
         record's new text, to pass as ``current`` next time), or ``None``. ``current``: the record's
         text as the caller last saw or wrote it, saving a read when it is still current. ``decide``
-        may run more than once: when the record changed meanwhile, it is read again."""
+        may run more than once: when the record changed meanwhile, it is read again. ``parsed``: the
+        record ``current`` holds, when the caller has it already (the hot path saves a parse)."""
         key = self.keys.record(job_id)
         raw = current
+        old: JobRecord | None = parsed if current is not None else None
         while True:
             if raw is None:
                 raw = await self.get_raw(job_id)
-            old = self._parse(job_id, raw)
+            if old is None:
+                old = self._parse(job_id, raw)
             change = decide(old)
             if change is None:
                 return None
-            ops = self.redis.pipeline(transaction=False)  # records the commands; never executed
+            ops = Commands()  # written down for the script, not sent
             written = self._write(ops, old, change.record, change.counted)
             self._apply(ops, change)
-            commands = [[_wire(arg) for arg in args] for args, _options in ops.command_stack]
             text = raw if isinstance(raw, bytes) else raw.encode()
             seen = text if self._cas_by_text else hashlib.sha1(text, usedforsecurity=False).hexdigest()
             mode = "text" if self._cas_by_text else "sha1"
-            applied = int(await self._cas_script(keys=[key], args=[seen, json.dumps(commands), mode]))
+            applied = int(await self._cas_script(keys=[key], args=[seen, json.dumps(ops.stack), mode]))
             if applied == 1:
                 return dataclasses.replace(change, written=written)
             if applied < 0:
                 raise JobNotFoundError(job_id)
-            raw = None  # changed meanwhile: read it again and decide again
+            raw, old = None, None  # changed meanwhile: read it again and decide again
 
-    def _apply(self, pipe: Pipeline, change: Change[Any]) -> None:
+    def _apply(self, pipe: Pipeline | Commands, change: Change[Any]) -> None:
         record = change.record
         now = utcnow()
         if change.run_in_s is not None:
@@ -217,6 +222,9 @@ class JobStore:
             )
         if change.drop_arq_job:
             arq_wire.unschedule(pipe, self.keys.queue, record.id)
+        if change.end_run is not None:
+            due_ms = None if change.end_run == "done" else int(now.timestamp() * 1000 + float(change.end_run) * 1000)
+            arq_wire.end_run(pipe, self.keys.queue, record.id, due_ms=due_ms)
         if change.abort:
             arq_wire.request_abort(pipe, record.id, now_ms=int(now.timestamp() * 1000))
         if change.lease_s is not None:
@@ -226,7 +234,9 @@ class JobStore:
         if change.cost is not None:
             self._count_cost(pipe, change.cost)
 
-    def _write(self, pipe: Pipeline, old: JobRecord | None, new: JobRecord, closed: Sequence[Attempt] = ()) -> str:
+    def _write(
+        self, pipe: Pipeline | Commands, old: JobRecord | None, new: JobRecord, closed: Sequence[Attempt] = ()
+    ) -> str:
         """Queue the record's write, its index move and its event on ``pipe``; the record's new text."""
         now = utcnow()
         key = self.keys.record(new.id)
@@ -281,7 +291,7 @@ class JobStore:
 
     # -- counters and leases ---------------------------------------------------------------------
 
-    def _count_attempt(self, pipe: Pipeline, attempt: Attempt) -> None:
+    def _count_attempt(self, pipe: Pipeline | Commands, attempt: Attempt) -> None:
         """Add one closed attempt to the queue's counters (and an ok one's latency to the samples)."""
         for key, value in attempt_counts(attempt).items():
             pipe.hincrby(self.keys.stats, key, value)
@@ -289,7 +299,7 @@ class JobStore:
             pipe.lpush(self.keys.latencies, attempt.latency_ms)
             pipe.ltrim(self.keys.latencies, 0, LATENCY_SAMPLES - 1)
 
-    def _count_cost(self, pipe: Pipeline, cost: Cost) -> None:
+    def _count_cost(self, pipe: Pipeline | Commands, cost: Cost) -> None:
         counts = cost_counts(cost.tier, cost.usd, cost.standard_usd, model=cost.model, channel=cost.channel)
         for key, value in counts.items():
             if key == "cost_unknown_jobs" or key.startswith(f"{UNKNOWN_MODEL}:"):
@@ -408,15 +418,6 @@ class JobStore:
     async def latencies_ms(self) -> builtins.list[int]:
         values: builtins.list[bytes] = await self.redis.lrange(self.keys.latencies, 0, -1)  # type: ignore[misc]
         return [int(v) for v in values]
-
-
-def _wire(value: Any) -> str:
-    """One command argument as the text Redis would receive (the script's JSON carries strings only)."""
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)
 
 
 def _short(err: Exception) -> str:

@@ -44,6 +44,9 @@ class Change(Generic[T]):
     drop_arq_job: bool = False  # the job will not run again: remove its arq job
     abort: bool = False  # ask the worker running it to cancel the call
     lease_s: float | None = None  # hold the open attempt's lease this long
+    #: the worker running the job ends its arq run here, not in arq's own finish: "done" (the job will not
+    #: run again) or a number (run it again after that many seconds), with its in-progress key released
+    end_run: float | str | None = None
     counted: tuple[Attempt, ...] = ()  # closed attempts to add to the queue's counters
     cost: Cost | None = None
     written: str | None = None  # the record's text as the store wrote it (set by the store)

@@ -225,7 +225,7 @@ async def test_a_worker_that_lost_its_job_leaves_the_new_owners_arq_state(fake_r
     from worker.runtime import create_worker
 
     worker = create_worker(make_settings(), redis=fake_redis, handle_signals=False)
-    runner = type("R", (), {"disowned": {"taken"}})()
+    runner = type("R", (), {"disowned": {"taken"}, "arq_ended": set()})()
     worker.ctx["flexq_runner"] = runner
     for job_id in ("taken", "mine"):
         await fake_redis.set(arq_wire.job_key(job_id), b"{}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 from collections.abc import Iterator
 
@@ -52,3 +53,31 @@ def test_a_secret_never_reaches_a_line(restore_logging: None) -> None:
 )
 def test_log_level_setting(name: str, level: int) -> None:
     assert logs.level_of(name) == level
+
+
+def test_flexq_lines_follow_each_configure_and_its_level(restore_logging: None) -> None:
+    """Loggers made before a configure (module-level ones) write to its stream at its level."""
+    log = logs.get_logger("flexq.worker")
+    first, second = io.StringIO(), io.StringIO()
+    logs.configure("json", level=logging.INFO, stream=first)
+    log.info("attempt", job_id="a")
+    log.debug("hidden", job_id="b")
+    logs.configure("json", level=logging.WARNING, stream=second)
+    log.info("attempt", job_id="c")
+    log.warning("lease_lost", job_id="d")
+    assert '"job_id": "a"' in first.getvalue() and "hidden" not in first.getvalue()
+    assert '"job_id": "c"' not in second.getvalue() and '"job_id": "d"' in second.getvalue()
+    assert first.getvalue().count("\n") == 1 and second.getvalue().count("\n") == 1
+
+
+def test_an_exception_line_carries_its_traceback_redacted(restore_logging: None) -> None:
+    out = io.StringIO()
+    logs.configure("json", stream=out)
+    logs.register_secret("sk-traceback-secret-99")
+    try:
+        raise RuntimeError("call failed with sk-traceback-secret-99")
+    except RuntimeError:
+        logs.get_logger("flexq.worker").exception("unexpected", job_id="j1")
+    line = json.loads(out.getvalue())
+    assert line["level"] == "error" and "RuntimeError: call failed with ***" in line["exception"]
+    assert "sk-traceback-secret-99" not in out.getvalue()

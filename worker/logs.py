@@ -1,6 +1,9 @@
 """structlog set-up: JSON lines when not on a TTY, console otherwise; secrets redacted everywhere.
 
-arq's own stdlib log records go through the same renderer, so a worker's output is one format.
+flexq's own lines go straight from structlog to the stream (no stdlib ``logging`` record, handler or
+second formatting pass: a line costs its processors and one write; a line below the level costs one
+comparison). arq's and the libraries' stdlib records go through the same processors and renderer,
+so a worker's output is one format.
 """
 
 from __future__ import annotations
@@ -47,6 +50,53 @@ class ArqRunLines(logging.Filter):
         return record.msg not in ARQ_RUN_LINES or logging.getLogger().isEnabledFor(logging.DEBUG)
 
 
+class _Sink:
+    """Where flexq's own lines go: the stream of the latest ``configure`` (loggers cache this object)."""
+
+    stream: Any = sys.stderr
+
+    def write(self, text: str) -> None:
+        self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+_SINK = _Sink()
+#: The level of the latest ``configure``: a flexq line below it is dropped before any processor runs.
+_LEVEL = [logging.INFO]
+
+
+class _Logger(structlog.BoundLoggerBase):
+    """structlog's bound logger, with the level checked first (it may change at each ``configure``)."""
+
+    def _at(self, level: int, method: str, event: str | None, kw: dict[str, Any]) -> Any:
+        if level < _LEVEL[0]:
+            return None
+        return self._proxy_to_logger(method, event, **kw)
+
+    def debug(self, event: str | None = None, **kw: Any) -> Any:
+        return self._at(logging.DEBUG, "debug", event, kw)
+
+    def info(self, event: str | None = None, **kw: Any) -> Any:
+        return self._at(logging.INFO, "info", event, kw)
+
+    def warning(self, event: str | None = None, **kw: Any) -> Any:
+        return self._at(logging.WARNING, "warning", event, kw)
+
+    warn = warning
+
+    def error(self, event: str | None = None, **kw: Any) -> Any:
+        return self._at(logging.ERROR, "error", event, kw)
+
+    def critical(self, event: str | None = None, **kw: Any) -> Any:
+        return self._at(logging.CRITICAL, "critical", event, kw)
+
+    def exception(self, event: str | None = None, **kw: Any) -> Any:
+        kw.setdefault("exc_info", True)
+        return self._at(logging.ERROR, "error", event, kw)
+
+
 def configure(fmt: str = "auto", *, level: int = logging.INFO, stream: Any = None) -> None:
     stream = stream or sys.stderr
     use_json = fmt == "json" or (fmt == "auto" and not (hasattr(stream, "isatty") and stream.isatty()))
@@ -57,10 +107,13 @@ def configure(fmt: str = "auto", *, level: int = logging.INFO, stream: Any = Non
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _redact_processor,
     ]
+    _SINK.stream = stream
+    _LEVEL[0] = level
+    exceptions: list[Any] = [structlog.processors.format_exc_info, _redact_processor] if use_json else []
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        processors=[*shared, *exceptions, renderer],
+        logger_factory=structlog.WriteLoggerFactory(file=_SINK),  # type: ignore[arg-type]
+        wrapper_class=_Logger,
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(stream)

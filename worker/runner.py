@@ -67,6 +67,9 @@ class Runner:
     leases: set[str] = field(default_factory=set)
     #: Jobs this process lost to another worker mid-attempt: arq's finish leaves their arq state alone.
     disowned: set[str] = field(default_factory=set)
+    #: Jobs whose arq run this process ended in the attempt's record write (claimed runs, see
+    #: ``worker.runtime``): arq's own finish of that run is skipped.
+    arq_ended: set[str] = field(default_factory=set)
     #: Shared flow control (AIMD permits, breaker, 429 pauses, RPM/TPM); None when FLEXQ_FLOW=0.
     flow: FlowControl | None = None
     #: This process's Prometheus metrics (FLEXQ_METRICS_PORT); None when not served.
@@ -85,10 +88,14 @@ class Runner:
         if self.budget is None:
             self.budget = BudgetStore.of(self.store.redis, self.store.keys, self.settings)
 
-    async def run(self, job_id: str) -> float | None:
-        """Run one attempt of ``job_id``. Returns the deferral in seconds, or None when done."""
+    async def run(self, job_id: str, *, raw: bytes | None = None, claimed: bool = False) -> float | None:
+        """Run one attempt of ``job_id``. Returns the deferral in seconds, or None when done.
+        ``claimed``: the worker read the record as it claimed the job (``raw``, None when there was none)."""
         try:
-            raw = await self.store.get_raw(job_id)
+            if not claimed:
+                raw = await self.store.get_raw(job_id)
+            elif raw is None:
+                raise JobNotFoundError(job_id)
             record = self.store.parse(job_id, raw)
             if await self._from_cache(record, raw):
                 return None  # answered from the response cache: no permit, no call
@@ -110,7 +117,7 @@ class Runner:
             if isinstance(hold, Refusal):  # over a budget: not an attempt
                 await self._release(permit, None)
                 return await self._over_budget(record, hold)
-            record, opened, written = await self._begin(job_id, raw, channel)  # the record as read: no second read
+            record, opened, written = await self._begin(job_id, raw, channel, parsed=record)  # read once
         except JobNotFoundError:
             log.warning("job_missing", job_id=job_id, detail="no record (expired or never enqueued)")
             return None
@@ -125,7 +132,7 @@ class Runner:
         attempt = record.attempts[-1]
         self.leases.add(job_id)
         try:
-            return await self._attempt(record, attempt.number, attempt.tier, permit, written, hold)
+            return await self._attempt(record, attempt.number, attempt.tier, permit, written, hold, end_run=claimed)
         except asyncio.CancelledError:
             await asyncio.shield(self._release(permit, Outcome.INTERRUPTED))
             await asyncio.shield(self._settle(hold, None))
@@ -326,7 +333,7 @@ class Runner:
     # -- begin ----------------------------------------------------------------------------------
 
     async def _begin(
-        self, job_id: str, current: bytes | None = None, channel: str | None = None
+        self, job_id: str, current: bytes | None = None, channel: str | None = None, *, parsed: JobRecord | None = None
     ) -> tuple[JobRecord, bool, str | None]:
         """Open an attempt, unless the job has ended or must end first (``transitions.settle``).
         Returns the record, whether an attempt is open, and the record's text as written."""
@@ -347,7 +354,7 @@ class Runner:
             # a short lease, renewed by this process, not arq's job-timeout-long one
             return transitions.Change(begun, counted=counted, lease_s=self.settings.lease_s)
 
-        change = await self.store.update(job_id, decide, current=current)
+        change = await self.store.update(job_id, decide, current=current, parsed=parsed)
         if change is None:
             return await self.store.get(job_id), False, None
         if change.record.terminal:
@@ -358,7 +365,7 @@ class Runner:
 
     async def _attempt(
         self, record: JobRecord, number: int, tier: Tier, permit: Permit | None, written: str | None = None,
-        hold: Hold | None = None,
+        hold: Hold | None = None, *, end_run: bool = False, current_record: JobRecord | None = None,
     ) -> float | None:
         assert record.request is not None
         left_s = record.deadline_at.timestamp() - time.time()
@@ -381,20 +388,24 @@ class Runner:
         classified = redacted(classified)
         learned = await self._release(permit, classified.outcome, classified, answer)
         return await self.record_outcome(
-            record.id, number, tier, classified, answer, learned.verdict if learned else None, parsed, written, hold
+            record.id, number, tier, classified, answer, learned.verdict if learned else None, parsed, written, hold,
+            end_run=end_run, current_record=record,
         )
 
     async def record_outcome(
         self, job_id: str, number: int, tier: Tier, classified: classify.Classified, answer: Answer | None,
         verdict: str | None = None, parsed: Any = None, current: str | None = None, hold: Hold | None = None,
+        *, end_run: bool = False, current_record: JobRecord | None = None,
     ) -> float | None:
         """Record how open attempt ``number`` ended (its answer's bytes first) and apply the policy's
-        decision; the deferral, or None when the job is done. Also the Batch API's way in (worker.batch_tier)."""
+        decision; the deferral, or None when the job is done. Also the Batch API's way in (worker.batch_tier).
+        ``end_run``: also end the job's arq run in that write (``arq_ended``), unless another owns it now."""
         if classified.outcome == Outcome.OK and answer is not None and answer.blobs:
             # the bytes go in first: a record never refers to a blob that is not there
             blobs_ = answer.blobs
             await self.through_outage(lambda: self.store.blobs.put(blobs_, ttl_s=self.store.retention_s), job_id=job_id)
-        return await self._finish(job_id, number, tier, classified, answer, verdict, parsed, current, hold)
+        return await self._finish(job_id, number, tier, classified, answer, verdict, parsed, current, hold,
+                                  end_run=end_run, current_record=current_record)
 
     async def _sendable(self, request: GenerateRequest) -> GenerateRequest:
         """The request with its inline bytes put back from the blob store (a no-op for most requests)."""
@@ -428,7 +439,7 @@ class Runner:
     async def _finish(
         self, job_id: str, number: int, tier: Tier, classified: classify.Classified, answer: Answer | None,
         verdict: str | None = None, parsed: Any = None, current: str | None = None,
-        hold: Hold | None = None,
+        hold: Hold | None = None, *, end_run: bool = False, current_record: JobRecord | None = None,
     ) -> float | None:
         """Close the attempt and apply the policy's decision; the deferral, or None when done.
         ``current``: the record's text as the attempt's start wrote it (most often still current)."""
@@ -477,18 +488,23 @@ class Runner:
                 return transitions.Change(
                     done, decided=decision, counted=(done.attempts[number - 1], *superseded), cost=cost,
                     abort=bool(superseded),  # a newer attempt's call is still running: stop it
+                    end_run="done" if end_run and not late else None,
                 )
             if decision.action == policy.Action.RETRY:
                 closed.attempts[-1].retry_in_s = decision.delay_s  # this function's own copy
                 retrying = transitions.schedule_retry(closed, next_tier=decision.tier, now=now)
-                return transitions.Change(retrying, decided=decision, counted=(retrying.attempts[-1],))
+                return transitions.Change(retrying, decided=decision, counted=(retrying.attempts[-1],),
+                                          end_run=decision.delay_s if end_run and not late else None)
             failed = transitions.fail(
                 closed, kind=decision.error_kind or "failed", message=decision.reason, now=now,
                 http_status=classified.http_status,
             )
-            return transitions.Change(failed, decided=decision, counted=(failed.attempts[-1],))
+            return transitions.Change(failed, decided=decision, counted=(failed.attempts[-1],),
+                                      end_run="done" if end_run and not late else None)
 
-        change = await self.through_outage(lambda: self.store.update(job_id, decide, current=current), job_id=job_id)
+        change = await self.through_outage(
+            lambda: self.store.update(job_id, decide, current=current, parsed=current_record), job_id=job_id
+        )
         await self._settle(hold, change.cost.usd if change is not None and change.cost is not None else None)
         if change is None:
             log.warning("lease_lost", job_id=job_id, attempt=number, outcome=str(classified.outcome),
@@ -497,6 +513,8 @@ class Runner:
             return None
         decision = change.decided
         assert decision is not None
+        if change.end_run is not None:
+            self.arq_ended.add(job_id)
         if decision.reason == LATE_ANSWER:
             log.warning("late_answer_kept", job_id=job_id, attempt=number, detail=LATE_ANSWER)
         self._log_attempt(change.record, classified, decision, verdict)  # with the job's end, if it ended

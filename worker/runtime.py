@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import os
 import socket
 import time
 import uuid
+from importlib import resources
 from typing import Any
 
 from arq import worker as arq_worker
 from arq.connections import ArqRedis, RedisSettings
-from arq.worker import Retry, Worker, func
+from arq.worker import Retry, RetryJob, Worker, func
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -55,6 +57,16 @@ async def _log_redis_info(redis: Any, log_func: Any) -> None:
 
 
 setattr(arq_worker, "log_redis_info", _log_redis_info)  # noqa: B010 - see _log_redis_info
+
+#: The claim script (one due job's in-progress key and its record, in one call).
+CLAIM_LUA = resources.files("worker").joinpath("lua", "claim.lua").read_text()
+_arq_log = logging.getLogger("arq.worker")
+
+
+def _arq_debug(msg: str, *args: Any) -> None:
+    """arq's routine per-run line, built only when DEBUG is on (``worker.logs.ARQ_RUN_LINES``)."""
+    if logging.getLogger().isEnabledFor(logging.DEBUG):
+        _arq_log.info(msg, *args)
 
 class FlexqWorker(Worker):
     """arq's worker, kept alive through Redis restarts and failovers.
@@ -92,6 +104,9 @@ class FlexqWorker(Worker):
         """arq's finish, unless this worker lost the job to another (frozen past its lease, say):
         then the arq job, its queue entry and in-progress key belong to the new owner."""
         runner: Runner | None = self.ctx.get("flexq_runner")
+        if runner is not None and job_id in runner.arq_ended:
+            runner.arq_ended.discard(job_id)  # the attempt's record write ended the run already
+            return
         if runner is not None and job_id in runner.disowned:
             runner.disowned.discard(job_id)
             logs.get_logger("flexq.worker").warning(
@@ -101,16 +116,101 @@ class FlexqWorker(Worker):
         await super().finish_job(job_id, finish, *args, **kwargs)
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
-        """arq's start_jobs, one job at a time, so a Redis error gives the slot back."""
+        """arq's start_jobs, one job at a time, so a Redis error gives the slot back; each job claimed and
+        its record read in one script call (``worker/lua/claim.lua``) instead of arq's five round trips."""
         for job_id in job_ids:
             before = self.job_counter
             try:
-                await super().start_jobs([job_id])
+                if not await self._start_one(job_id.decode()):
+                    return
             except BaseException:
                 if self.job_counter > before and job_id.decode() not in self.tasks:
                     self.job_counter -= 1
                     self.sem.release()
                 raise
+
+    async def _start_one(self, job_id: str) -> bool:
+        """Claim and start one due job (as arq's start_jobs does for each); False when no slot is left."""
+        runner: Runner | None = self.ctx.get("flexq_runner")
+        if runner is None:  # not started by flexq's startup: arq's own way
+            await super().start_jobs([job_id.encode()])
+            return True
+        running = self.tasks.get(job_id)
+        if running is not None and not running.done():
+            return True  # runs here already (a running job stays on arq's queue): no need to ask Redis
+        await self.sem.acquire()
+        if self.job_counter >= self.max_jobs:
+            self.sem.release()
+            return False
+        self.job_counter += 1
+        keys = [arq_wire.in_progress_key(job_id), self.queue_name, arq_wire.ABORT_SET, runner.store.keys.record(job_id)]
+        now_ms = int(time.time() * 1000)
+        reply = await self._claim_script(keys=keys, args=[job_id, now_ms, int(self.in_progress_timeout_s * 1000)])
+        if not reply or int(reply[0]) != 1:  # running elsewhere, gone, or deferred by another worker
+            self.job_counter -= 1
+            self.sem.release()
+            return True
+        task = self.loop.create_task(self._run_claimed(job_id, int(float(reply[1])), reply[2] or None))
+        task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+        self.tasks[job_id] = task
+        return True
+
+    @property
+    def _claim_script(self) -> Any:
+        script = self.__dict__.get("_claim")
+        if script is None:
+            script = self.__dict__["_claim"] = self.pool.register_script(CLAIM_LUA)
+        return script
+
+    async def _run_claimed(self, job_id: str, score: int, raw: bytes | None) -> None:
+        """arq's run_job for a claimed flexq job: the same outcomes (a ``Retry`` re-scores the job, an
+        abort or an error ends it, a cancel at shutdown leaves it to run again), without reading arq's job
+        hash or counting its tries, and arq's routine lines only when DEBUG is on."""
+        ctx = {**self.ctx, "job_id": job_id, "score": score, "flexq_claimed": True, "flexq_record": raw}
+        if self.on_job_start:
+            await self.on_job_start(ctx)
+        function = self.functions[arq_wire.FUNCTION]
+        timeout_s = self.job_timeout_s if function.timeout_s is None else function.timeout_s
+        finish, incr_score = False, None
+        start = time.monotonic()
+        ref = f"{job_id}:{arq_wire.FUNCTION}"
+        _arq_debug("%6.2fs → %s(%s)%s", max(0.0, time.time() - score / 1000), ref, repr(job_id), "")
+        try:
+            self.job_tasks[job_id] = task = self.loop.create_task(function.coroutine(ctx, job_id))
+            try:
+                await asyncio.wait_for(task, timeout_s)
+            finally:
+                del self.job_tasks[job_id]
+        except (Exception, asyncio.CancelledError) as err:
+            if self.retry_jobs and isinstance(err, Retry):
+                incr_score = err.defer_score + (int(time.time() * 1000) - score) if err.defer_score else None
+                self.jobs_retried += 1
+                _arq_debug("%6.2fs ↻ %s retrying job in %0.2fs", time.monotonic() - start, ref,
+                           (err.defer_score or 0) / 1000)
+            elif job_id in self.aborting_tasks and isinstance(err, asyncio.CancelledError):
+                self.aborting_tasks.remove(job_id)
+                finish = True
+                self.jobs_failed += 1
+                _arq_log.info("%6.2fs ⊘ %s aborted", time.monotonic() - start, ref)
+            elif self.retry_jobs and isinstance(err, asyncio.CancelledError | RetryJob):
+                self.jobs_retried += 1
+                _arq_log.info("%6.2fs ↻ %s cancelled, will be run again", time.monotonic() - start, ref)
+            else:
+                _arq_log.exception("%6.2fs ! %s failed, %s: %s", time.monotonic() - start, ref,
+                                   type(err).__name__, err)
+                finish = True
+                self.jobs_failed += 1
+        else:
+            finish = True
+            self.jobs_complete += 1
+            _arq_debug("%6.2fs ← %s ● %s", time.monotonic() - start, ref, "")
+        if self.on_job_end:
+            await self.on_job_end(ctx)
+        runner: Runner | None = self.ctx.get("flexq_runner")
+        ctx["flexq_run_ended"] = runner is not None and job_id in runner.arq_ended  # by the record's write
+        await asyncio.shield(self.finish_job(job_id, finish, None, None, False, incr_score, None))
+        if self.after_job_end:
+            await self.after_job_end(ctx)
 
 
 #: arq counts each Retry as a try; the deadline bounds retries, so this only stops runaway loops.
@@ -130,7 +230,12 @@ async def run_generation(ctx: dict[str, Any], job_id: str, *_: Any, **__: Any) -
     if not isinstance(job_id, str):
         logs.get_logger("flexq.worker").error("job_invalid", detail="arq job argument is not a job id")
         return None
-    defer_s = await runner.run(job_id)
+    if ctx.get("flexq_claimed"):  # the worker read the record as it claimed the job
+        defer_s = await runner.run(job_id, raw=ctx.get("flexq_record"), claimed=True)
+        if job_id in runner.arq_ended:
+            return None  # the attempt's write re-scored or removed the arq job already: no Retry
+    else:
+        defer_s = await runner.run(job_id)
     if defer_s is not None:
         raise Retry(defer=defer_s)
     return None
@@ -239,6 +344,8 @@ def _serve_metrics(settings: WorkerConfig, name: str, ctx: dict[str, Any]) -> Wo
 async def after_job(ctx: dict[str, Any]) -> None:
     """arq has re-scored a deferred job: re-apply a flow-control wake that raced with it."""
     runner: Runner | None = ctx.get("flexq_runner")
+    if ctx.get("flexq_run_ended"):
+        return  # the attempt's own write ended or re-scored the run: arq re-scored nothing after it
     if runner is not None and runner.flow is not None:
         await runner.flow.settle_wake(str(ctx["job_id"]))
 

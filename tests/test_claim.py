@@ -1,0 +1,178 @@
+"""The worker's claimed runs (worker.runtime.FlexqWorker, worker/lua/claim.lua) on a real Redis.
+
+A due job is claimed and its record read in one script call; the attempt's last record write ends
+arq's run (removes the arq job, or re-scores it for a deferral) instead of arq's own finish. These
+tests check that arq's state after each run is what arq's own start/finish would have left, and the
+command recorder the compare-and-set script is given against redis-py's own encoding.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from redis import asyncio as aioredis
+from redis.asyncio import Redis
+
+from producer import arq_wire
+from producer.commands import Commands
+from producer.queue import FlexQueue
+from producer.status import Status
+from tests.conftest import make_settings
+from tests.fakes import ScriptedGemini, answer, client_error, overloaded
+from worker.runtime import create_worker, shutdown, startup
+
+MODEL = "gemini-2.5-flash"
+QUEUE = arq_wire.queue_key("flexq-test")
+
+
+async def run_worker(redis_url: str, gemini: ScriptedGemini, **options: Any) -> Any:
+    settings = make_settings(redis_url=redis_url, flow=False)
+    worker = create_worker(settings, burst=True, handle_signals=False,
+                           ctx={"flexq_gemini_factory": lambda *_a, **_k: gemini, "flexq_configure_logs": False},
+                           **options)
+    await worker.main()
+    await worker.close()
+    return worker
+
+
+async def arq_state(redis: Redis, job_id: str) -> dict[str, Any]:
+    return {
+        "job": await redis.exists(arq_wire.job_key(job_id)),
+        "in_progress": await redis.exists(arq_wire.in_progress_key(job_id)),
+        "retries": await redis.exists(arq_wire.retry_key(job_id)),
+        "result": await redis.exists(arq_wire.result_key(job_id)),
+        "score": await redis.zscore(QUEUE, job_id),
+        "abort": await redis.zscore(arq_wire.ABORT_SET, job_id),
+    }
+
+
+@pytest.fixture
+async def queue(redis_url: str) -> Any:
+    q = await FlexQueue.connect(make_settings(redis_url=redis_url))
+    yield q
+    await q.close()
+
+
+async def test_a_success_leaves_no_arq_state_behind(queue: FlexQueue, redis_url: str) -> None:
+    await queue.enqueue({"model": MODEL, "prompt": "hi"}, job_id="ok-1")
+    worker = await run_worker(redis_url, ScriptedGemini.of(answer("hello")))
+    record = await queue.get("ok-1")
+    assert record.status == Status.SUCCEEDED and record.result is not None
+    assert await arq_state(queue.store.redis, "ok-1") == {
+        "job": 0, "in_progress": 0, "retries": 0, "result": 0, "score": None, "abort": None}
+    assert worker.jobs_complete == 1 and worker.jobs_failed == 0
+
+
+async def test_a_permanent_error_ends_the_arq_job_with_the_record(queue: FlexQueue, redis_url: str) -> None:
+    await queue.enqueue({"model": MODEL, "prompt": "hi"}, job_id="bad-1")
+    await run_worker(redis_url, ScriptedGemini.of(client_error(400)))
+    record = await queue.get("bad-1")
+    assert record.status == Status.FAILED
+    state = await arq_state(queue.store.redis, "bad-1")
+    assert state["job"] == 0 and state["score"] is None and state["in_progress"] == 0
+
+
+async def test_a_deferral_rescores_the_arq_job_in_the_records_write(queue: FlexQueue, redis_url: str) -> None:
+    """As arq's Retry would: the job stays, due after the policy's delay, its in-progress key released."""
+    await queue.enqueue({"model": MODEL, "prompt": "hi"}, job_id="shed-1")
+    before_ms = time.time() * 1000
+    await run_worker(redis_url, ScriptedGemini.of(overloaded()), max_burst_jobs=1)
+    after_ms = time.time() * 1000
+    record = await queue.get("shed-1")
+    assert record.status == Status.RETRYING
+    delay_s = record.attempts[-1].retry_in_s
+    assert delay_s is not None and delay_s > 0
+    state = await arq_state(queue.store.redis, "shed-1")
+    assert state["job"] == 1 and state["in_progress"] == 0
+    assert before_ms + delay_s * 1000 <= state["score"] <= after_ms + delay_s * 1000
+
+
+async def test_a_stale_abort_request_is_spent_and_the_record_decides(queue: FlexQueue, redis_url: str) -> None:
+    """An abort left from an earlier run does not fail a job its record says should run (arq's own
+    run would have failed it without a look at the record)."""
+    await queue.enqueue({"model": MODEL, "prompt": "hi"}, job_id="ab-1")
+    await queue.store.redis.zadd(arq_wire.ABORT_SET, {"ab-1": time.time() * 1000})
+    await run_worker(redis_url, ScriptedGemini.of(answer("hello")))
+    assert (await queue.get("ab-1")).status == Status.SUCCEEDED
+    assert await queue.store.redis.zscore(arq_wire.ABORT_SET, "ab-1") is None
+
+
+async def test_a_job_whose_record_is_gone_is_dropped(queue: FlexQueue, redis_url: str) -> None:
+    await queue.enqueue({"model": MODEL, "prompt": "hi"}, job_id="gone-1")
+    await queue.store.redis.delete(queue.store.keys.record("gone-1"))
+    gemini = ScriptedGemini.of()
+    await run_worker(redis_url, gemini)
+    assert gemini.calls == []
+    state = await arq_state(queue.store.redis, "gone-1")
+    assert state["score"] is None and state["job"] == 0 and state["in_progress"] == 0
+
+
+async def test_a_job_running_elsewhere_or_not_due_is_not_claimed(queue: FlexQueue, redis_url: str) -> None:
+    settings = make_settings(redis_url=redis_url, flow=False)
+    gemini = ScriptedGemini.of()
+    worker = create_worker(settings, handle_signals=False,
+                           ctx={"flexq_gemini_factory": lambda *_a, **_k: gemini, "flexq_configure_logs": False})
+    worker._pool = worker.pool or await worker_pool(redis_url)
+    await startup(worker.ctx)
+    try:
+        await queue.enqueue({"model": MODEL, "prompt": "hi"}, job_id="busy-1")
+        await queue.enqueue({"model": MODEL, "prompt": "hi"}, job_id="later-1")
+        redis = queue.store.redis
+        await redis.set(arq_wire.in_progress_key("busy-1"), b"1", px=60_000)  # another worker runs it
+        await redis.zadd(QUEUE, {"later-1": time.time() * 1000 + 60_000})  # deferred meanwhile
+        slots = worker.sem._value
+        await worker.start_jobs([b"busy-1", b"later-1"])
+        assert worker.tasks == {} and worker.job_counter == 0
+        assert worker.sem._value == slots  # every slot given back
+        assert await redis.pttl(arq_wire.in_progress_key("busy-1")) > 50_000  # left as the owner set it
+        assert await redis.exists(arq_wire.in_progress_key("later-1")) == 0
+    finally:
+        await shutdown(worker.ctx)
+        await worker.close()
+
+
+async def worker_pool(redis_url: str) -> Any:
+    from arq.connections import ArqRedis
+    return ArqRedis.from_url(redis_url)
+
+
+def redis_py_encoding(call: Any) -> list[list[str]]:
+    """The commands redis-py's pipeline would send for ``call``, as strings."""
+    pipe = aioredis.Redis().pipeline(transaction=False)
+    call(pipe)
+    out = []
+    for args, _options in pipe.command_stack:
+        out.append([a.decode() if isinstance(a, bytes) else repr(a) if isinstance(a, float) else str(a) for a in args])
+    return out
+
+
+@pytest.mark.parametrize("call", [
+    lambda p: p.set("k", "text", ex=30),
+    lambda p: p.set("k", b'{"a":1}', px=1500),
+    lambda p: p.set("k", "v"),
+    lambda p: p.delete("a", "b", "c"),
+    lambda p: p.zadd("z", {"m": 1.5}),
+    lambda p: p.zadd("z", {"m": 1700000000123}, xx=True),
+    lambda p: p.zadd("z", {"m1": 1, "m2": 2.25}),
+    lambda p: p.zrem("z", "m"),
+    lambda p: p.xadd("s", {"job": "j1", "status": "queued", "n": 3, "t": 1.5}, maxlen=1000, approximate=True),
+    lambda p: p.xadd("s", {"job": "j1"}, maxlen=10, approximate=False),
+    lambda p: p.xadd("s", {"job": "j1"}),
+    lambda p: p.hincrby("h", "f", 3),
+    lambda p: p.hincrbyfloat("h", "f", 0.000125),
+    lambda p: p.lpush("l", 17),
+    lambda p: p.ltrim("l", 0, 9999),
+    lambda p: p.pexpire("k", 60000),
+    lambda p: arq_wire.schedule(p, "q", "j1", now_ms=1000, delay_ms=500, job_ttl_ms=90000),
+    lambda p: arq_wire.end_run(p, "q", "j1", due_ms=None),
+    lambda p: arq_wire.end_run(p, "q", "j1", due_ms=1234),
+    lambda p: arq_wire.request_abort(p, "j1", now_ms=99),
+    lambda p: arq_wire.hold_leases(p, ["j1", "j2"], ttl_ms=60000),
+    lambda p: arq_wire.unschedule(p, "q", "j1"),
+])
+def test_recorded_commands_are_what_redis_py_would_send(call: Any) -> None:
+    commands = Commands()
+    call(commands)
+    assert commands.stack == redis_py_encoding(call)
