@@ -96,17 +96,12 @@ def unschedule(pipe: Any, queue: str, job_id: str) -> None:
     pipe.zrem(queue_key(queue), job_id)
 
 
-def end_run(pipe: Any, queue: str, job_id: str, *, due_ms: int | None) -> None:
-    """What arq's own finish of a run does, for a worker that ends the run in its record's write: the
-    job done (``due_ms`` None: its arq job, retry count, abort request and queue entry removed) or due
-    again at ``due_ms`` (re-scored, as arq does for a ``Retry``); the in-progress key released either way."""
-    if due_ms is None:
-        pipe.delete(in_progress_key(job_id), retry_key(job_id), job_key(job_id))
-        pipe.zrem(ABORT_SET, job_id)
-        pipe.zrem(queue_key(queue), job_id)
-    else:
-        pipe.zadd(queue_key(queue), {job_id: due_ms})
-        pipe.delete(in_progress_key(job_id))
+def end_run(pipe: Any, queue: str, job_id: str) -> None:
+    """What arq's own finish of a job's last run does, for a worker that ends the run in its record's
+    write: the arq job, its retry count, abort request, queue entry and in-progress key removed."""
+    pipe.delete(in_progress_key(job_id), retry_key(job_id), job_key(job_id))
+    pipe.zrem(ABORT_SET, job_id)
+    pipe.zrem(queue_key(queue), job_id)
 
 
 def request_abort(pipe: Any, job_id: str, *, now_ms: int) -> None:

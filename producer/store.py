@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from functools import cache
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from pydantic import ValidationError
 from redis.asyncio import Redis
@@ -49,6 +49,16 @@ def _script(name: str) -> str:
 
 def epoch_s(moment: datetime) -> float:
     return moment.timestamp()
+
+
+@dataclasses.dataclass(frozen=True)
+class Write(Generic[T]):
+    """One record change as a compare-and-set call: the record's key, the script's arguments (the text
+    it was decided from or its sha1, the commands as JSON, the mode) and the change it writes."""
+
+    key: str
+    args: list[str]
+    change: Change[T]
 
 
 #: A worker that has not beaten for this long is forgotten (its name leaves the heartbeat set).
@@ -188,29 +198,47 @@ class JobStore:
         text as the caller last saw or wrote it, saving a read when it is still current. ``decide``
         may run more than once: when the record changed meanwhile, it is read again. ``parsed``: the
         record ``current`` holds, when the caller has it already (the hot path saves a parse)."""
-        key = self.keys.record(job_id)
         raw = current
         old: JobRecord | None = parsed if current is not None else None
         while True:
             if raw is None:
                 raw = await self.get_raw(job_id)
-            if old is None:
-                old = self._parse(job_id, raw)
-            change = decide(old)
-            if change is None:
+            write = self.prepare(job_id, decide, raw, old)
+            if write is None:
                 return None
-            ops = Commands()  # written down for the script, not sent
-            written = self._write(ops, old, change.record, change.counted)
-            self._apply(ops, change)
-            text = raw if isinstance(raw, bytes) else raw.encode()
-            seen = text if self._cas_by_text else hashlib.sha1(text, usedforsecurity=False).hexdigest()
-            mode = "text" if self._cas_by_text else "sha1"
-            applied = int(await self._cas_script(keys=[key], args=[seen, json.dumps(ops.stack), mode]))
-            if applied == 1:
-                return dataclasses.replace(change, written=written)
-            if applied < 0:
-                raise JobNotFoundError(job_id)
+            change = self.written(job_id, write, int(await self._cas_script(keys=[write.key], args=write.args)))
+            if change is not None:
+                return change
             raw, old = None, None  # changed meanwhile: read it again and decide again
+
+    def prepare(
+        self, job_id: str, decide: Decide[T], raw: str | bytes, parsed: JobRecord | None = None
+    ) -> Write[T] | None:
+        """The compare-and-set call that applies ``decide`` to the record text ``raw`` (``parsed``: that
+        text as a record, when the caller has it), or None when ``decide`` leaves the job as it is. The
+        call is for ``update``, or for a flow-control script that applies it with its own (worker)."""
+        old = parsed if parsed is not None else self._parse(job_id, raw)
+        change = decide(old)
+        if change is None:
+            return None
+        ops = Commands()  # written down for the script, not sent
+        written = self._write(ops, old, change.record, change.counted)
+        self._apply(ops, change)
+        text = raw if isinstance(raw, bytes) else raw.encode()
+        seen = text.decode() if self._cas_by_text else hashlib.sha1(text, usedforsecurity=False).hexdigest()
+        mode = "text" if self._cas_by_text else "sha1"
+        return Write(self.keys.record(job_id), [seen, json.dumps(ops.stack), mode],
+                     dataclasses.replace(change, written=written))
+
+    @staticmethod
+    def written(job_id: str, write: Write[T], applied: int) -> Change[T] | None:
+        """What the compare-and-set call's reply means: the change (applied), None (the record changed
+        meanwhile: read it and decide again), or ``JobNotFoundError`` (the record is gone)."""
+        if applied == 1:
+            return write.change
+        if applied < 0:
+            raise JobNotFoundError(job_id)
+        return None
 
     def _apply(self, pipe: Pipeline | Commands, change: Change[Any]) -> None:
         record = change.record
@@ -222,9 +250,8 @@ class JobStore:
             )
         if change.drop_arq_job:
             arq_wire.unschedule(pipe, self.keys.queue, record.id)
-        if change.end_run is not None:
-            due_ms = None if change.end_run == "done" else int(now.timestamp() * 1000 + float(change.end_run) * 1000)
-            arq_wire.end_run(pipe, self.keys.queue, record.id, due_ms=due_ms)
+        if change.end_run:
+            arq_wire.end_run(pipe, self.keys.queue, record.id)
         if change.abort:
             arq_wire.request_abort(pipe, record.id, now_ms=int(now.timestamp() * 1000))
         if change.lease_s is not None:

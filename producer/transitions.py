@@ -44,9 +44,9 @@ class Change(Generic[T]):
     drop_arq_job: bool = False  # the job will not run again: remove its arq job
     abort: bool = False  # ask the worker running it to cancel the call
     lease_s: float | None = None  # hold the open attempt's lease this long
-    #: the worker running the job ends its arq run here, not in arq's own finish: "done" (the job will not
-    #: run again) or a number (run it again after that many seconds), with its in-progress key released
-    end_run: float | str | None = None
+    #: the worker running the job ends its arq run in this write, not in arq's own finish (the job will
+    #: not run again: its arq job, queue entry and in-progress key go with it)
+    end_run: bool = False
     counted: tuple[Attempt, ...] = ()  # closed attempts to add to the queue's counters
     cost: Cost | None = None
     written: str | None = None  # the record's text as the store wrote it (set by the store)

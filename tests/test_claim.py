@@ -1,7 +1,7 @@
 """The worker's claimed runs (worker.runtime.FlexqWorker, worker/lua/claim.lua) on a real Redis.
 
-A due job is claimed and its record read in one script call; the attempt's last record write ends
-arq's run (removes the arq job, or re-scores it for a deferral) instead of arq's own finish. These
+A due job is claimed and its record read in one script call; when the job ends, the attempt's
+record write also removes its arq job, instead of arq's own finish (a deferral is arq's Retry). These
 tests check that arq's state after each run is what arq's own start/finish would have left, and the
 command recorder the compare-and-set script is given against redis-py's own encoding.
 """
@@ -74,8 +74,8 @@ async def test_a_permanent_error_ends_the_arq_job_with_the_record(queue: FlexQue
     assert state["job"] == 0 and state["score"] is None and state["in_progress"] == 0
 
 
-async def test_a_deferral_rescores_the_arq_job_in_the_records_write(queue: FlexQueue, redis_url: str) -> None:
-    """As arq's Retry would: the job stays, due after the policy's delay, its in-progress key released."""
+async def test_a_deferral_rescores_the_arq_job(queue: FlexQueue, redis_url: str) -> None:
+    """arq's Retry: the job stays, due after the policy's delay, its in-progress key released."""
     await queue.enqueue({"model": MODEL, "prompt": "hi"}, job_id="shed-1")
     before_ms = time.time() * 1000
     await run_worker(redis_url, ScriptedGemini.of(overloaded()), max_burst_jobs=1)
@@ -166,8 +166,7 @@ def redis_py_encoding(call: Any) -> list[list[str]]:
     lambda p: p.ltrim("l", 0, 9999),
     lambda p: p.pexpire("k", 60000),
     lambda p: arq_wire.schedule(p, "q", "j1", now_ms=1000, delay_ms=500, job_ttl_ms=90000),
-    lambda p: arq_wire.end_run(p, "q", "j1", due_ms=None),
-    lambda p: arq_wire.end_run(p, "q", "j1", due_ms=1234),
+    lambda p: arq_wire.end_run(p, "q", "j1"),
     lambda p: arq_wire.request_abort(p, "j1", now_ms=99),
     lambda p: arq_wire.hold_leases(p, ["j1", "j2"], ttl_ms=60000),
     lambda p: arq_wire.unschedule(p, "q", "j1"),

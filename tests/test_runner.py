@@ -719,3 +719,89 @@ async def test_job_that_will_not_call_takes_no_permit(fake_queue: FlexQueue, flo
     assert await make_runner(fake_queue, ScriptedGemini.of(), flow=flow).run("j1") is None
     assert (await fake_queue.get("j1")).status == Status.FAILED
     assert await permits_in_use(fake_queue) == 0 and flow.held == {}
+
+
+# -- flow control's scripts carrying the record's writes -------------------------------------------
+
+
+def tag_it(record: JobRecord) -> transitions.Change[None]:
+    return transitions.Change(record.model_copy(update={"tags": {**record.tags, "seen": "1"}}))
+
+
+async def test_an_acquire_carries_the_opening_only_when_it_admits(fake_queue: FlexQueue, flow: FlowControl) -> None:
+    await enqueue(fake_queue)
+    raw = await fake_queue.store.get_raw("j1")
+    await flow.pause(MODEL, until_s=time.time() + 100, reason="test pause")
+    refused = await flow.acquire("j1", MODEL, "flex", 10, write=fake_queue.store.prepare("j1", tag_it, raw))
+    assert not refused.admitted and refused.written == 0
+    assert (await fake_queue.get("j1")).tags == {}  # not written
+    await flow.resume(MODEL)
+    admitted = await flow.acquire("j1", MODEL, "flex", 10, write=fake_queue.store.prepare("j1", tag_it, raw))
+    assert admitted.admitted and admitted.written == 1
+    assert (await fake_queue.get("j1")).tags == {"seen": "1"} and await permits_in_use(fake_queue) == 1
+
+
+async def test_a_write_decided_from_old_text_is_not_applied(fake_queue: FlexQueue, flow: FlowControl) -> None:
+    """Acquire and release still do their own work; the record, changed meanwhile, is left alone."""
+    await enqueue(fake_queue)
+    stale = await fake_queue.store.get_raw("j1")
+    await edit(fake_queue, "j1", lambda r: r.model_copy(update={"tags": {"other": "writer"}}))
+    admission = await flow.acquire("j1", MODEL, "flex", 10, write=fake_queue.store.prepare("j1", tag_it, stale))
+    assert admission.admitted and admission.written == 0 and await permits_in_use(fake_queue) == 1
+    learned = await flow.release(admission.permit, "ok", write=fake_queue.store.prepare("j1", tag_it, stale))
+    assert learned is not None and learned.written == 0 and await permits_in_use(fake_queue) == 0
+    assert (await fake_queue.get("j1")).tags == {"other": "writer"}
+
+
+async def test_a_release_carries_the_outcome_in_the_same_call(fake_queue: FlexQueue, flow: FlowControl) -> None:
+    await enqueue(fake_queue)
+    admission = await flow.acquire("j1", MODEL, "flex", 10)
+    raw = await fake_queue.store.get_raw("j1")
+    learned = await flow.release(admission.permit, "ok", write=fake_queue.store.prepare("j1", tag_it, raw))
+    assert learned is not None and learned.written == 1
+    assert await permits_in_use(fake_queue) == 0 and (await fake_queue.get("j1")).tags == {"seen": "1"}
+
+
+async def test_a_write_to_a_record_gone_says_so(fake_queue: FlexQueue, flow: FlowControl) -> None:
+    await enqueue(fake_queue)
+    raw = await fake_queue.store.get_raw("j1")
+    await fake_queue.redis.delete(fake_queue.store.keys.record("j1"))
+    admission = await flow.acquire("j1", MODEL, "flex", 10, write=fake_queue.store.prepare("j1", tag_it, raw))
+    assert admission.admitted and admission.written == -1
+
+
+async def test_a_claimed_run_whose_record_was_cancelled_meanwhile_gives_its_permit_back(
+    fake_queue: FlexQueue, flow: FlowControl
+) -> None:
+    """The worker read the record as it claimed the job; a cancel came before the attempt's opening
+    (carried by the acquire) was written: the write is refused, the record read again, nothing runs."""
+    await enqueue(fake_queue)
+    stale = await fake_queue.store.get_raw("j1")
+    await fake_queue.cancel("j1")
+    gemini = ScriptedGemini.of()
+    runner = make_runner(fake_queue, gemini, flow=flow)
+    assert await runner.run("j1", raw=stale, claimed=True) is None
+    assert gemini.calls == [] and (await fake_queue.get("j1")).status == Status.CANCELLED
+    assert await permits_in_use(fake_queue) == 0 and flow.held == {}
+
+
+async def test_a_claimed_run_with_flow_control_opens_and_closes_in_the_flow_calls(
+    fake_queue: FlexQueue, flow: FlowControl
+) -> None:
+    """One acquire (opening the attempt) and one release (recording the outcome): no other record write."""
+    await enqueue(fake_queue)
+    raw = await fake_queue.store.get_raw("j1")
+    runner = make_runner(fake_queue, ScriptedGemini.of(answer()), flow=flow)
+    writes: list[str] = []
+    update = fake_queue.store.update
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        writes.append(args[0])
+        return await update(*args, **kwargs)
+
+    fake_queue.store.update = counted  # type: ignore[method-assign]
+    assert await runner.run("j1", raw=raw, claimed=True) is None
+    record = await fake_queue.get("j1")
+    assert record.status == Status.SUCCEEDED and len(record.attempts) == 1 and writes == []
+    assert await permits_in_use(fake_queue) == 0 and runner.arq_ended == {"j1"}
+    assert await fake_queue.redis.zscore(arq_wire.queue_key("flexq-test"), "j1") is None  # the run ended

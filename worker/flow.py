@@ -165,6 +165,9 @@ class Admission:
     limit: float = 0.0  # the concurrency limit and permits held, after this decision (for logs)
     in_flight: int = 0
     permit: Permit | None = None
+    #: a record write carried by the acquire (``FlowControl.acquire(write=...)``): 1 applied, 0 the record
+    #: changed meanwhile or the job was not admitted, -1 the record is gone; None: no write was carried
+    written: int | None = None
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,8 @@ class Release:
 
     limit: float
     verdict: str = ""
+    #: a record write carried by the release: 1 applied, 0 the record changed meanwhile, -1 it is gone
+    written: int | None = None
 
 
 def defer_s(admission: Admission, cfg: FlowConfig, rand: Callable[[], float]) -> float:

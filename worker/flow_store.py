@@ -44,6 +44,7 @@ from redis.asyncio import Redis
 
 from producer.events import text
 from producer.keys import Keys
+from producer.store import Write
 from worker.classify import QuotaKind
 from worker.config import flow_model, limits_model
 from worker.flow import (
@@ -65,6 +66,33 @@ def script(name: str) -> str:
     """The text of ``worker/lua/{name}.lua`` with the shared prelude in front, read once."""
     folder = resources.files("worker").joinpath("lua")
     return folder.joinpath("prelude.lua").read_text() + "\n" + folder.joinpath(f"{name}.lua").read_text()
+
+
+#: How a flow script that carries a record write ends: its own reply, then the compare-and-set's.
+_THEN_WRITE = {
+    "acquire": "local reply = flow_call()\nlocal written = 0\n"
+               "if tonumber(reply[1]) == 1 then written = cas(KEYS[#KEYS], ARGV[3], ARGV[4], ARGV[5]) end\n"
+               "reply[#reply + 1] = written\nreturn reply\n",
+    "release": "local reply = flow_call()\nreply[#reply + 1] = cas(KEYS[#KEYS], ARGV[3], ARGV[4], ARGV[5])\n"
+               "return reply\n",
+}
+
+
+@cache
+def script_with_write(name: str) -> str:
+    """``acquire`` or ``release`` followed by a job record's compare-and-set (``producer/lua/cas.lua``), so
+    that an attempt's start (its permit and the record's ``running``) or its end (the permit back and the
+    outcome recorded) is one round trip. KEYS: the flow script's, then the record's; ARGV: the flow
+    script's two, then the compare-and-set's three. Reply: the flow script's, then the write's (1 applied,
+    0 the record changed meanwhile, -1 gone); an acquire applies the write only when it admits."""
+    cas = resources.files("producer").joinpath("lua", "cas.lua").read_text()
+    folder = resources.files("worker").joinpath("lua")
+    return "\n".join([
+        folder.joinpath("prelude.lua").read_text(),
+        cas[: cas.index("-- END OF cas")],
+        "local function flow_call()", folder.joinpath(f"{name}.lua").read_text(), "end",
+        _THEN_WRITE[name],
+    ])
 
 
 def _arg(now_s: float | None) -> str:
@@ -97,6 +125,8 @@ class FlowControl:
         self._renew = redis.register_script(script("renew"))
         self._pause = redis.register_script(script("pause"))
         self._settle = redis.register_script(script("settle"))
+        self._acquire_write = redis.register_script(script_with_write("acquire"))
+        self._release_write = redis.register_script(script_with_write("release"))
         self._acquire_cfg = json.dumps({
             "initial": cfg.initial_limit, "min": cfg.min_limit, "max": cfg.max_limit, "permit_ttl_s": cfg.permit_ttl_s,
             "state_ttl_s": cfg.state_ttl_s, "rate_window_s": RATE_WINDOW_S,
@@ -135,10 +165,11 @@ class FlowControl:
 
     async def acquire(
         self, job_id: str, model: str, tier: str, est_tokens: int, now_s: float | None = None,
-        since_s: float | None = None, channel: str | None = None,
+        since_s: float | None = None, channel: str | None = None, write: Write[Any] | None = None,
     ) -> Admission:
         """Admit one attempt (holding a permit until ``release``) or say why not and for how long.
-        ``channel``: its own scope (limit, breaker, pause) unless it is the ``default`` one."""
+        ``channel``: its own scope (limit, breaker, pause) unless it is the ``default`` one. ``write``: the
+        job record's change that opens the attempt, applied in the same call if (only if) it admits."""
         model = flow_model(model, channel)
         limits = self.cfg.limits.get(limits_model(model))
         state, permits = self._scope(model, tier)
@@ -148,15 +179,17 @@ class FlowControl:
             "rpm": (limits.rpm or 0) if limits else 0, "tpm": (limits.tpm or 0) if limits else 0,
             "worker": self.worker,
         }
-        reply = await self._acquire(
-            keys=[state, permits, pause, rate, self.keys.flow("scopes_seen"), self.keys.flow("log"),
-                  self._waiters(model, tier), self.keys.flow("woken"), self.keys.arq_queue,
-                  self._reserved(model, tier)],
-            args=[json.dumps(call), self._acquire_cfg],
-        )
-        admitted, reason, wait_s, probe, started_s, limit, in_flight = reply
+        keys = [state, permits, pause, rate, self.keys.flow("scopes_seen"), self.keys.flow("log"),
+                self._waiters(model, tier), self.keys.flow("woken"), self.keys.arq_queue, self._reserved(model, tier)]
+        args = [json.dumps(call), self._acquire_cfg]
+        if write is None:
+            reply = await self._acquire(keys=keys, args=args)
+        else:
+            reply = await self._acquire_write(keys=[*keys, write.key], args=[*args, *write.args])
+        admitted, reason, wait_s, probe, started_s, limit, in_flight = reply[:7]
         admission = Admission(
-            bool(int(admitted)), text(reason), float(wait_s), bool(int(probe)), float(limit), int(in_flight)
+            bool(int(admitted)), text(reason), float(wait_s), bool(int(probe)), float(limit), int(in_flight),
+            written=int(reply[7]) if write is not None else None,
         )
         if admission.admitted:
             permit = Permit(job_id, model, tier, max(0, est_tokens), float(started_s), int(in_flight),
@@ -175,9 +208,11 @@ class FlowControl:
         used_tokens: int | None = None,
         reason: str = "",
         now_s: float | None = None,
+        write: Write[Any] | None = None,
     ) -> Release | None:
         """Return the permit and learn from the attempt's outcome (``None``: the call was never made,
-        refund it). ``used_tokens``: tokens the usage reported, to correct the TPM estimate.
+        refund it). ``used_tokens``: tokens the usage reported, to correct the TPM estimate. ``write``:
+        the job record's change that records the outcome, applied in the same call.
         Returns what was learned (the limit, a 503's verdict), or None when there was no permit."""
         if permit is None:
             return None
@@ -208,13 +243,15 @@ class FlowControl:
             # wake scores go into arq's queue, which arq compares with the worker's clock, not Redis's
             "arq_now_ms": int(time.time() * 1000) if now_s is None else None,
         }
-        limit, verdict = await self._release(
-            keys=[state, permits, pause, quota_key, rate, self.keys.flow("log"),
-                  self._waiters(permit.model, permit.tier), self.keys.arq_queue, self.keys.flow("woken"),
-                  self._levels(permit.model, permit.tier), self._reserved(permit.model, permit.tier)],
-            args=[json.dumps(call), self._release_cfg],
-        )
-        return Release(float(limit), text(verdict))
+        keys = [state, permits, pause, quota_key, rate, self.keys.flow("log"),
+                self._waiters(permit.model, permit.tier), self.keys.arq_queue, self.keys.flow("woken"),
+                self._levels(permit.model, permit.tier), self._reserved(permit.model, permit.tier)]
+        args = [json.dumps(call), self._release_cfg]
+        if write is None:
+            limit, verdict = await self._release(keys=keys, args=args)
+            return Release(float(limit), text(verdict))
+        limit, verdict, written = await self._release_write(keys=[*keys, write.key], args=[*args, *write.args])
+        return Release(float(limit), text(verdict), written=int(written))
 
     async def renew(self, now_s: float | None = None) -> int:
         """Extend the leases of the permits this process holds; returns how many were still held.

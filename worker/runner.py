@@ -11,6 +11,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
 from redis.exceptions import RedisError
@@ -21,7 +22,7 @@ from producer.models import Attempt, JobRecord, utcnow
 from producer.pricing import cost_usd
 from producer.request import DEFAULT_CHANNEL, GenerateRequest
 from producer.status import CALL_TIERS, Outcome, Status, Tier
-from producer.store import JobStore
+from producer.store import JobStore, Write
 from producer.transitions import Cost
 from worker import classify, outputs, policy
 from worker.budget import BUDGET_EXCEEDED, BudgetStore, Hold, Refusal, applying, estimate_usd, on_refusal
@@ -92,9 +93,8 @@ class Runner:
         """Run one attempt of ``job_id``. Returns the deferral in seconds, or None when done.
         ``claimed``: the worker read the record as it claimed the job (``raw``, None when there was none)."""
         try:
-            if not claimed:
-                raw = await self.store.get_raw(job_id)
-            elif raw is None:
+            raw = raw if claimed else await self.store.get_raw(job_id)
+            if raw is None:  # claimed, and the record is gone
                 raise JobNotFoundError(job_id)
             record = self.store.parse(job_id, raw)
             if await self._from_cache(record, raw):
@@ -105,7 +105,8 @@ class Runner:
             if not channels:
                 await self._no_channel(record)
                 return None
-            admission, channel = await self._admit(record, channels)
+            hold: Hold | None = None
+            admission, channel, begun = await self._admit_and_begin(record, raw, channels)
             if admission is not None and not admission.admitted:
                 assert self.flow is not None
                 delay_s = defer_s(admission, self.flow.cfg, self.rand)  # no permit: not an attempt
@@ -113,11 +114,15 @@ class Runner:
                     return None
                 return delay_s
             permit = admission.permit if admission is not None else None
-            hold = await self._reserve(record)
-            if isinstance(hold, Refusal):  # over a budget: not an attempt
-                await self._release(permit, None)
-                return await self._over_budget(record, hold)
-            record, opened, written = await self._begin(job_id, raw, channel, parsed=record)  # read once
+            if begun is not None:  # admitted and opened in one call (no budget applies)
+                record, opened, written = begun
+            else:
+                reserved = await self._reserve(record)
+                if isinstance(reserved, Refusal):  # over a budget: not an attempt
+                    await self._release(permit, None)
+                    return await self._over_budget(record, reserved)
+                hold = reserved
+                record, opened, written = await self._begin(job_id, raw, channel, parsed=record)  # read once
         except JobNotFoundError:
             log.warning("job_missing", job_id=job_id, detail="no record (expired or never enqueued)")
             return None
@@ -184,6 +189,47 @@ class Runner:
         if change is not None:
             self.log_terminal(change.record)
         return None
+
+    async def _admit_and_begin(
+        self, record: JobRecord, raw: bytes, channels: list[str]
+    ) -> tuple[Admission | None, str, tuple[JobRecord, bool, str | None] | None]:
+        """The admission (``_admit``) and the channel; with them, when flow control could open the attempt
+        in the same call, what ``_begin`` returns (else None: the caller opens it)."""
+        folded = await self._admit_opening(record, raw, channels)
+        if folded is not None:
+            return folded
+        admission, channel = await self._admit(record, channels)
+        return admission, channel, None
+
+    async def _admit_opening(
+        self, record: JobRecord, raw: bytes, channels: list[str]
+    ) -> tuple[Admission, str, tuple[JobRecord, bool, str | None] | None] | None:
+        """Flow control's permit and the attempt's opening in one call (``FlowControl.acquire(write=...)``)
+        when nothing stands between them: one channel, no budget applies, the job would run. Returns the
+        admission, the channel and, if admitted, what ``_begin`` returns; None: take the separate steps."""
+        if (
+            self.flow is None or len(channels) != 1 or record.request is None or record.terminal
+            or record.cancel_requested or utcnow() >= record.deadline_at
+            or (self.budget is not None and applying(self.budget.budgets, record.tags))
+        ):
+            return None
+        channel = channels[0]
+        write = self.store.prepare(record.id, self._opening(utcnow(), channel), raw, record)
+        if write is None or write.change.record.status != Status.RUNNING:
+            return None  # the job ends instead (settled): no permit needed
+        est = estimate_tokens(record.request, output_tokens_default=self.flow.cfg.output_tokens_default)
+        admission = await self.flow.acquire(
+            record.id, record.request.model, str(record.next_tier), est, since_s=record.created_at.timestamp(),
+            channel=channel, write=write,
+        )
+        if not admission.admitted:
+            return admission, channel, None
+        if admission.written == 1:
+            return admission, channel, (write.change.record, True, write.change.written)
+        if admission.written == -1:
+            await self._release(admission.permit, None)
+            raise JobNotFoundError(record.id)
+        return admission, channel, await self._begin(record.id, None, channel)  # changed meanwhile: read again
 
     async def _admit(self, record: JobRecord, channels: list[str]) -> tuple[Admission | None, str]:
         """Ask flow control for a permit on the job's first channel that is neither open nor paused, unless
@@ -314,7 +360,7 @@ class Runner:
 
     async def _release(
         self, permit: Permit | None, outcome: Outcome | None, classified: classify.Classified | None = None,
-        answer: Answer | None = None,
+        answer: Answer | None = None, write: Write[Any] | None = None,
     ) -> Release | None:
         if self.flow is None or permit is None:
             return None
@@ -325,6 +371,7 @@ class Runner:
                 quota=str(classified.quota) if classified and classified.quota else None,
                 used_tokens=answer.usage.total_tokens if answer is not None else None,
                 reason=(classified.quota_id or "") if classified else "",
+                write=write,
             )
         except Exception as err:  # the permit lapses by TTL; the attempt itself must still be recorded
             log.warning("flow_release_failed", job_id=permit.job_id, error=f"{type(err).__name__}: {err}")
@@ -337,7 +384,15 @@ class Runner:
     ) -> tuple[JobRecord, bool, str | None]:
         """Open an attempt, unless the job has ended or must end first (``transitions.settle``).
         Returns the record, whether an attempt is open, and the record's text as written."""
-        now = utcnow()
+        change = await self.store.update(job_id, self._opening(utcnow(), channel), current=current, parsed=parsed)
+        if change is None:
+            return await self.store.get(job_id), False, None
+        if change.record.terminal:
+            self.log_terminal(change.record)
+        return change.record, change.record.status == Status.RUNNING, change.written
+
+    def _opening(self, now: datetime, channel: str | None) -> Callable[[JobRecord], transitions.Change[None] | None]:
+        """The decision that opens an attempt on ``channel`` (or ends the job first: ``transitions.settle``)."""
 
         def decide(record: JobRecord) -> transitions.Change[None] | None:
             if record.request is None or record.terminal:
@@ -354,18 +409,13 @@ class Runner:
             # a short lease, renewed by this process, not arq's job-timeout-long one
             return transitions.Change(begun, counted=counted, lease_s=self.settings.lease_s)
 
-        change = await self.store.update(job_id, decide, current=current, parsed=parsed)
-        if change is None:
-            return await self.store.get(job_id), False, None
-        if change.record.terminal:
-            self.log_terminal(change.record)
-        return change.record, change.record.status == Status.RUNNING, change.written
+        return decide
 
     # -- attempt --------------------------------------------------------------------------------
 
     async def _attempt(
         self, record: JobRecord, number: int, tier: Tier, permit: Permit | None, written: str | None = None,
-        hold: Hold | None = None, *, end_run: bool = False, current_record: JobRecord | None = None,
+        hold: Hold | None = None, *, end_run: bool = False,
     ) -> float | None:
         assert record.request is not None
         left_s = record.deadline_at.timestamp() - time.time()
@@ -386,6 +436,10 @@ class Runner:
         else:
             classified, parsed = judge(record.request, answer)
         classified = redacted(classified)
+        if permit is not None and not (classified.outcome == Outcome.OK and answer is not None and answer.blobs):
+            # the permit back and the outcome recorded in one call (an answer's blobs are stored first)
+            return await self._finish(record.id, number, tier, classified, answer, None, parsed, written, hold,
+                                      end_run=end_run, current_record=record, permit=permit)
         learned = await self._release(permit, classified.outcome, classified, answer)
         return await self.record_outcome(
             record.id, number, tier, classified, answer, learned.verdict if learned else None, parsed, written, hold,
@@ -399,7 +453,7 @@ class Runner:
     ) -> float | None:
         """Record how open attempt ``number`` ended (its answer's bytes first) and apply the policy's
         decision; the deferral, or None when the job is done. Also the Batch API's way in (worker.batch_tier).
-        ``end_run``: also end the job's arq run in that write (``arq_ended``), unless another owns it now."""
+        ``end_run``: when the job ends, end its arq run in that write (``arq_ended``), unless another owns it."""
         if classified.outcome == Outcome.OK and answer is not None and answer.blobs:
             # the bytes go in first: a record never refers to a blob that is not there
             blobs_ = answer.blobs
@@ -440,47 +494,23 @@ class Runner:
         self, job_id: str, number: int, tier: Tier, classified: classify.Classified, answer: Answer | None,
         verdict: str | None = None, parsed: Any = None, current: str | None = None,
         hold: Hold | None = None, *, end_run: bool = False, current_record: JobRecord | None = None,
+        permit: Permit | None = None,
     ) -> float | None:
         """Close the attempt and apply the policy's decision; the deferral, or None when done.
         ``current``: the record's text as the attempt's start wrote it (most often still current)."""
         now = utcnow()
-        usage = answer.usage if answer is not None else None
 
         def decide(record: JobRecord) -> transitions.Change[policy.Decision] | None:
-            current = record.open_attempt
-            superseded: tuple[Attempt, ...] = ()
-            late = False
-            if current is None or current.number != number:  # this worker lost the attempt's lease
-                late_ok = classified.outcome == Outcome.OK and answer is not None and 0 < number <= len(record.attempts)
-                if record.terminal or not late_ok:
-                    return None  # the job's newer attempt, or its end, owns it
-                closed = transitions.close_late_attempt(
-                    record, number=number, now=now, outcome=classified.outcome, http_status=classified.http_status,
-                    served_tier=answer.served_tier if answer else None, usage=usage,
-                )
-                superseded = (closed.attempts[-1],) if current is not None else ()
-                late = True
-            else:
-                closed = transitions.close_attempt(
-                    record, number=number, now=now, outcome=classified.outcome,
-                    http_status=classified.http_status, error=classified.message,
-                    served_tier=answer.served_tier if answer else None, usage=usage,
-                )
+            closing = _close(record, number, classified, answer, now)
+            if closing is None:
+                return None  # the job's newer attempt, or its end, owns it
+            closed, superseded, late = closing
             decision = policy.decide(classified, self._budget(closed, tier, now.timestamp()), self.rand)
             if late:
                 decision = replace(decision, reason=LATE_ANSWER)
+            ended = end_run and not late  # the job's end ends this arq run in the same write
             if decision.action == policy.Action.SUCCEED and answer is not None:
-                assert closed.request is not None
-                model = closed.request.model
-                # billed as served: a flex request the API served (and bills) at standard costs standard
-                billed = Tier(answer.served_tier) if answer.served_tier in CALL_TIERS else tier
-                channel = closed.attempts[number - 1].channel  # a batch attempt's: its batch's name
-                if tier == Tier.BATCH:
-                    channel = self.batch.channel if self.batch is not None else None
-                factor = self.price_factors.get(channel or DEFAULT_CHANNEL, 1.0)  # a relay's markup, a discount
-                usd, standard_usd = (_times(cost_usd(model, answer.usage, billed), factor),
-                                     _times(cost_usd(model, answer.usage, Tier.STANDARD), factor))
-                cost = Cost(str(billed), usd, standard_usd, model, channel)
+                cost = self._cost(closed, number, tier, answer)
                 result = answer.result(str(tier), parsed)
                 done = transitions.succeed(
                     closed, result=result, now=now, cost_usd=cost.usd, standard_cost_usd=cost.standard_usd
@@ -488,24 +518,27 @@ class Runner:
                 return transitions.Change(
                     done, decided=decision, counted=(done.attempts[number - 1], *superseded), cost=cost,
                     abort=bool(superseded),  # a newer attempt's call is still running: stop it
-                    end_run="done" if end_run and not late else None,
+                    end_run=ended,
                 )
             if decision.action == policy.Action.RETRY:
                 closed.attempts[-1].retry_in_s = decision.delay_s  # this function's own copy
                 retrying = transitions.schedule_retry(closed, next_tier=decision.tier, now=now)
-                return transitions.Change(retrying, decided=decision, counted=(retrying.attempts[-1],),
-                                          end_run=decision.delay_s if end_run and not late else None)
+                # deferred: arq re-scores the job (``Retry(defer=...)``, worker.runtime)
+                return transitions.Change(retrying, decided=decision, counted=(retrying.attempts[-1],))
             failed = transitions.fail(
                 closed, kind=decision.error_kind or "failed", message=decision.reason, now=now,
                 http_status=classified.http_status,
             )
-            return transitions.Change(failed, decided=decision, counted=(failed.attempts[-1],),
-                                      end_run="done" if end_run and not late else None)
+            return transitions.Change(failed, decided=decision, counted=(failed.attempts[-1],), end_run=ended)
 
-        change = await self.through_outage(
-            lambda: self.store.update(job_id, decide, current=current, parsed=current_record), job_id=job_id
-        )
-        await self._settle(hold, change.cost.usd if change is not None and change.cost is not None else None)
+        change: transitions.Change[policy.Decision] | None = None
+        if permit is not None:  # release the permit, with the record's change when its text is known
+            change, verdict = await self._release_writing(permit, classified, answer, decide, current, current_record)
+        if change is None:  # no permit, the record changed meanwhile, or the release failed: write it alone
+            change = await self.through_outage(
+                lambda: self.store.update(job_id, decide, current=current, parsed=current_record), job_id=job_id
+            )
+        await self._settle(hold, _billed_usd(change))
         if change is None:
             log.warning("lease_lost", job_id=job_id, attempt=number, outcome=str(classified.outcome),
                         detail="outcome not recorded: a newer attempt, or the job's end, owns the job")
@@ -513,7 +546,7 @@ class Runner:
             return None
         decision = change.decided
         assert decision is not None
-        if change.end_run is not None:
+        if change.end_run:
             self.arq_ended.add(job_id)
         if decision.reason == LATE_ANSWER:
             log.warning("late_answer_kept", job_id=job_id, attempt=number, detail=LATE_ANSWER)
@@ -523,6 +556,34 @@ class Runner:
         if decision.action == policy.Action.SUCCEED:
             await self._keep_in_cache(change.record)
         return decision.delay_s if decision.action == policy.Action.RETRY else None
+
+    def _cost(self, closed: JobRecord, number: int, tier: Tier, answer: Answer) -> Cost:
+        """What a successful attempt's answer cost, billed as served (a flex request the API served, and
+        bills, at standard costs standard) and times its channel's price factor."""
+        assert closed.request is not None
+        model = closed.request.model
+        billed = Tier(answer.served_tier) if answer.served_tier in CALL_TIERS else tier
+        channel = closed.attempts[number - 1].channel  # a batch attempt's: its batch's name
+        if tier == Tier.BATCH:
+            channel = self.batch.channel if self.batch is not None else None
+        factor = self.price_factors.get(channel or DEFAULT_CHANNEL, 1.0)  # a relay's markup, a discount
+        usd, standard_usd = (_times(cost_usd(model, answer.usage, billed), factor),
+                             _times(cost_usd(model, answer.usage, Tier.STANDARD), factor))
+        return Cost(str(billed), usd, standard_usd, model, channel)
+
+    async def _release_writing(
+        self, permit: Permit, classified: classify.Classified, answer: Answer | None,
+        decide: Callable[[JobRecord], transitions.Change[T] | None], current: str | None,
+        current_record: JobRecord | None,
+    ) -> tuple[transitions.Change[T] | None, str | None]:
+        """Release the attempt's permit carrying the record's change decided from ``current`` (one call).
+        The change if it was written (None: write it alone), and the release's verdict on the outcome."""
+        write = self.store.prepare(permit.job_id, decide, current, current_record) if current is not None else None
+        learned = await self._release(permit, classified.outcome, classified, answer, write=write)
+        verdict = learned.verdict if learned is not None else None
+        if write is not None and learned is not None and learned.written == 1:
+            return write.change, verdict
+        return None, verdict
 
     async def through_outage(self, write: Callable[[], Awaitable[T]], **where: str) -> T:
         """A write that must not be lost (an attempt's end, a paid answer, a batch just created): tried
@@ -643,6 +704,36 @@ def redacted(classified: classify.Classified) -> classify.Classified:
 
 #: Admission refusals that send an attempt on to the job's next channel: the channel is not usable now.
 FAILOVER_REASONS = frozenset({"paused", "circuit_open", "probe_busy"})
+
+
+def _close(
+    record: JobRecord, number: int, classified: classify.Classified, answer: Answer | None, now: datetime
+) -> tuple[JobRecord, tuple[Attempt, ...], bool] | None:
+    """Attempt ``number`` closed with its outcome: the record, the newer attempt it supersedes (a late
+    answer of an attempt whose lease was lost, kept while the job is unfinished) and whether it was
+    late; None when the attempt is no longer this worker's to close."""
+    current = record.open_attempt
+    usage = answer.usage if answer is not None else None
+    served = answer.served_tier if answer else None
+    if current is not None and current.number == number:
+        closed = transitions.close_attempt(
+            record, number=number, now=now, outcome=classified.outcome, http_status=classified.http_status,
+            error=classified.message, served_tier=served, usage=usage,
+        )
+        return closed, (), False
+    late_ok = classified.outcome == Outcome.OK and answer is not None and 0 < number <= len(record.attempts)
+    if record.terminal or not late_ok:
+        return None
+    closed = transitions.close_late_attempt(
+        record, number=number, now=now, outcome=classified.outcome, http_status=classified.http_status,
+        served_tier=served, usage=usage,
+    )
+    return closed, ((closed.attempts[-1],) if current is not None else ()), True
+
+
+def _billed_usd(change: transitions.Change[Any] | None) -> float | None:
+    """What a written change billed (None: nothing, or nothing was written)."""
+    return change.cost.usd if change is not None and change.cost is not None else None
 
 
 def _times(usd: float | None, factor: float) -> float | None:

@@ -233,7 +233,7 @@ async def run_generation(ctx: dict[str, Any], job_id: str, *_: Any, **__: Any) -
     if ctx.get("flexq_claimed"):  # the worker read the record as it claimed the job
         defer_s = await runner.run(job_id, raw=ctx.get("flexq_record"), claimed=True)
         if job_id in runner.arq_ended:
-            return None  # the attempt's write re-scored or removed the arq job already: no Retry
+            return None  # the job ended, and its record's write removed the arq job
     else:
         defer_s = await runner.run(job_id)
     if defer_s is not None:
@@ -345,7 +345,7 @@ async def after_job(ctx: dict[str, Any]) -> None:
     """arq has re-scored a deferred job: re-apply a flow-control wake that raced with it."""
     runner: Runner | None = ctx.get("flexq_runner")
     if ctx.get("flexq_run_ended"):
-        return  # the attempt's own write ended or re-scored the run: arq re-scored nothing after it
+        return  # the job ended in its record's write: nothing was re-scored
     if runner is not None and runner.flow is not None:
         await runner.flow.settle_wake(str(ctx["job_id"]))
 

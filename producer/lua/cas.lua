@@ -9,11 +9,15 @@
 --         one Redis, as every flexq key is: flexq does not run on Redis Cluster).
 -- Reply: 1 applied; 0 the record changed meanwhile (read it and decide again); -1 the record is gone.
 
-local raw = redis.call('GET', KEYS[1])
-if not raw then return -1 end
-local seen = ARGV[3] == 'text' and raw or redis.sha1hex(raw)
-if seen ~= ARGV[1] then return 0 end
-for _, command in ipairs(cjson.decode(ARGV[2])) do
-  redis.call(unpack(command))
+local function cas(key, expected, commands, mode)
+  local raw = redis.call('GET', key)
+  if not raw then return -1 end
+  local seen = mode == 'text' and raw or redis.sha1hex(raw)
+  if seen ~= expected then return 0 end
+  for _, command in ipairs(cjson.decode(commands)) do
+    redis.call(unpack(command))
+  end
+  return 1
 end
-return 1
+-- END OF cas (worker/flow_store.py appends the function above to its flow scripts, not this line)
+return cas(KEYS[1], ARGV[1], ARGV[2], ARGV[3])
