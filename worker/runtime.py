@@ -9,7 +9,12 @@ Every arq default that does not fit minutes-long flex calls is chosen here on pu
 - ``allow_abort_jobs``: on, so ``flexq cancel`` aborts a running call;
 - in-progress key: a short lease renewed by ``worker.lease`` instead of the job timeout.
 
-Run with ``flexq worker`` or ``arq worker.runtime.WorkerSettings``.
+``flexq worker`` runs ``FlexqWorker``, arq's worker with its per-job bookkeeping made lean: a due job
+is claimed and its record read in one script call (``worker/lua/claim.lua``: arq's in-progress check
+and key, its abort request spent, the record), without reading arq's job hash (its one argument is the
+job id) or counting tries; a job's end removes its arq job in the record's own write. A deferral is
+still arq's ``Retry(defer=...)``; arq's poll, abort, health check, burst and shutdown are arq's.
+``arq worker.runtime.WorkerSettings`` runs a plain arq worker on the same queue.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ def _arq_debug(msg: str, *args: Any) -> None:
     """arq's routine per-run line, built only when DEBUG is on (``worker.logs.ARQ_RUN_LINES``)."""
     if logging.getLogger().isEnabledFor(logging.DEBUG):
         _arq_log.info(msg, *args)
+
 
 class FlexqWorker(Worker):
     """arq's worker, kept alive through Redis restarts and failovers.
@@ -266,18 +272,20 @@ async def check_redis(redis: Redis, settings: WorkerConfig) -> dict[str, str]:
     return found
 
 
-#: Young-generation threshold for a long-lived worker: thousands of calls in flight allocate fast, and
-#: CPython's default (700) collects so often that short-lived objects get promoted and then make the
-#: full collections, which walk every in-flight call's objects, frequent (docs/benchmarks.md, section 3).
-GC_THRESHOLD0 = 10_000
+#: Collection thresholds for a long-lived worker with thousands of calls in flight (docs/benchmarks.md,
+#: section 3). Young generation: 5,000 allocations (CPython: 700, which collects so often that short-lived
+#: objects get promoted, and the full collections, which walk every in-flight call's objects, come back);
+#: generation 1 every 10 of those (CPython's), so that each such collection walks few enough objects to stay
+#: short; the old generation only after 100 generation-1 collections (CPython: 10), which keeps the
+#: full collections (~0.4-0.5 s with 5,000 calls in flight) out of a ramp to thousands of calls.
+GC_THRESHOLDS = (5_000, 10, 100)
 
 
 def tune_gc() -> None:
-    """Freeze what start-up built (never collected again) and collect the young generation less often."""
+    """Freeze what start-up built (never collected again) and set the worker's collection thresholds."""
     gc.collect()
     gc.freeze()
-    _, threshold1, threshold2 = gc.get_threshold()
-    gc.set_threshold(GC_THRESHOLD0, threshold1, threshold2)
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 async def startup(ctx: dict[str, Any]) -> None:
