@@ -9,7 +9,9 @@ Use (the runner):
     await flow.release(admission.permit, outcome, retry_after_s=..., quota=..., used_tokens=...)
     # a permit taken for a job that then did not run: release(permit, None) refunds it
 
-and, in the lease keeper's loop, ``await flow.renew()`` every ``permit_ttl_s / 3``.
+and, in the lease keeper's loop, ``await flow.renew()`` every ``permit_ttl_s / 3``. Either call may
+carry the job record's change (``write=JobStore.prepare(...)``: the attempt's opening, applied only if
+admitted; its outcome), so that a permit and the record move in one round trip (``script_with_write``).
 
 The rules are the scripts in ``worker/lua/`` (each documents its KEYS and ARGV at the top):
 ``acquire.lua`` checks, atomically, the model's 429 pause, the (model, tier) breaker, the model's
