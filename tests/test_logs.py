@@ -81,3 +81,15 @@ def test_an_exception_line_carries_its_traceback_redacted(restore_logging: None)
     line = json.loads(out.getvalue())
     assert line["level"] == "error" and "RuntimeError: call failed with ***" in line["exception"]
     assert "sk-traceback-secret-99" not in out.getvalue()
+
+
+def test_a_console_traceback_is_redacted_too(restore_logging: None) -> None:
+    out = io.StringIO()
+    logs.configure("console", stream=out)
+    logs.register_secret("sk-console-secret-77")
+    try:
+        raise RuntimeError("call failed with sk-console-secret-77")
+    except RuntimeError:
+        logs.get_logger("flexq.worker").exception("unexpected", job_id="j1")
+    assert "RuntimeError: call failed with ***" in out.getvalue()
+    assert "sk-console-secret-77" not in out.getvalue()

@@ -109,7 +109,7 @@ def configure(fmt: str = "auto", *, level: int = logging.INFO, stream: Any = Non
     ]
     _SINK.stream = stream
     _LEVEL[0] = level
-    exceptions: list[Any] = [structlog.processors.format_exc_info, _redact_processor] if use_json else []
+    exceptions: list[Any] = [structlog.processors.format_exc_info, _redact_processor]  # tracebacks redacted too
     structlog.configure(
         processors=[*shared, *exceptions, renderer],
         logger_factory=structlog.WriteLoggerFactory(file=_SINK),  # type: ignore[arg-type]
