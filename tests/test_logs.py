@@ -70,26 +70,17 @@ def test_flexq_lines_follow_each_configure_and_its_level(restore_logging: None) 
     assert first.getvalue().count("\n") == 1 and second.getvalue().count("\n") == 1
 
 
-def test_an_exception_line_carries_its_traceback_redacted(restore_logging: None) -> None:
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_an_exception_line_carries_its_traceback_redacted(restore_logging: None, fmt: str) -> None:
     out = io.StringIO()
-    logs.configure("json", stream=out)
-    logs.register_secret("sk-traceback-secret-99")
+    logs.configure(fmt, stream=out)
+    logs.register_secret(f"sk-traceback-secret-{fmt}")
     try:
-        raise RuntimeError("call failed with sk-traceback-secret-99")
-    except RuntimeError:
-        logs.get_logger("flexq.worker").exception("unexpected", job_id="j1")
-    line = json.loads(out.getvalue())
-    assert line["level"] == "error" and "RuntimeError: call failed with ***" in line["exception"]
-    assert "sk-traceback-secret-99" not in out.getvalue()
-
-
-def test_a_console_traceback_is_redacted_too(restore_logging: None) -> None:
-    out = io.StringIO()
-    logs.configure("console", stream=out)
-    logs.register_secret("sk-console-secret-77")
-    try:
-        raise RuntimeError("call failed with sk-console-secret-77")
+        raise RuntimeError(f"call failed with sk-traceback-secret-{fmt}")
     except RuntimeError:
         logs.get_logger("flexq.worker").exception("unexpected", job_id="j1")
     assert "RuntimeError: call failed with ***" in out.getvalue()
-    assert "sk-console-secret-77" not in out.getvalue()
+    assert f"sk-traceback-secret-{fmt}" not in out.getvalue()
+    if fmt == "json":
+        line = json.loads(out.getvalue())
+        assert line["level"] == "error" and "RuntimeError: call failed with ***" in line["exception"]

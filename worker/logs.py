@@ -101,17 +101,17 @@ def configure(fmt: str = "auto", *, level: int = logging.INFO, stream: Any = Non
     stream = stream or sys.stderr
     use_json = fmt == "json" or (fmt == "auto" and not (hasattr(stream, "isatty") and stream.isatty()))
     renderer: Any = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=False)
-    shared: Iterable[Any] = [
+    stamp: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        _redact_processor,
     ]
+    shared: Iterable[Any] = [*stamp, _redact_processor]
     _SINK.stream = stream
     _LEVEL[0] = level
-    exceptions: list[Any] = [structlog.processors.format_exc_info, _redact_processor]  # tracebacks redacted too
     structlog.configure(
-        processors=[*shared, *exceptions, renderer],
+        # the traceback rendered to text before the one redaction pass, so that it is redacted too
+        processors=[*stamp, structlog.processors.format_exc_info, _redact_processor, renderer],
         logger_factory=structlog.WriteLoggerFactory(file=_SINK),  # type: ignore[arg-type]
         wrapper_class=_Logger,
         cache_logger_on_first_use=True,

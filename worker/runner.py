@@ -208,8 +208,7 @@ class Runner:
         when nothing stands between them: one channel, no budget applies, the job would run. Returns the
         admission, the channel and, if admitted, what ``_begin`` returns; None: take the separate steps."""
         if (
-            self.flow is None or len(channels) != 1 or record.request is None or record.terminal
-            or record.cancel_requested or utcnow() >= record.deadline_at
+            self.flow is None or len(channels) != 1 or not _will_call(record)
             or (self.budget is not None and applying(self.budget.budgets, record.tags))
         ):
             return None
@@ -217,11 +216,7 @@ class Runner:
         write = self.store.prepare(record.id, self._opening(utcnow(), channel), raw, record)
         if write is None or write.change.record.status != Status.RUNNING:
             return None  # the job ends instead (settled): no permit needed
-        est = estimate_tokens(record.request, output_tokens_default=self.flow.cfg.output_tokens_default)
-        admission = await self.flow.acquire(
-            record.id, record.request.model, str(record.next_tier), est, since_s=record.created_at.timestamp(),
-            channel=channel, write=write,
-        )
+        admission = await self._acquire(record, channel, write)
         if not admission.admitted:
             return admission, channel, None
         if admission.written == 1:
@@ -235,22 +230,11 @@ class Runner:
         """Ask flow control for a permit on the job's first channel that is neither open nor paused, unless
         the job will not call (ended, cancelled, past deadline). Also the channel chosen."""
         job_id = record.id
-        if self.flow is None:
+        if self.flow is None or not _will_call(record):
             return None, channels[0]
-        if (
-            record.request is None
-            or record.terminal
-            or record.cancel_requested
-            or utcnow() >= record.deadline_at
-        ):
-            return None, channels[0]
-        est = estimate_tokens(record.request, output_tokens_default=self.flow.cfg.output_tokens_default)
         refused: list[tuple[Admission, str]] = []
         for channel in channels:
-            admission = await self.flow.acquire(
-                job_id, record.request.model, str(record.next_tier), est, since_s=record.created_at.timestamp(),
-                channel=channel,
-            )
+            admission = await self._acquire(record, channel)
             if admission.admitted:
                 if refused:
                     log.info("failover", job_id=job_id, channel=channel,
@@ -262,12 +246,22 @@ class Runner:
         # every channel open or paused: wait for the one whose refusal ends first
         return min(refused, key=lambda item: item[0].wait_s)
 
+    async def _acquire(self, record: JobRecord, channel: str, write: Write[Any] | None = None) -> Admission:
+        """Flow control's admission of the job's next attempt on ``channel`` (carrying ``write``, if any)."""
+        assert self.flow is not None
+        assert record.request is not None
+        est = estimate_tokens(record.request, output_tokens_default=self.flow.cfg.output_tokens_default)
+        return await self.flow.acquire(
+            record.id, record.request.model, str(record.next_tier), est, since_s=record.created_at.timestamp(),
+            channel=channel, write=write,
+        )
+
     async def _reserve(self, record: JobRecord) -> Hold | Refusal | None:
         """Reserve the attempt's estimated cost against the job's budgets (None: none apply, or no call)."""
-        if self.budget is None or record.request is None or record.terminal or record.cancel_requested:
+        if self.budget is None or record.request is None or not _will_call(record):
             return None
         budgets = applying(self.budget.budgets, record.tags)
-        if not budgets or utcnow() >= record.deadline_at:
+        if not budgets:
             return None
         default = self.flow.cfg.output_tokens_default if self.flow is not None else FlowConfig().output_tokens_default
         usd = estimate_usd(record.request, record.next_tier, output_tokens_default=default)
@@ -436,7 +430,7 @@ class Runner:
         else:
             classified, parsed = judge(record.request, answer)
         classified = redacted(classified)
-        if permit is not None and not (classified.outcome == Outcome.OK and answer is not None and answer.blobs):
+        if permit is not None and not _has_blobs(classified, answer):
             # the permit back and the outcome recorded in one call (an answer's blobs are stored first)
             return await self._finish(record.id, number, tier, classified, answer, None, parsed, written, hold,
                                       end_run=end_run, current_record=record, permit=permit)
@@ -454,7 +448,8 @@ class Runner:
         """Record how open attempt ``number`` ended (its answer's bytes first) and apply the policy's
         decision; the deferral, or None when the job is done. Also the Batch API's way in (worker.batch_tier).
         ``end_run``: when the job ends, end its arq run in that write (``arq_ended``), unless another owns it."""
-        if classified.outcome == Outcome.OK and answer is not None and answer.blobs:
+        if _has_blobs(classified, answer):
+            assert answer is not None
             # the bytes go in first: a record never refers to a blob that is not there
             blobs_ = answer.blobs
             await self.through_outage(lambda: self.store.blobs.put(blobs_, ttl_s=self.store.retention_s), job_id=job_id)
@@ -706,6 +701,15 @@ def redacted(classified: classify.Classified) -> classify.Classified:
 FAILOVER_REASONS = frozenset({"paused", "circuit_open", "probe_busy"})
 
 
+def _will_call(record: JobRecord) -> bool:
+    """Whether the job's next run would call Gemini (it has a request, has not ended, no cancel is asked,
+    its deadline is ahead); else the run only settles the record and needs no permit or reservation."""
+    return (
+        record.request is not None and not record.terminal and not record.cancel_requested
+        and utcnow() < record.deadline_at
+    )
+
+
 def _close(
     record: JobRecord, number: int, classified: classify.Classified, answer: Answer | None, now: datetime
 ) -> tuple[JobRecord, tuple[Attempt, ...], bool] | None:
@@ -729,6 +733,11 @@ def _close(
         served_tier=served, usage=usage,
     )
     return closed, ((closed.attempts[-1],) if current is not None else ()), True
+
+
+def _has_blobs(classified: classify.Classified, answer: Answer | None) -> bool:
+    """An answer with bytes to store before the record refers to them (images, inline data)."""
+    return classified.outcome == Outcome.OK and answer is not None and bool(answer.blobs)
 
 
 def _billed_usd(change: transitions.Change[Any] | None) -> float | None:
