@@ -12,6 +12,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+#: Not a Redis command: ``Commands.hadd``'s step, which ``producer/lua/cas.lua`` carries out.
+HADD = "FLEXQ.HADD"
+
 
 def arg(value: Any) -> str:
     """One command argument as the text Redis receives (redis-py's encoding: floats by ``repr``)."""
@@ -67,6 +70,14 @@ class Commands:
 
     def hincrbyfloat(self, name: str, key: str, amount: float = 1.0) -> None:
         self.stack.append(["HINCRBYFLOAT", name, key, repr(float(amount))])
+
+    def hadd(self, name: str, amounts: Mapping[str, float]) -> None:
+        """Add each amount to its field of hash ``name`` (as HINCRBYFLOAT would, field by field) in two
+        commands instead of one per field: ``cas.lua`` reads the fields (HMGET) and writes the sums (HSET)."""
+        command = [HADD, name]
+        for key, amount in amounts.items():
+            command += [key, arg(amount)]
+        self.stack.append(command)
 
     def lpush(self, name: str, *values: Any) -> None:
         self.stack.append(["LPUSH", name, *(arg(value) for value in values)])

@@ -12,7 +12,7 @@ import builtins
 import dataclasses
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from functools import cache
 from importlib import resources
@@ -29,7 +29,7 @@ from producer.commands import Commands
 from producer.errors import InvalidJobError, JobNotFoundError, StoreUnavailableError, one_line
 from producer.keys import Keys
 from producer.models import Attempt, JobError, JobRecord, utcnow
-from producer.stats import UNKNOWN_MODEL, attempt_counts, cost_counts
+from producer.stats import add_up, attempt_counts, cost_counts
 from producer.status import TERMINAL, Outcome, Status
 from producer.transitions import Change, Cost
 
@@ -256,10 +256,7 @@ class JobStore:
             arq_wire.request_abort(pipe, record.id, now_ms=int(now.timestamp() * 1000))
         if change.lease_s is not None:
             arq_wire.hold_leases(pipe, [record.id], ttl_ms=int(change.lease_s * 1000))
-        for attempt in change.counted:
-            self._count_attempt(pipe, attempt)
-        if change.cost is not None:
-            self._count_cost(pipe, change.cost)
+        self._count(pipe, change.counted, change.cost)
 
     def _write(
         self, pipe: Pipeline | Commands, old: JobRecord | None, new: JobRecord, closed: Sequence[Attempt] = ()
@@ -318,21 +315,23 @@ class JobStore:
 
     # -- counters and leases ---------------------------------------------------------------------
 
-    def _count_attempt(self, pipe: Pipeline | Commands, attempt: Attempt) -> None:
-        """Add one closed attempt to the queue's counters (and an ok one's latency to the samples)."""
-        for key, value in attempt_counts(attempt).items():
-            pipe.hincrby(self.keys.stats, key, value)
-        if attempt.outcome == Outcome.OK and attempt.latency_ms is not None:
-            pipe.lpush(self.keys.latencies, attempt.latency_ms)
-            pipe.ltrim(self.keys.latencies, 0, LATENCY_SAMPLES - 1)
-
-    def _count_cost(self, pipe: Pipeline | Commands, cost: Cost) -> None:
-        counts = cost_counts(cost.tier, cost.usd, cost.standard_usd, model=cost.model, channel=cost.channel)
-        for key, value in counts.items():
-            if key == "cost_unknown_jobs" or key.startswith(f"{UNKNOWN_MODEL}:"):
-                pipe.hincrby(self.keys.stats, key, int(value))
-            else:
+    def _count(self, pipe: Pipeline | Commands, counted: Sequence[Attempt], cost: Cost | None) -> None:
+        """Add closed attempts and a job's cost to the queue's counters, and each ok attempt's latency to
+        the samples. Written down for a compare-and-set call: all counters in one step (``Commands.hadd``)."""
+        parts: list[Mapping[str, float]] = [attempt_counts(attempt) for attempt in counted]
+        if cost is not None:
+            parts.append(cost_counts(cost.tier, cost.usd, cost.standard_usd, model=cost.model, channel=cost.channel))
+        amounts = add_up(parts)
+        if isinstance(pipe, Commands):
+            if amounts:
+                pipe.hadd(self.keys.stats, amounts)
+        else:
+            for key, value in amounts.items():
                 pipe.hincrbyfloat(self.keys.stats, key, value)
+        for attempt in counted:
+            if attempt.outcome == Outcome.OK and attempt.latency_ms is not None:
+                pipe.lpush(self.keys.latencies, attempt.latency_ms)
+                pipe.ltrim(self.keys.latencies, 0, LATENCY_SAMPLES - 1)
 
     async def wake_waiting(self, model: str, *, chunk: int = 1000) -> int:
         """Make every queued or retrying job of ``model`` due now (``flexq resume``: the jobs a pause

@@ -357,7 +357,10 @@ class Oracle:
             self.probe_job = None
         self.reserved = {j: until for j, until in self.reserved.items() if until > now_s}
         free = math.floor(limit) - len(self.holders) - len(self.reserved)
-        wake = min(free, replace_it + max(0, math.floor(limit) - math.floor(limit_before)))
+        want = replace_it + max(0, math.floor(limit) - math.floor(limit_before))
+        if not self.holders:  # the last call in flight: no other release is to come
+            want = max(want, 1)
+        wake = min(free, want)
         if wake > 0 and outcome != "rate_limited" and self.paused_until_s <= now_s:
             now_ms = ms(now_s)
             due = [score for score in self.queued.values()]

@@ -8,7 +8,9 @@ command recorder the compare-and-set script is given against redis-py's own enco
 
 from __future__ import annotations
 
+import json
 import time
+from importlib import resources
 from typing import Any
 
 import pytest
@@ -175,3 +177,41 @@ def test_recorded_commands_are_what_redis_py_would_send(call: Any) -> None:
     commands = Commands()
     call(commands)
     assert commands.stack == redis_py_encoding(call)
+
+
+CAS_LUA = resources.files("producer").joinpath("lua", "cas.lua").read_text()
+
+
+async def hadd_against_hincrbyfloat(redis: Redis) -> None:
+    await redis.delete("t:rec", "t:hadd", "t:incr")
+    await redis.set("t:rec", "seen")
+    cas = redis.register_script(CAS_LUA)
+    steps: list[dict[str, float]] = [{"a": 3, "b": 0.000125}, {"a": 4, "b": 1.7e-06, "c": 1}, {"b": 0.1, "c": 2}]
+    for amounts in steps:
+        ops = Commands()
+        ops.hadd("t:hadd", amounts)
+        assert await cas(keys=["t:rec"], args=["seen", json.dumps(ops.stack), "text"]) == 1
+        for field, amount in amounts.items():
+            await redis.hincrbyfloat("t:incr", field, amount)
+    ops = Commands()
+    ops.hadd("t:hadd", {"a": 100})
+    assert await cas(keys=["t:rec"], args=["not what is there", json.dumps(ops.stack), "text"]) == 0  # refused
+    added = await redis.hgetall("t:hadd")
+    incremented = await redis.hgetall("t:incr")
+    assert {k: float(v) for k, v in added.items()} == pytest.approx(
+        {k: float(v) for k, v in incremented.items()}, rel=1e-12)
+    assert (added[b"a"], added[b"c"]) == (b"7", b"3")  # whole counts stay whole (HINCRBY still works on them)
+    await redis.hincrby("t:hadd", "a", 1)
+    await redis.delete("t:rec", "t:hadd", "t:incr")
+
+
+async def test_hadd_adds_up_as_hincrbyfloat_does_on_redis(redis_url: str) -> None:
+    redis = aioredis.Redis.from_url(redis_url)
+    try:
+        await hadd_against_hincrbyfloat(redis)
+    finally:
+        await redis.aclose()
+
+
+async def test_hadd_adds_up_as_hincrbyfloat_does_on_fakeredis(fake_redis: Redis) -> None:
+    await hadd_against_hincrbyfloat(fake_redis)

@@ -352,6 +352,23 @@ async def test_a_capacity_503_wakes_nobody_and_a_load_independent_one_hands_its_
     assert await waiting(client) == []
 
 
+async def test_the_last_permit_in_flight_wakes_the_line_even_after_a_capacity_503(
+    make_flow: MakeFlow, client: Redis
+) -> None:
+    """No other release is to come once the last call in flight ends: whatever it learned, a line with
+    room in the limit is woken (it used to wait for its fallback timer, waiter_timeout_s)."""
+    flow = make_flow(initial_limit=1.0, max_limit=1.0)
+    await believe(client, 1.0, 0)  # a step below level 1: every 503 is taken for capacity
+    [held] = await hold(flow, 1, T0)
+    await wait_in_line(flow, "w0", "w1", now_s=T0 + 1)
+    await enqueue(client, "w0", "w1")
+    learned = await flow.release(held, "overloaded", now_s=T0 + 5)  # the only call in flight, shed
+    assert learned is not None and (learned.limit, learned.verdict) == (1.0, "capacity")
+    assert await waiting(client) == [("w1", T0 + 2)]
+    assert await scores(client, "w0", "w1") == [ms(T0 + 5), FAR_MS]  # one woken into the one permit
+    assert await woken(client) == {"w0": ms(T0 + 5)}
+
+
 async def test_a_paused_model_wakes_nobody(make_flow: MakeFlow, client: Redis) -> None:
     flow = make_flow(initial_limit=2.0, max_limit=2.0)
     held = await hold(flow, 2, T0)
@@ -750,11 +767,13 @@ def _float(raw: dict[bytes, bytes], name: str, default: float = 0.0) -> float:
 
 
 async def _stored_levels(client: Redis) -> dict[int, tuple[float, float, float]]:
-    raw: dict[bytes, bytes] = await client.hgetall(KEYS.flow(f"levels:{M}:flex"))  # type: ignore[misc]
+    """The counts per in-flight level release.lua keeps in the scope's state hash (fields ``L<level>``)."""
+    raw: dict[bytes, bytes] = await client.hgetall(KEYS.flow(f"state:{M}:flex"))  # type: ignore[misc]
     out = {}
-    for level, value in raw.items():
-        calls, sheds, at = (float(x) for x in value.split())
-        out[int(level)] = (calls, sheds, at)
+    for field, value in raw.items():
+        if field.startswith(b"L") and field[1:].isdigit():
+            calls, sheds, at = (float(x) for x in value.split())
+            out[int(field[1:])] = (calls, sheds, at)
     return out
 
 

@@ -479,9 +479,8 @@ async def test_wait_on_unknown_job(fake_queue: FlexQueue) -> None:
 
 async def _count(queue: FlexQueue, record: JobRecord, cost: tuple[float | None, float | None] | None = None) -> None:
     async with queue.redis.pipeline(transaction=True) as pipe:
-        queue.store._count_attempt(pipe, record.attempts[-1])
-        if cost is not None:
-            queue.store._count_cost(pipe, transitions.Cost(str(record.attempts[-1].tier), *cost))
+        costed = None if cost is None else transitions.Cost(str(record.attempts[-1].tier), *cost)
+        queue.store._count(pipe, [record.attempts[-1]], costed)
         await pipe.execute()
 
 

@@ -21,9 +21,9 @@ from the outcome: the limit (capacity 503s against load-independent ones), the b
 quota alert, the TPM correction. Times are the Redis server's (``TIME``) unless ``now_s`` is given
 (tests), so workers' clock skew does not matter.
 
-Keys (``Keys.flow``): ``state:{model}:{tier}`` hash (limit, controller, breaker),
-``permits:{model}:{tier}`` zset, ``waiters:{model}:{tier}`` zset, ``levels:{model}:{tier}`` hash
-(decayed calls and 503s per in-flight level), ``pause:{model}`` / ``quota:{model}`` /
+Keys (``Keys.flow``): ``state:{model}:{tier}`` hash (limit, controller, breaker, the decayed calls and
+503s per in-flight level as fields ``L<level>``, when the latest reservation ends),
+``permits:{model}:{tier}`` zset, ``waiters:{model}:{tier}`` zset, ``pause:{model}`` / ``quota:{model}`` /
 ``rate:{model}`` hashes, ``reserved:{model}:{tier}`` zset (permits held for woken jobs), ``woken``
 hash, ``scopes_seen`` (scopes by last use), ``log`` list of breaker and quota transitions. A single
 Redis (not Cluster): keys share no hash tag. Redis errors propagate; a release that never arrives
@@ -61,6 +61,9 @@ from worker.flow import (
 )
 
 LOG_ENTRIES = 100
+#: How often (s) one worker's acquire or release of one scope also does the scope's housekeeping (the
+#: scope marked seen, expired permits and reservations swept, TTLs refreshed) instead of on every call.
+TOUCH_EVERY_S = 30.0
 
 
 @cache
@@ -122,6 +125,8 @@ class FlowControl:
         self.worker = worker
         #: Permits this process holds (renewed by ``renew``), by job id.
         self.held: dict[str, Permit] = {}
+        #: When (monotonic s) this process last did each script's housekeeping of each scope.
+        self._touched: dict[tuple[str, str, str], float] = {}
         self._acquire = redis.register_script(script("acquire"))
         self._release = redis.register_script(script("release"))
         self._renew = redis.register_script(script("renew"))
@@ -149,8 +154,15 @@ class FlowControl:
     def _scope(self, model: str, tier: str) -> tuple[str, str]:
         return self.keys.flow(f"state:{model}:{tier}"), self.keys.flow(f"permits:{model}:{tier}")
 
-    def _levels(self, model: str, tier: str) -> str:
-        return self.keys.flow(f"levels:{model}:{tier}")
+    def _touch(self, script: str, model: str, tier: str) -> bool:
+        """Whether this call should do the scope's housekeeping (at most every ``TOUCH_EVERY_S`` per process)."""
+        now = time.monotonic()
+        key = (script, model, tier)
+        last = self._touched.get(key)
+        if last is not None and now - last < TOUCH_EVERY_S:
+            return False
+        self._touched[key] = now
+        return True
 
     async def settle_wake(self, job_id: str) -> bool:
         """After arq re-scored a finished run: re-apply a wake that arrived while it was finishing."""
@@ -179,7 +191,7 @@ class FlowControl:
         call = {
             "job": job_id, "now": now_s, "since": since_s, "cost": max(0, est_tokens), "model": model, "tier": tier,
             "rpm": (limits.rpm or 0) if limits else 0, "tpm": (limits.tpm or 0) if limits else 0,
-            "worker": self.worker,
+            "worker": self.worker, "touch": self._touch("acquire", model, tier),
         }
         keys = [state, permits, pause, rate, self.keys.flow("scopes_seen"), self.keys.flow("log"),
                 self._waiters(model, tier), self.keys.flow("woken"), self.keys.arq_queue, self._reserved(model, tier)]
@@ -242,12 +254,13 @@ class FlowControl:
             "outcome": str(outcome) if outcome in LIMIT_OUTCOMES else ("" if outcome is None else str(outcome)),
             "breaker": breaker_event(outcome), "pause_s": pause_s, "alert": alert, "reason": reason,
             "rq_delta": requests_delta, "tk_delta": tokens_delta, "worker": self.worker,
+            "touch": self._touch("release", permit.model, permit.tier),
             # wake scores go into arq's queue, which arq compares with the worker's clock, not Redis's
             "arq_now_ms": int(time.time() * 1000) if now_s is None else None,
         }
         keys = [state, permits, pause, quota_key, rate, self.keys.flow("log"),
                 self._waiters(permit.model, permit.tier), self.keys.arq_queue, self.keys.flow("woken"),
-                self._levels(permit.model, permit.tier), self._reserved(permit.model, permit.tier)]
+                self._reserved(permit.model, permit.tier)]
         args = [json.dumps(call), self._release_cfg]
         if write is None:
             limit, verdict = await self._release(keys=keys, args=args)

@@ -106,7 +106,8 @@ class Runner:
                 await self._no_channel(record)
                 return None
             hold: Hold | None = None
-            admission, channel, begun = await self._admit_and_begin(record, raw, channels)
+            # a claimed run's in-progress key was set to the lease as the worker claimed it (worker/lua/claim.lua)
+            admission, channel, begun = await self._admit_and_begin(record, raw, channels, lease=not claimed)
             if admission is not None and not admission.admitted:
                 assert self.flow is not None
                 delay_s = defer_s(admission, self.flow.cfg, self.rand)  # no permit: not an attempt
@@ -122,7 +123,7 @@ class Runner:
                     await self._release(permit, None)
                     return await self._over_budget(record, reserved)
                 hold = reserved
-                record, opened, written = await self._begin(job_id, raw, channel, parsed=record)  # read once
+                record, opened, written = await self._begin(job_id, raw, channel, parsed=record, lease=not claimed)
         except JobNotFoundError:
             log.warning("job_missing", job_id=job_id, detail="no record (expired or never enqueued)")
             return None
@@ -191,18 +192,18 @@ class Runner:
         return None
 
     async def _admit_and_begin(
-        self, record: JobRecord, raw: bytes, channels: list[str]
+        self, record: JobRecord, raw: bytes, channels: list[str], *, lease: bool
     ) -> tuple[Admission | None, str, tuple[JobRecord, bool, str | None] | None]:
         """The admission (``_admit``) and the channel; with them, when flow control could open the attempt
         in the same call, what ``_begin`` returns (else None: the caller opens it)."""
-        folded = await self._admit_opening(record, raw, channels)
+        folded = await self._admit_opening(record, raw, channels, lease=lease)
         if folded is not None:
             return folded
         admission, channel = await self._admit(record, channels)
         return admission, channel, None
 
     async def _admit_opening(
-        self, record: JobRecord, raw: bytes, channels: list[str]
+        self, record: JobRecord, raw: bytes, channels: list[str], *, lease: bool
     ) -> tuple[Admission, str, tuple[JobRecord, bool, str | None] | None] | None:
         """Flow control's permit and the attempt's opening in one call (``FlowControl.acquire(write=...)``)
         when nothing stands between them: one channel, no budget applies, the job would run. Returns the
@@ -213,7 +214,7 @@ class Runner:
         ):
             return None
         channel = channels[0]
-        write = self.store.prepare(record.id, self._opening(utcnow(), channel), raw, record)
+        write = self.store.prepare(record.id, self._opening(utcnow(), channel, lease=lease), raw, record)
         if write is None or write.change.record.status != Status.RUNNING:
             return None  # the job ends instead (settled): no permit needed
         admission = await self._acquire(record, channel, write)
@@ -224,7 +225,7 @@ class Runner:
         if admission.written == -1:
             await self._release(admission.permit, None)
             raise JobNotFoundError(record.id)
-        return admission, channel, await self._begin(record.id, None, channel)  # changed meanwhile: read again
+        return admission, channel, await self._begin(record.id, None, channel, lease=lease)  # changed: read again
 
     async def _admit(self, record: JobRecord, channels: list[str]) -> tuple[Admission | None, str]:
         """Ask flow control for a permit on the job's first channel that is neither open nor paused, unless
@@ -374,18 +375,23 @@ class Runner:
     # -- begin ----------------------------------------------------------------------------------
 
     async def _begin(
-        self, job_id: str, current: bytes | None = None, channel: str | None = None, *, parsed: JobRecord | None = None
+        self, job_id: str, current: bytes | None = None, channel: str | None = None, *,
+        parsed: JobRecord | None = None, lease: bool = True,
     ) -> tuple[JobRecord, bool, str | None]:
         """Open an attempt, unless the job has ended or must end first (``transitions.settle``).
-        Returns the record, whether an attempt is open, and the record's text as written."""
-        change = await self.store.update(job_id, self._opening(utcnow(), channel), current=current, parsed=parsed)
+        Returns the record, whether an attempt is open, and the record's text as written. ``lease``: also
+        set the run's lease (False: the worker's claim set it a moment ago)."""
+        change = await self.store.update(
+            job_id, self._opening(utcnow(), channel, lease=lease), current=current, parsed=parsed)
         if change is None:
             return await self.store.get(job_id), False, None
         if change.record.terminal:
             self.log_terminal(change.record)
         return change.record, change.record.status == Status.RUNNING, change.written
 
-    def _opening(self, now: datetime, channel: str | None) -> Callable[[JobRecord], transitions.Change[None] | None]:
+    def _opening(
+        self, now: datetime, channel: str | None, *, lease: bool = True
+    ) -> Callable[[JobRecord], transitions.Change[None] | None]:
         """The decision that opens an attempt on ``channel`` (or ends the job first: ``transitions.settle``)."""
 
         def decide(record: JobRecord) -> transitions.Change[None] | None:
@@ -401,7 +407,7 @@ class Runner:
                 settled, tier=settled.next_tier, worker=self.worker_name, now=now, channel=channel
             )
             # a short lease, renewed by this process, not arq's job-timeout-long one
-            return transitions.Change(begun, counted=counted, lease_s=self.settings.lease_s)
+            return transitions.Change(begun, counted=counted, lease_s=self.settings.lease_s if lease else None)
 
         return decide
 

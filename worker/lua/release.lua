@@ -9,10 +9,12 @@
 -- KEYS[7] waiters  zset  {queue}:flow:waiters:{model}:{tier}
 -- KEYS[8] arq queue zset {queue}:arq  job -> due time (ms)
 -- KEYS[9] woken    hash  {queue}:flow:woken
--- KEYS[10] levels  hash  {queue}:flow:levels:{model}:{tier}  in-flight level -> "calls sheds t" (decayed)
--- KEYS[11] reserved zset {queue}:flow:reserved:{model}:{tier}  woken job -> until when its permit is held (s)
+-- KEYS[10] reserved zset {queue}:flow:reserved:{model}:{tier}  woken job -> until when its permit is held (s)
+-- The state hash also holds the counts per in-flight level, field 'L<level>' -> "calls sheds t" (decayed),
+-- and 'reserved_until_s', when the latest reservation ends (acquire.lua skips the reserved set after it).
 -- ARGV[1] JSON {job, now, started, level, model, tier, outcome, breaker, pause_s, alert, reason,
---               rq_delta, tk_delta, worker}
+--               rq_delta, tk_delta, worker, touch (true: also the housekeeping: expired permits and
+--               reservations swept, TTLs refreshed)}
 --   outcome: 'ok' | 'overloaded' (503) | another outcome | '' (the call was never made: a refund)
 --   breaker: what the outcome tells the breaker when it is not a 503: success | failure | neutral
 --   pause_s: a 429's pause of the model (null: none); alert: '' | per_day | billing
@@ -40,15 +42,15 @@ local APP_LIMITED = 0.5
 local alpha = 1 / cfg.excess_window
 local EWMA_VAR = alpha / (2 - alpha)
 
-local function record(key, level, shed)
-  local raw = redis.call('HGET', key, level)
+-- The counts of one level after one more call (`raw`: its field as read, or false), as the field's text.
+local function counted(raw, shed)
   local n, s = 0, 0
   if raw then
     local rn, rs, rt = string.match(raw, '^(%S+) (%S+) (%S+)$')
     local f = 0.5 ^ ((now - tonumber(rt)) / cfg.level_half_life_s)
     n, s = tonumber(rn) * f, tonumber(rs) * f
   end
-  redis.call('HSET', key, level, num(n + 1) .. ' ' .. num(s + shed) .. ' ' .. num(now))
+  return num(n + 1) .. ' ' .. num(s + shed) .. ' ' .. num(now)
 end
 
 local function loglik(s, n)
@@ -60,16 +62,21 @@ end
 
 -- The capacity step: the highest level below the best significant rise of the shed rate (nil: none),
 -- the decayed number of answers at any level, and the decayed calls and 503s above `cap` (when
--- given). Levels whose counts decayed away are dropped.
-local function fit(key, cap)
-  local raw = redis.call('HGETALL', key)
+-- given). Levels whose counts decayed away are dropped. `pending`: state fields this call will write.
+local function fit(key, pending, cap)
+  local raw, fields = redis.call('HGETALL', key), {}
+  for i = 1, #raw, 2 do fields[raw[i]] = raw[i + 1] end
+  for field, value in pairs(pending) do fields[field] = value end
   local levels, stale = {}, {}
-  for i = 1, #raw, 2 do
-    local rn, rs, rt = string.match(raw[i + 1], '^(%S+) (%S+) (%S+)$')
-    local f = 0.5 ^ ((now - tonumber(rt)) / cfg.level_half_life_s)
-    local n = tonumber(rn) * f
-    if n < 0.01 then stale[#stale + 1] = raw[i]
-    else levels[#levels + 1] = {tonumber(raw[i]), n, tonumber(rs) * f} end
+  for field, value in pairs(fields) do
+    local at = string.match(field, '^L(%d+)$')
+    if at then
+      local rn, rs, rt = string.match(value, '^(%S+) (%S+) (%S+)$')
+      local f = 0.5 ^ ((now - tonumber(rt)) / cfg.level_half_life_s)
+      local n = tonumber(rn) * f
+      if n < 0.01 then stale[#stale + 1] = field
+      else levels[#levels + 1] = {tonumber(at), n, tonumber(rs) * f} end
+    end
   end
   if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
   table.sort(levels, function(x, y) return x[1] < y[1] end)
@@ -91,11 +98,36 @@ local function fit(key, cap)
   return step, answered, n_up, s_up
 end
 
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', num(now))
-local in_flight = redis.call('ZCARD', KEYS[2])  -- permits held, this one included
-if redis.call('ZREM', KEYS[2], job) == 0 then in_flight = in_flight + 1 end  -- lease lapsed, still ran
+local live = '(' .. num(now)  -- permits and reservations expire by score: only later ones count
+if a.touch then  -- housekeeping, once in a while per worker and scope (worker/flow_store.py), not per call
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', num(now))
+  redis.call('ZREMRANGEBYSCORE', KEYS[10], '-inf', num(now))
+  for _, key in ipairs({KEYS[9], KEYS[10]}) do redis.call('EXPIRE', key, cfg.state_ttl_s) end
+end
+redis.call('ZREM', KEYS[2], job)
+local others = redis.call('ZCOUNT', KEYS[2], live, '+inf')  -- permits still held by other calls
+local in_flight = others + 1  -- this one included (its lease may have lapsed: it still ran)
+local level = math.max(1, math.floor(tonumber(a.level) or in_flight))  -- the level the call ran at
 local s = redis.call('HMGET', KEYS[1], 'limit', 'cap', 'p_hat', 'p_n', 'short', 'tokens', 'last_decrease_s',
-  'state', 'opens', 'win', 'ok', 'failed', 'prev_ok', 'prev_failed', 'probe')
+  'state', 'opens', 'win', 'ok', 'failed', 'prev_ok', 'prev_failed', 'probe', 'L' .. level, 'reserved_until_s',
+  'line')
+local fresh = true  -- no such state yet: the hash this call writes is new and needs its TTL
+for i = 1, 18 do if s[i] then fresh = false end end
+-- how many wait in line (the 'line' field, set by acquire.lua, says whether anyone may: else none)
+local waiting = nil
+local function line_length()
+  if waiting == nil then
+    waiting = s[18] and redis.call('ZCARD', KEYS[7]) or 0
+    if waiting == 0 and s[18] then redis.call('HDEL', KEYS[1], 'line') end  -- found empty: nobody waits
+  end
+  return waiting
+end
+-- fields of the state hash to write, all in one HSET at the end
+local put = {}
+local function set(...)
+  local kv = {...}
+  for i = 1, #kv, 2 do put[kv[i]] = kv[i + 1] end
+end
 local limit = clamp(tonumber(s[1]) or cfg.initial, cfg.min, cfg.max)
 local limit_before = limit
 local replace, verdict = 1, ''
@@ -103,21 +135,19 @@ if outcome == 'ok' or outcome == 'overloaded' then
   local cap = tonumber(s[2])
   local p_hat, p_n, short = tonumber(s[3]) or 0, tonumber(s[4]) or cfg.baseline_prior_n, tonumber(s[5]) or 0
   local tokens, last_dec = tonumber(s[6]) or cfg.replace_burst, tonumber(s[7]) or 0
-  local level = math.max(1, math.floor(tonumber(a.level) or in_flight))
   local shed = outcome == 'overloaded' and 1 or 0
   local function baseline(x)
     p_n = math.min(cfg.baseline_window, p_n + 1)
     p_hat = p_hat + (x - p_hat) / p_n
   end
-  record(KEYS[10], level, shed)
-  redis.call('EXPIRE', KEYS[10], cfg.state_ttl_s)
+  set('L' .. level, counted(s[16], shed))
   short = short + (shed - short) / cfg.excess_window
   if shed == 0 then
     tokens = math.min(cfg.replace_burst, tokens + cfg.replace_ratio)
     if not cap or level <= cap then baseline(0) end
-    local grow = in_flight >= limit * APP_LIMITED or redis.call('ZCARD', KEYS[7]) > 0
+    local grow = in_flight >= limit * APP_LIMITED or line_length() > 0
     if cap and level > cap then
-      local _, _, n_up, s_up = fit(KEYS[10], cap)
+      local _, _, n_up, s_up = fit(KEYS[1], put, cap)
       if n_up >= cfg.raise_min_n and s_up / n_up <= p_hat + cfg.step_min_gap then
         -- answers above the capacity we believed in, several and about as often as below (calls
         -- still on their way blur the step by a level now and then, not like this): the pool grew.
@@ -131,7 +161,7 @@ if outcome == 'ok' or outcome == 'overloaded' then
       limit = math.min(cfg.max, limit + (cap and cfg.probe_gain / limit or 1))
     end
   else
-    local step, answered = fit(KEYS[10])
+    local step, answered = fit(KEYS[1], put)
     local jump = math.max(cfg.step_min_gap, cfg.excess_z * math.sqrt(math.max(p_hat * (1 - p_hat), 0.01) * EWMA_VAR))
     replace = 0
     if step and level > step then
@@ -154,7 +184,7 @@ if outcome == 'ok' or outcome == 'overloaded' then
     -- a 503 the limit handles is neutral for the breaker until the limit is at its floor
     event = (verdict == 'random' or limit <= cfg.min) and 'failure' or 'neutral'
   end
-  redis.call('HSET', KEYS[1], 'limit', num(limit), 'cap', cap and num(cap) or '',
+  set('limit', num(limit), 'cap', cap and num(cap) or '',
     'p_hat', num(p_hat), 'p_n', num(p_n), 'short', num(short), 'tokens', num(tokens),
     'last_decrease_s', num(last_dec))
 end
@@ -168,7 +198,7 @@ local function transition(to, why)
     opens = (tonumber(s[9]) or 0) + 1
     open_until = now + math.min(cfg.cool_down_max_s, cfg.cool_down_s * 2 ^ (opens - 1))
   end
-  redis.call('HSET', KEYS[1], 'state', to, 'since_s', num(now), 'open_until_s', num(open_until),
+  set('state', to, 'since_s', num(now), 'open_until_s', num(open_until),
     'opens', opens, 'win', 0, 'ok', 0, 'failed', 0, 'prev_ok', 0, 'prev_failed', 0, 'probe', '',
     'probe_until_s', 0)
   log(KEYS[6], {t = now, model = model, tier = tier, from = state, to = to, why = why, worker = a.worker})
@@ -179,58 +209,73 @@ if state == 'closed' and event ~= 'neutral' then
   if event == 'success' then ok = ok + 1 else failed = failed + 1 end
   -- calls still in flight count as not failed: a burst of fast 503s must not outvote the answers
   -- still on their way (a shed comes back at once, an answer after its service time)
-  local rf, ro = failed + pfailed * weight, ok + pok * weight + redis.call('ZCARD', KEYS[2])
+  local rf, ro = failed + pfailed * weight, ok + pok * weight + others
   if event == 'failure' and rf >= cfg.breaker_min_failures and rf >= cfg.breaker_failure_ratio * (rf + ro) then
     transition('open', string.format('%.1f failures, %d%% of outcomes in %gs', rf,
       math.floor(100 * rf / (rf + ro)), cfg.breaker_window_s))
   else
-    redis.call('HSET', KEYS[1], 'win', num(idx), 'ok', num(ok), 'failed', num(failed), 'prev_ok', num(pok),
-      'prev_failed', num(pfailed))
+    set('win', num(idx), 'ok', num(ok), 'failed', num(failed), 'prev_ok', num(pok), 'prev_failed', num(pfailed))
   end
 elseif state == 'half_open' and s[15] == job then
   if event == 'success' then transition('closed', 'probe succeeded')
   elseif event == 'failure' then transition('open', 'probe failed')
-  else redis.call('HSET', KEYS[1], 'probe', '', 'probe_until_s', 0) end
+  else set('probe', '', 'probe_until_s', 0) end
 end
-redis.call('EXPIRE', KEYS[1], cfg.state_ttl_s)
+if next(put) then
+  local flat = {}
+  for k, v in pairs(put) do flat[#flat + 1] = k; flat[#flat + 1] = v end
+  redis.call('HSET', KEYS[1], unpack(flat))
+end
+if fresh or a.touch then redis.call('EXPIRE', KEYS[1], cfg.state_ttl_s) end
 -- Wake waiters into the permits this release freed: their arq jobs become due now (ZADD XX: only
 -- jobs still queued) instead of every waiter polling. One replaces the call that ended (not after
 -- a 503 taken for capacity, nor past the replacement budget), plus one per whole permit the limit
 -- grew. The woken hash lets the worker's after-job hook re-apply a wake that arq's own re-scoring
 -- of a finishing run overwrote (settle.lua).
 local pause_s = tonumber(a.pause_s)
-redis.call('ZREMRANGEBYSCORE', KEYS[11], '-inf', num(now))
-local free = math.floor(limit) - redis.call('ZCARD', KEYS[2]) - redis.call('ZCARD', KEYS[11])
-local wake = math.min(free, replace + math.max(0, math.floor(limit) - math.floor(limit_before)))
-local paused = (tonumber(redis.call('HGET', KEYS[3], 'until_s')) or 0) > now
-if wake > 0 and not pause_s and not paused then
+local want = replace + math.max(0, math.floor(limit) - math.floor(limit_before))
+-- the last call in flight: no other release is to come, so a line left asleep would wait for its
+-- fallback timer (a 503 taken for capacity replaces nobody, and the limit may have room all the same)
+if others == 0 then want = math.max(want, 1) end
+local wake = 0
+if want > 0 and not pause_s and line_length() > 0 then  -- someone waits
+  local reserved = 0  -- permits held for woken jobs (none live once the latest reservation has ended)
+  if (tonumber(s[17]) or 0) > now then reserved = redis.call('ZCOUNT', KEYS[10], live, '+inf') end
+  wake = math.min(math.floor(limit) - others - reserved, want)
+end
+if wake > 0 and (tonumber(redis.call('HGET', KEYS[3], 'until_s')) or 0) <= now then  -- not while paused
   -- a woken job goes ahead of jobs that are due but were never tried (a backlog would otherwise
   -- hold it up: arq takes due jobs oldest first, and each of those would only join the line)
   -- arq compares due times with each worker's own clock, not Redis's: wakes are written on that clock
-  local now_ms = tonumber(a.arq_now_ms) or math.floor(now * 1000)
-  local oldest = redis.call('ZRANGE', KEYS[8], 0, 0, 'WITHSCORES')
-  if #oldest == 2 and tonumber(oldest[2]) <= now_ms then now_ms = math.max(1, tonumber(oldest[2]) - 1) end
-  local tries = 0
+  local now_ms, woke, tries = nil, 0, 0
   while wake > 0 and tries < 64 do
     tries = tries + 1
     local head = redis.call('ZPOPMIN', KEYS[7], 1)
     if #head == 0 then break end
     if redis.call('ZSCORE', KEYS[8], head[1]) then
+      if not now_ms then
+        now_ms = tonumber(a.arq_now_ms) or math.floor(now * 1000)
+        local oldest = redis.call('ZRANGE', KEYS[8], 0, 0, 'WITHSCORES')
+        if #oldest == 2 and tonumber(oldest[2]) <= now_ms then now_ms = math.max(1, tonumber(oldest[2]) - 1) end
+      end
       redis.call('ZADD', KEYS[8], 'XX', now_ms, head[1])
       redis.call('HSET', KEYS[9], head[1], now_ms)
-      redis.call('ZADD', KEYS[11], num(now + cfg.wake_hold_s), head[1])  -- its permit, nobody else's
-      wake = wake - 1
+      redis.call('ZADD', KEYS[10], num(now + cfg.wake_hold_s), head[1])  -- its permit, nobody else's
+      wake, woke = wake - 1, woke + 1
     end
   end
-  redis.call('EXPIRE', KEYS[11], cfg.state_ttl_s)
-  -- wakes of jobs that never came back to spend them (cancelled, ended elsewhere) must not pile up
-  redis.call('EXPIRE', KEYS[9], cfg.state_ttl_s)
-  if redis.call('HLEN', KEYS[9]) > WOKEN_MAX then
-    local all, stale = redis.call('HGETALL', KEYS[9]), {}
-    for i = 1, #all, 2 do
-      if tonumber(all[i + 1]) < now_ms - 1000 * cfg.permit_ttl_s then stale[#stale + 1] = all[i] end
+  if woke > 0 then
+    redis.call('HSET', KEYS[1], 'reserved_until_s', num(now + cfg.wake_hold_s))
+    redis.call('EXPIRE', KEYS[10], cfg.state_ttl_s)
+    -- wakes of jobs that never came back to spend them (cancelled, ended elsewhere) must not pile up
+    redis.call('EXPIRE', KEYS[9], cfg.state_ttl_s)
+    if redis.call('HLEN', KEYS[9]) > WOKEN_MAX then
+      local all, stale = redis.call('HGETALL', KEYS[9]), {}
+      for i = 1, #all, 2 do
+        if tonumber(all[i + 1]) < now_ms - 1000 * cfg.permit_ttl_s then stale[#stale + 1] = all[i] end
+      end
+      for i = 1, #stale, 1000 do redis.call('HDEL', KEYS[9], unpack(stale, i, math.min(i + 999, #stale))) end
     end
-    for i = 1, #stale, 1000 do redis.call('HDEL', KEYS[9], unpack(stale, i, math.min(i + 999, #stale))) end
   end
 end
 -- 429: pause the model for every worker; per-day and billing quotas raise an alert
