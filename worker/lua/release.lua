@@ -265,8 +265,8 @@ if wake > 0 and (tonumber(redis.call('HGET', KEYS[3], 'until_s')) or 0) <= now t
     end
   end
   if woke > 0 then
-    redis.call('HSET', KEYS[1], 'reserved_until_s', num(now + cfg.wake_hold_s))
-    redis.call('EXPIRE', KEYS[10], cfg.state_ttl_s)
+    redis.call('HSET', KEYS[1], 'reserved_until_s', num(now + cfg.wake_hold_s))  -- acquire.lua reads it
+    for _, key in ipairs({KEYS[1], KEYS[10]}) do redis.call('EXPIRE', key, cfg.state_ttl_s) end
     -- wakes of jobs that never came back to spend them (cancelled, ended elsewhere) must not pile up
     redis.call('EXPIRE', KEYS[9], cfg.state_ttl_s)
     if redis.call('HLEN', KEYS[9]) > WOKEN_MAX then
