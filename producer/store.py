@@ -224,11 +224,13 @@ class JobStore:
         ops = Commands()  # written down for the script, not sent
         written = self._write(ops, old, change.record, change.counted)
         self._apply(ops, change)
+        return Write(self.keys.record(job_id), self._cas_args(raw, ops), dataclasses.replace(change, written=written))
+
+    def _cas_args(self, raw: str | bytes, ops: Commands) -> list[str]:
+        """``cas.lua``'s arguments: apply ``ops`` if the record is still the text ``raw``."""
         text = raw if isinstance(raw, bytes) else raw.encode()
         seen = text.decode() if self._cas_by_text else hashlib.sha1(text, usedforsecurity=False).hexdigest()
-        mode = "text" if self._cas_by_text else "sha1"
-        return Write(self.keys.record(job_id), [seen, json.dumps(ops.stack), mode],
-                     dataclasses.replace(change, written=written))
+        return [seen, json.dumps(ops.stack), "text" if self._cas_by_text else "sha1"]
 
     @staticmethod
     def written(job_id: str, write: Write[T], applied: int) -> Change[T] | None:
@@ -240,23 +242,23 @@ class JobStore:
             raise JobNotFoundError(job_id)
         return None
 
-    def _apply(self, pipe: Pipeline | Commands, change: Change[Any]) -> None:
+    def _apply(self, ops: Commands, change: Change[Any]) -> None:
         record = change.record
         now = utcnow()
         if change.run_in_s is not None:
             arq_wire.schedule(
-                pipe, self.keys.queue, record.id, now_ms=int(now.timestamp() * 1000),
+                ops, self.keys.queue, record.id, now_ms=int(now.timestamp() * 1000),
                 delay_ms=int(change.run_in_s * 1000), job_ttl_ms=self._arq_ttl_ms(record, now),
             )
         if change.drop_arq_job:
-            arq_wire.unschedule(pipe, self.keys.queue, record.id)
+            arq_wire.unschedule(ops, self.keys.queue, record.id)
         if change.end_run:
-            arq_wire.end_run(pipe, self.keys.queue, record.id)
+            arq_wire.end_run(ops, self.keys.queue, record.id)
         if change.abort:
-            arq_wire.request_abort(pipe, record.id, now_ms=int(now.timestamp() * 1000))
+            arq_wire.request_abort(ops, record.id, now_ms=int(now.timestamp() * 1000))
         if change.lease_s is not None:
-            arq_wire.hold_leases(pipe, [record.id], ttl_ms=int(change.lease_s * 1000))
-        self._count(pipe, change.counted, change.cost)
+            arq_wire.hold_leases(ops, [record.id], ttl_ms=int(change.lease_s * 1000))
+        self._count(ops, change.counted, change.cost)
 
     def _write(
         self, pipe: Pipeline | Commands, old: JobRecord | None, new: JobRecord, closed: Sequence[Attempt] = ()
@@ -315,23 +317,19 @@ class JobStore:
 
     # -- counters and leases ---------------------------------------------------------------------
 
-    def _count(self, pipe: Pipeline | Commands, counted: Sequence[Attempt], cost: Cost | None) -> None:
-        """Add closed attempts and a job's cost to the queue's counters, and each ok attempt's latency to
-        the samples. Written down for a compare-and-set call: all counters in one step (``Commands.hadd``)."""
+    def _count(self, ops: Commands, counted: Sequence[Attempt], cost: Cost | None) -> None:
+        """Add closed attempts and a job's cost to the queue's counters (one ``Commands.hadd`` step of the
+        compare-and-set call), and each ok attempt's latency to the samples."""
         parts: list[Mapping[str, float]] = [attempt_counts(attempt) for attempt in counted]
         if cost is not None:
             parts.append(cost_counts(cost.tier, cost.usd, cost.standard_usd, model=cost.model, channel=cost.channel))
         amounts = add_up(parts)
-        if isinstance(pipe, Commands):
-            if amounts:
-                pipe.hadd(self.keys.stats, amounts)
-        else:
-            for key, value in amounts.items():
-                pipe.hincrbyfloat(self.keys.stats, key, value)
+        if amounts:
+            ops.hadd(self.keys.stats, amounts)
         for attempt in counted:
             if attempt.outcome == Outcome.OK and attempt.latency_ms is not None:
-                pipe.lpush(self.keys.latencies, attempt.latency_ms)
-                pipe.ltrim(self.keys.latencies, 0, LATENCY_SAMPLES - 1)
+                ops.lpush(self.keys.latencies, attempt.latency_ms)
+                ops.ltrim(self.keys.latencies, 0, LATENCY_SAMPLES - 1)
 
     async def wake_waiting(self, model: str, *, chunk: int = 1000) -> int:
         """Make every queued or retrying job of ``model`` due now (``flexq resume``: the jobs a pause

@@ -17,6 +17,7 @@ from arq.jobs import Job, JobStatus
 from redis.asyncio import Redis
 
 from producer import arq_wire, transitions
+from producer.commands import Commands
 from producer.errors import (
     FlexqError,
     InvalidJobError,
@@ -478,10 +479,13 @@ async def test_wait_on_unknown_job(fake_queue: FlexQueue) -> None:
 
 
 async def _count(queue: FlexQueue, record: JobRecord, cost: tuple[float | None, float | None] | None = None) -> None:
-    async with queue.redis.pipeline(transaction=True) as pipe:
-        costed = None if cost is None else transitions.Cost(str(record.attempts[-1].tier), *cost)
-        queue.store._count(pipe, [record.attempts[-1]], costed)
-        await pipe.execute()
+    """Count the record's last attempt (and a cost) as the attempt's closing write does: through cas.lua."""
+    store = queue.store
+    ops = Commands()
+    costed = None if cost is None else transitions.Cost(str(record.attempts[-1].tier), *cost)
+    store._count(ops, [record.attempts[-1]], costed)
+    raw = await store.get_raw(record.id)
+    assert await store._cas_script(keys=[store.keys.record(record.id)], args=store._cas_args(raw, ops)) == 1
 
 
 async def test_stats_from_counters(fake_queue: FlexQueue) -> None:
