@@ -8,6 +8,7 @@ command recorder the compare-and-set script is given against redis-py's own enco
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from importlib import resources
@@ -133,6 +134,98 @@ async def test_a_job_running_elsewhere_or_not_due_is_not_claimed(queue: FlexQueu
     finally:
         await shutdown(worker.ctx)
         await worker.close()
+
+
+async def test_one_script_call_claims_every_due_job_a_slot_is_free_for(queue: FlexQueue, redis_url: str) -> None:
+    """A poll's due jobs are claimed together: jobs running elsewhere or deferred are skipped, the free
+    slots are filled in queue order, the rest stay due for the next poll, each claimed job's abort is spent."""
+    settings = make_settings(redis_url=redis_url, flow=False)
+    gemini = ScriptedGemini.of(answer("one"), answer("two"))
+    worker = create_worker(settings, handle_signals=False, max_jobs=2,
+                           ctx={"flexq_gemini_factory": lambda *_a, **_k: gemini, "flexq_configure_logs": False})
+    worker._pool = worker.pool or await worker_pool(redis_url)
+    await startup(worker.ctx)
+    calls: list[int] = []
+    script = worker._claim_script
+
+    async def counted(*, keys: list[str], args: list[Any]) -> Any:
+        calls.append(len(args) - 2)
+        return await script(keys=keys, args=args)
+
+    worker.__dict__["_claim"] = counted
+    try:
+        for job_id in ("busy-2", "later-2", "a-2", "b-2", "c-2"):
+            await queue.enqueue({"model": MODEL, "prompt": "hi"}, job_id=job_id)
+        redis = queue.store.redis
+        await redis.set(arq_wire.in_progress_key("busy-2"), b"1", px=60_000)  # another worker runs it
+        await redis.zadd(QUEUE, {"later-2": time.time() * 1000 + 60_000})  # deferred meanwhile
+        await redis.zadd(arq_wire.ABORT_SET, {"a-2": time.time() * 1000})  # left from an earlier run
+        await worker.start_jobs([b"busy-2", b"later-2", b"a-2", b"b-2", b"c-2"])
+        assert sorted(worker.tasks) == ["a-2", "b-2"] and worker.job_counter == 2
+        # one call for the two free slots, and one more for the next two when neither could be claimed
+        assert calls == [2, 2]
+        assert await redis.zscore(arq_wire.ABORT_SET, "a-2") is None
+        assert await redis.exists(arq_wire.in_progress_key("c-2")) == 0
+        assert await redis.zscore(QUEUE, "c-2") is not None  # still due, for the next poll
+        await asyncio.gather(*worker.tasks.values())
+        assert [(await queue.get(j)).status for j in ("a-2", "b-2", "c-2")] == [
+            Status.SUCCEEDED, Status.SUCCEEDED, Status.QUEUED]
+        assert worker.job_counter == 0
+    finally:
+        await shutdown(worker.ctx)
+        await worker.close()
+
+
+async def test_a_failed_claim_gives_every_slot_back(queue: FlexQueue, redis_url: str) -> None:
+    settings = make_settings(redis_url=redis_url, flow=False)
+    worker = create_worker(settings, handle_signals=False, max_jobs=3,
+                           ctx={"flexq_gemini_factory": lambda *_a, **_k: ScriptedGemini.of(),
+                                "flexq_configure_logs": False})
+    worker._pool = worker.pool or await worker_pool(redis_url)
+    await startup(worker.ctx)
+
+    async def broken(*, keys: list[str], args: list[Any]) -> Any:
+        raise ConnectionError("Redis went away")
+
+    worker.__dict__["_claim"] = broken
+    try:
+        slots = worker.sem._value
+        with pytest.raises(ConnectionError):
+            await worker.start_jobs([b"x-1", b"x-2"])
+        assert worker.job_counter == 0 and worker.sem._value == slots and worker.tasks == {}
+    finally:
+        await shutdown(worker.ctx)
+        await worker.close()
+
+
+async def test_a_wake_that_raced_with_the_deferral_is_applied_again_whatever_the_hooks(
+    queue: FlexQueue, redis_url: str,
+) -> None:
+    """A release wakes a job while its run is ending in a deferral: arq's re-scoring of the run overwrites
+    the wake, and the run's finish applies it again (also when the caller replaced arq's after-job hook)."""
+    redis = queue.store.redis
+    woken_at_ms = int(time.time() * 1000) - 5
+
+    async def shed_while_woken(request: Any, tier: Any) -> Any:
+        await redis.hset(queue.store.keys.flow("woken"), "race-1", woken_at_ms)  # a release woke it meanwhile
+        raise overloaded()
+
+    await queue.enqueue({"model": MODEL, "prompt": "hi"}, job_id="race-1")
+    settings = make_settings(redis_url=redis_url, flow=True)
+    hooked: list[str] = []
+
+    async def own_hook(ctx: dict[str, Any]) -> None:
+        hooked.append(ctx["job_id"])
+
+    worker = create_worker(settings, burst=True, handle_signals=False, max_burst_jobs=1, after_job_end=own_hook,
+                           ctx={"flexq_gemini_factory": lambda *_a, **_k: ScriptedGemini.of(shed_while_woken),
+                                "flexq_configure_logs": False})
+    await worker.main()
+    await worker.close()
+    record = await queue.get("race-1")
+    assert record.status == Status.RETRYING and (record.attempts[-1].retry_in_s or 0) > 0
+    assert await redis.zscore(QUEUE, "race-1") == woken_at_ms  # due at the wake, not after the deferral
+    assert hooked == ["race-1"]
 
 
 async def worker_pool(redis_url: str) -> Any:

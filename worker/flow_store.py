@@ -59,6 +59,7 @@ from worker.flow import (
     breaker_event,
     pause_after_429,
 )
+from worker.group_commit import GroupCommit
 
 LOG_ENTRIES = 100
 #: How often (s) one worker's acquire or release of one scope also does the scope's housekeeping (the
@@ -73,30 +74,68 @@ def script(name: str) -> str:
     return folder.joinpath("prelude.lua").read_text() + "\n" + folder.joinpath(f"{name}.lua").read_text()
 
 
-#: How a flow script that carries a record write ends: its own reply, then the compare-and-set's.
+#: Keys and arguments of one flow call that carries a record write: the flow script's, then the record's.
+WRITE_KEYS = {"acquire": 11, "release": 11}
+WRITE_ARGS = 5
+
+#: How a flow script that carries a record write does one call: its own reply, then the compare-and-set's.
 _THEN_WRITE = {
-    "acquire": "local reply = flow_call()\nlocal written = 0\n"
+    "acquire": "local function call(KEYS, ARGV)\nlocal reply = flow_call(KEYS, ARGV)\nlocal written = 0\n"
                "if tonumber(reply[1]) == 1 then written = cas(KEYS[#KEYS], ARGV[3], ARGV[4], ARGV[5]) end\n"
-               "reply[#reply + 1] = written\nreturn reply\n",
-    "release": "local reply = flow_call()\nreply[#reply + 1] = cas(KEYS[#KEYS], ARGV[3], ARGV[4], ARGV[5])\n"
-               "return reply\n",
+               "reply[#reply + 1] = written\nreturn reply\nend\n",
+    "release": "local function call(KEYS, ARGV)\nlocal reply = flow_call(KEYS, ARGV)\n"
+               "reply[#reply + 1] = cas(KEYS[#KEYS], ARGV[3], ARGV[4], ARGV[5])\nreturn reply\nend\n",
 }
+
+#: A group commit: the calls of one batch, KEYS and ARGV each the calls' own, one after the other (``nk``
+#: keys and ``na`` arguments per call). Each call runs as it would alone, in order, except that the
+#: compare-and-set's mergeable commands are sent once, merged, at the end (``staged``, ``merged`` in
+#: ``producer/lua/cas.lua``) and the server's clock is read once. A call that raises an error fails alone:
+#: its reply is {0, message}; the others' are {1, reply}.
+_BATCH = """
+local nk, na = {nk}, {na}
+local pending = {{}}
+staged = {{}}
+flush_writes = function()
+  for _, command in ipairs(merged(pending)) do run_now(command) end
+  pending = {{}}
+end
+local out = {{}}
+for i = 0, #KEYS / nk - 1 do
+  local keys, argv = {{}}, {{}}
+  for j = 1, nk do keys[j] = KEYS[i * nk + j] end
+  for j = 1, na do argv[j] = ARGV[i * na + j] end
+  staged = {{}}
+  local ok, reply = pcall(call, keys, argv)
+  for _, command in ipairs(staged) do pending[#pending + 1] = command end  -- what ran, ran
+  if ok then
+    out[#out + 1] = {{1, reply}}
+  else
+    out[#out + 1] = {{0, type(reply) == 'table' and (reply.err or cjson.encode(reply)) or tostring(reply)}}
+  end
+end
+staged = nil
+flush_writes()
+return out
+"""
 
 
 @cache
-def script_with_write(name: str) -> str:
+def script_with_write(name: str, *, batch: bool = False) -> str:
     """``acquire`` or ``release`` followed by a job record's compare-and-set (``producer/lua/cas.lua``), so
     that an attempt's start (its permit and the record's ``running``) or its end (the permit back and the
     outcome recorded) is one round trip. KEYS: the flow script's, then the record's; ARGV: the flow
     script's two, then the compare-and-set's three. Reply: the flow script's, then the write's (1 applied,
-    0 the record changed meanwhile, -1 gone); an acquire applies the write only when it admits."""
+    0 the record changed meanwhile, -1 gone); an acquire applies the write only when it admits.
+    ``batch``: the group-commit form (``_BATCH``), many such calls in one."""
     cas = resources.files("producer").joinpath("lua", "cas.lua").read_text()
     folder = resources.files("worker").joinpath("lua")
     return "\n".join([
         folder.joinpath("prelude.lua").read_text(),
         cas[: cas.index("-- END OF cas")],
-        "local function flow_call()", folder.joinpath(f"{name}.lua").read_text(), "end",
+        "local function flow_call(KEYS, ARGV)", folder.joinpath(f"{name}.lua").read_text(), "end",
         _THEN_WRITE[name],
+        _BATCH.format(nk=WRITE_KEYS[name], na=WRITE_ARGS) if batch else "return call(KEYS, ARGV)\n",
     ])
 
 
@@ -132,8 +171,13 @@ class FlowControl:
         self._renew = redis.register_script(script("renew"))
         self._pause = redis.register_script(script("pause"))
         self._settle = redis.register_script(script("settle"))
-        self._acquire_write = redis.register_script(script_with_write("acquire"))
-        self._release_write = redis.register_script(script_with_write("release"))
+        batch_acquire = redis.register_script(script_with_write("acquire", batch=True))
+        batch_release = redis.register_script(script_with_write("release", batch=True))
+        #: An attempt's start (its permit and the record's ``running``) and its end (the permit back and the
+        #: outcome recorded) are group-committed: the starts, or the ends, ready in one event-loop turn go to
+        #: Redis as one call (worker.group_commit).
+        self.acquires = GroupCommit(lambda keys, args: batch_acquire(keys=keys, args=args))
+        self.releases = GroupCommit(lambda keys, args: batch_release(keys=keys, args=args))
         self._acquire_cfg = json.dumps({
             "initial": cfg.initial_limit, "min": cfg.min_limit, "max": cfg.max_limit, "permit_ttl_s": cfg.permit_ttl_s,
             "state_ttl_s": cfg.state_ttl_s, "rate_window_s": RATE_WINDOW_S,
@@ -199,7 +243,7 @@ class FlowControl:
         if write is None:
             reply = await self._acquire(keys=keys, args=args)
         else:
-            reply = await self._acquire_write(keys=[*keys, write.key], args=[*args, *write.args])
+            reply = await self.acquires.call([*keys, write.key], [*args, *write.args])
         admitted, reason, wait_s, probe, started_s, limit, in_flight = reply[:7]
         admission = Admission(
             bool(int(admitted)), text(reason), float(wait_s), bool(int(probe)), float(limit), int(in_flight),
@@ -265,7 +309,7 @@ class FlowControl:
         if write is None:
             limit, verdict = await self._release(keys=keys, args=args)
             return Release(float(limit), text(verdict))
-        limit, verdict, written = await self._release_write(keys=[*keys, write.key], args=[*args, *write.args])
+        limit, verdict, written = await self.releases.call([*keys, write.key], [*args, *write.args])
         return Release(float(limit), text(verdict), written=int(written))
 
     async def renew(self, now_s: float | None = None) -> int:

@@ -9,11 +9,11 @@ Every arq default that does not fit minutes-long flex calls is chosen here on pu
 - ``allow_abort_jobs``: on, so ``flexq cancel`` aborts a running call;
 - in-progress key: a short lease renewed by ``worker.lease`` instead of the job timeout.
 
-``flexq worker`` runs ``FlexqWorker``, arq's worker with its per-job bookkeeping made lean: a due job
-is claimed and its record read in one script call (``worker/lua/claim.lua``: arq's in-progress check
-and key, its abort request spent, the record), without reading arq's job hash (its one argument is the
-job id) or counting tries; a job's end removes its arq job in the record's own write. A deferral is
-still arq's ``Retry(defer=...)``; arq's poll, abort, health check, burst and shutdown are arq's.
+``flexq worker`` runs ``FlexqWorker``, arq's worker with its per-job bookkeeping made lean: the due jobs
+one poll found are claimed and their records read in one script call (``worker/lua/claim.lua``: arq's
+in-progress check and key, its abort request spent, the record), without reading arq's job hash (its one
+argument is the job id) or counting tries; a job's end removes its arq job in the record's own write. A
+deferral is still arq's ``Retry(defer=...)``; arq's poll, abort, health check, burst and shutdown are arq's.
 ``arq worker.runtime.WorkerSettings`` runs a plain arq worker on the same queue.
 """
 
@@ -63,8 +63,10 @@ async def _log_redis_info(redis: Any, log_func: Any) -> None:
 
 setattr(arq_worker, "log_redis_info", _log_redis_info)  # noqa: B010 - see _log_redis_info
 
-#: The claim script (one due job's in-progress key and its record, in one call).
+#: The claim script (the due jobs' in-progress keys and their records, in one call).
 CLAIM_LUA = resources.files("worker").joinpath("lua", "claim.lua").read_text()
+#: Jobs claimed in one script call at most (one poll reads up to ``max_jobs`` + ``QUEUE_READ_EXTRA``).
+CLAIM_BATCH_MAX = 500
 _arq_log = logging.getLogger("arq.worker")
 
 
@@ -122,44 +124,48 @@ class FlexqWorker(Worker):
         await super().finish_job(job_id, finish, *args, **kwargs)
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
-        """arq's start_jobs, one job at a time, so a Redis error gives the slot back; each job claimed and
-        its record read in one script call (``worker/lua/claim.lua``) instead of arq's five round trips."""
-        for job_id in job_ids:
-            before = self.job_counter
-            try:
-                if not await self._start_one(job_id.decode()):
-                    return
-            except BaseException:
-                if self.job_counter > before and job_id.decode() not in self.tasks:
-                    self.job_counter -= 1
-                    self.sem.release()
-                raise
-
-    async def _start_one(self, job_id: str) -> bool:
-        """Claim and start one due job (as arq's start_jobs does for each); False when no slot is left."""
+        """arq's start_jobs, with every job a slot is free for claimed and its record read in one script
+        call (``worker/lua/claim.lua``) instead of arq's five round trips per job; a Redis error gives the
+        slots back."""
         runner: Runner | None = self.ctx.get("flexq_runner")
         if runner is None:  # not started by flexq's startup: arq's own way
-            await super().start_jobs([job_id.encode()])
-            return True
-        running = self.tasks.get(job_id)
-        if running is not None and not running.done():
-            return True  # runs here already (a running job stays on arq's queue): no need to ask Redis
-        await self.sem.acquire()
-        if self.job_counter >= self.max_jobs:
-            self.sem.release()
-            return False
-        self.job_counter += 1
-        keys = [arq_wire.in_progress_key(job_id), self.queue_name, arq_wire.ABORT_SET, runner.store.keys.record(job_id)]
-        now_ms = int(time.time() * 1000)
-        reply = await self._claim_script(keys=keys, args=[job_id, now_ms, int(self.in_progress_timeout_s * 1000)])
-        if not reply or int(reply[0]) != 1:  # running elsewhere, gone, or deferred by another worker
-            self.job_counter -= 1
-            self.sem.release()
-            return True
-        task = self.loop.create_task(self._run_claimed(job_id, int(float(reply[1])), reply[2] or None))
-        task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
-        self.tasks[job_id] = task
-        return True
+            await super().start_jobs(job_ids)
+            return
+        pending: list[str] = []
+        for raw_id in job_ids:
+            job_id = raw_id.decode()
+            running = self.tasks.get(job_id)
+            if (running is None or running.done()) and job_id not in pending:
+                pending.append(job_id)  # a running job stays on arq's queue: no need to ask Redis
+        while pending:
+            free = min(self.max_jobs - self.job_counter, CLAIM_BATCH_MAX)
+            if free <= 0:
+                return
+            batch, pending = pending[:free], pending[free:]
+            await self._claim_batch(runner, batch)
+
+    async def _claim_batch(self, runner: Runner, job_ids: list[str]) -> None:
+        """Claim ``job_ids`` (this many slots are free) and start a task for each one claimed."""
+        for _ in job_ids:
+            await self.sem.acquire()  # never waits: the slots are free (arq's semaphore has one spare)
+        self.job_counter += len(job_ids)
+        keys = [self.queue_name, arq_wire.ABORT_SET]
+        for job_id in job_ids:
+            keys += [arq_wire.in_progress_key(job_id), runner.store.keys.record(job_id)]
+        args = [int(time.time() * 1000), int(self.in_progress_timeout_s * 1000), *job_ids]
+        try:
+            replies = await self._claim_script(keys=keys, args=args)
+        except BaseException:
+            for _ in job_ids:
+                self._release_sem_dec_counter_on_complete()
+            raise
+        for job_id, reply in zip(job_ids, replies, strict=True):
+            if not reply or int(reply[0]) != 1:  # running elsewhere, gone, or deferred by another worker
+                self._release_sem_dec_counter_on_complete()
+                continue
+            task = self.loop.create_task(self._run_claimed(job_id, int(float(reply[1])), reply[2] or None))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = task
 
     @property
     def _claim_script(self) -> Any:
@@ -213,10 +219,18 @@ class FlexqWorker(Worker):
         if self.on_job_end:
             await self.on_job_end(ctx)
         runner: Runner | None = self.ctx.get("flexq_runner")
-        ctx["flexq_run_ended"] = runner is not None and job_id in runner.arq_ended  # by the record's write
-        await asyncio.shield(self.finish_job(job_id, finish, None, None, False, incr_score, None))
+        ctx["flexq_run_ended"] = ended = runner is not None and job_id in runner.arq_ended  # by the record's write
+        await asyncio.shield(self._finish_claimed(job_id, finish, incr_score, runner if not ended else None))
         if self.after_job_end:
             await self.after_job_end(ctx)
+
+    async def _finish_claimed(self, job_id: str, finish: bool, incr_score: int | None, runner: Runner | None) -> None:
+        """arq's finish; then, for a deferred job, a flow-control wake that arrived while the run was ending
+        is applied again (arq's re-scoring overwrote it). Part of the run, not an ``after_job_end`` hook, which
+        a caller of ``create_worker`` may replace."""
+        await self.finish_job(job_id, finish, None, None, False, incr_score, None)
+        if incr_score is not None and runner is not None and runner.flow is not None:
+            await runner.flow.settle_wake(job_id)
 
 
 #: arq counts each Retry as a try; the deadline bounds retries, so this only stops runaway loops.
@@ -350,10 +364,11 @@ def _serve_metrics(settings: WorkerConfig, name: str, ctx: dict[str, Any]) -> Wo
 
 
 async def after_job(ctx: dict[str, Any]) -> None:
-    """arq has re-scored a deferred job: re-apply a flow-control wake that raced with it."""
+    """arq has re-scored a deferred job: re-apply a flow-control wake that raced with it (a plain arq
+    worker's runs; ``FlexqWorker``'s claimed runs do it as they finish)."""
     runner: Runner | None = ctx.get("flexq_runner")
-    if ctx.get("flexq_run_ended"):
-        return  # the job ended in its record's write: nothing was re-scored
+    if ctx.get("flexq_run_ended") or ctx.get("flexq_claimed"):
+        return  # the job ended in its record's write (nothing was re-scored), or the run did it
     if runner is not None and runner.flow is not None:
         await runner.flow.settle_wake(str(ctx["job_id"]))
 

@@ -1,20 +1,45 @@
--- claim: take one due arq job for this worker and read its flexq record, in one call.
+-- claim: take the due arq jobs this worker has slots for and read their flexq records, in one call.
 --
--- Replaces arq's start (WATCH in-progress, EXISTS, ZSCORE, MULTI PSETEX EXEC) and the first step of
--- its run (MULTI GET job, INCR retries, EXPIRE, ZREM abort EXEC), plus flexq's own record read:
--- one round trip instead of five. flexq's only arq task is ``run_generation(job_id)``, so arq's job
--- hash is not read (it stays, for arq's tools and for a plain arq worker), and its retry counter is not
--- kept (flexq bounds retries by the deadline; arq's max_tries is unbounded here).
+-- Replaces, per job, arq's start (WATCH in-progress, EXISTS, ZSCORE, MULTI PSETEX EXEC) and the first
+-- step of its run (MULTI GET job, INCR retries, EXPIRE, ZREM abort EXEC), plus flexq's own record read:
+-- one round trip for all the jobs one poll found due instead of five per job. The queue's scores, the
+-- abort requests and the records are read and written once for the whole batch (ZMSCORE, ZREM, MGET);
+-- only the in-progress keys are set one by one. flexq's only arq task is ``run_generation(job_id)``,
+-- so arq's job hash is not read (it stays, for arq's tools and for a plain arq worker), and its retry
+-- counter is not kept (flexq bounds retries by the deadline; arq's max_tries is unbounded here).
 --
--- KEYS[1] arq in-progress key   KEYS[2] arq queue zset   KEYS[3] arq abort zset   KEYS[4] flexq record
--- ARGV[1] job id   ARGV[2] now (ms)   ARGV[3] in-progress TTL (ms): the worker's lease, so that the
---         attempt's opening need not set it again
--- Reply: {0} not claimed (running elsewhere, no longer queued, or deferred past now);
---        {1, score, record text or false}: claimed, the in-progress key set. A pending abort request is
---        spent (as arq's run does): the record, which a cancel has changed first, says what to do.
+-- KEYS[1] arq queue zset   KEYS[2] arq abort zset
+-- KEYS[1 + 2i] job i's arq in-progress key   KEYS[2 + 2i] job i's flexq record   (i = 1 .. n)
+-- ARGV[1] now (ms)   ARGV[2] in-progress TTL (ms): the worker's lease, so that the attempt's opening
+--         need not set it again   ARGV[2 + i] job i's id
+-- Reply, one entry per job in order: {0} not claimed (running elsewhere, no longer queued, or deferred
+--        past now); {1, score, record text or false}: claimed, its in-progress key set. A pending abort
+--        request is spent (as arq's run does): the record, which a cancel has changed first, says what to do.
 
-local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
-if not score or tonumber(score) > tonumber(ARGV[2]) then return {0} end
-if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[3]) then return {0} end  -- running elsewhere
-redis.call('ZREM', KEYS[3], ARGV[1])
-return {1, score, redis.call('GET', KEYS[4])}
+local n = #ARGV - 2
+local now = tonumber(ARGV[1])
+local ids = {}
+for i = 1, n do ids[i] = ARGV[2 + i] end
+local scores = redis.call('ZMSCORE', KEYS[1], unpack(ids))
+local out, claimed, records = {}, {}, {}
+for i = 1, n do
+  local score = scores[i]
+  out[i] = {0}
+  if score and tonumber(score) <= now and redis.call('SET', KEYS[1 + 2 * i], '1', 'NX', 'PX', ARGV[2]) then
+    out[i] = {1, score}
+    claimed[#claimed + 1] = ids[i]
+    records[#records + 1] = KEYS[2 + 2 * i]
+  end
+end
+if #claimed > 0 then
+  redis.call('ZREM', KEYS[2], unpack(claimed))
+  local texts = redis.call('MGET', unpack(records))
+  local j = 0
+  for i = 1, n do
+    if out[i][1] == 1 then
+      j = j + 1
+      out[i][3] = texts[j]
+    end
+  end
+end
+return out

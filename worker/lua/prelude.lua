@@ -3,11 +3,19 @@
 
 local function num(x) return string.format('%.17g', x) end
 
+local redis_now = nil  -- the server's clock, read once per script call (a batch of calls shares it)
 local function clock(given)
   if given ~= nil and given ~= cjson.null and given ~= '' then return tonumber(given) end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+  if not redis_now then
+    local t = redis.call('TIME')
+    redis_now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  end
+  return redis_now
 end
+
+-- Writes a group commit holds back to send merged at the batch's end (worker/flow_store.py); a step that
+-- reads arq's queue calls this first. Nothing to do outside a batch.
+local flush_writes = function() end
 
 local function clamp(x, lo, hi) return math.max(lo, math.min(hi, x)) end
 

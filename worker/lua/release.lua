@@ -244,6 +244,7 @@ if want > 0 and not pause_s and line_length() > 0 then  -- someone waits
   wake = math.min(math.floor(limit) - others - reserved, want)
 end
 if wake > 0 and (tonumber(redis.call('HGET', KEYS[3], 'until_s')) or 0) <= now then  -- not while paused
+  flush_writes()  -- arq's queue as the batch's earlier calls left it (worker/flow_store.py group commit)
   -- a woken job goes ahead of jobs that are due but were never tried (a backlog would otherwise
   -- hold it up: arq takes due jobs oldest first, and each of those would only join the line)
   -- arq compares due times with each worker's own clock, not Redis's: wakes are written on that clock
