@@ -23,8 +23,9 @@ from redis.exceptions import ResponseError
 
 from producer.events import text
 
-#: Calls sent in one script call at most (a batch's script holds Redis for all of them).
-MAX_BATCH = 100
+#: Calls sent in one script call at most: a batch's script holds Redis for all of them, and their callers
+#: resume in one event-loop turn (see ``worker.runtime.CLAIM_BATCH_MAX`` for the lag this bounds).
+MAX_BATCH = 10
 
 Send = Callable[[list[str], list[Any]], Awaitable[list[Any]]]
 

@@ -65,8 +65,10 @@ setattr(arq_worker, "log_redis_info", _log_redis_info)  # noqa: B010 - see _log_
 
 #: The claim script (the due jobs' in-progress keys and their records, in one call).
 CLAIM_LUA = resources.files("worker").joinpath("lua", "claim.lua").read_text()
-#: Jobs claimed in one script call at most (one poll reads up to ``max_jobs`` + ``QUEUE_READ_EXTRA``).
-CLAIM_BATCH_MAX = 500
+#: Jobs claimed in one script call at most (one poll reads up to ``max_jobs`` + ``QUEUE_READ_EXTRA``). Each
+#: batch's jobs start together, in one event-loop turn: a larger one stalls the loop at a ramp to thousands
+#: of calls (event-loop lag p99 172 ms with batches of 500 and 100, 37 ms with 20 and 10: docs/benchmarks.md).
+CLAIM_BATCH_MAX = 20
 _arq_log = logging.getLogger("arq.worker")
 
 
