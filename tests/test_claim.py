@@ -176,6 +176,35 @@ async def test_one_script_call_claims_every_due_job_a_slot_is_free_for(queue: Fl
         await worker.close()
 
 
+async def test_with_flow_control_on_each_job_is_claimed_alone(queue: FlexQueue, redis_url: str) -> None:
+    """Jobs claimed together reach the pool together, which blurs the in-flight levels the limit learns
+    from (worker.runtime.CLAIM_BATCH_FLOW): with flow control on, one job per claim."""
+    settings = make_settings(redis_url=redis_url, flow=True)
+    gemini = ScriptedGemini.of(answer("one"), answer("two"), answer("three"))
+    worker = create_worker(settings, handle_signals=False, max_jobs=5,
+                           ctx={"flexq_gemini_factory": lambda *_a, **_k: gemini, "flexq_configure_logs": False})
+    worker._pool = worker.pool or await worker_pool(redis_url)
+    await startup(worker.ctx)
+    calls: list[int] = []
+    script = worker._claim_script
+
+    async def counted(*, keys: list[str], args: list[Any]) -> Any:
+        calls.append(len(args) - 2)
+        return await script(keys=keys, args=args)
+
+    worker.__dict__["_claim"] = counted
+    try:
+        for job_id in ("f-1", "f-2", "f-3"):
+            await queue.enqueue({"model": MODEL, "prompt": "hi"}, job_id=job_id)
+        await worker.start_jobs([b"f-1", b"f-2", b"f-3"])
+        assert calls == [1, 1, 1] and sorted(worker.tasks) == ["f-1", "f-2", "f-3"]
+        await asyncio.gather(*worker.tasks.values())
+        assert [(await queue.get(j)).status for j in ("f-1", "f-2", "f-3")] == [Status.SUCCEEDED] * 3
+    finally:
+        await shutdown(worker.ctx)
+        await worker.close()
+
+
 async def test_a_failed_claim_gives_every_slot_back(queue: FlexQueue, redis_url: str) -> None:
     settings = make_settings(redis_url=redis_url, flow=False)
     worker = create_worker(settings, handle_signals=False, max_jobs=3,
