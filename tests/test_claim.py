@@ -9,8 +9,10 @@ command recorder the compare-and-set script is given against redis-py's own enco
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
 
@@ -136,12 +138,11 @@ async def test_a_job_running_elsewhere_or_not_due_is_not_claimed(queue: FlexQueu
         await worker.close()
 
 
-async def test_one_script_call_claims_every_due_job_a_slot_is_free_for(queue: FlexQueue, redis_url: str) -> None:
-    """A poll's due jobs are claimed together: jobs running elsewhere or deferred are skipped, the free
-    slots are filled in queue order, the rest stay due for the next poll, each claimed job's abort is spent."""
-    settings = make_settings(redis_url=redis_url, flow=False)
-    gemini = ScriptedGemini.of(answer("one"), answer("two"))
-    worker = create_worker(settings, handle_signals=False, max_jobs=2,
+@contextlib.asynccontextmanager
+async def counting_worker(redis_url: str, gemini: ScriptedGemini, *, flow: bool, max_jobs: int) -> AsyncIterator[
+        tuple[Any, list[int]]]:
+    """A started (not running) worker whose claim script calls are counted: each call's number of jobs."""
+    worker = create_worker(make_settings(redis_url=redis_url, flow=flow), handle_signals=False, max_jobs=max_jobs,
                            ctx={"flexq_gemini_factory": lambda *_a, **_k: gemini, "flexq_configure_logs": False})
     worker._pool = worker.pool or await worker_pool(redis_url)
     await startup(worker.ctx)
@@ -154,6 +155,17 @@ async def test_one_script_call_claims_every_due_job_a_slot_is_free_for(queue: Fl
 
     worker.__dict__["_claim"] = counted
     try:
+        yield worker, calls
+    finally:
+        await shutdown(worker.ctx)
+        await worker.close()
+
+
+async def test_one_script_call_claims_every_due_job_a_slot_is_free_for(queue: FlexQueue, redis_url: str) -> None:
+    """A poll's due jobs are claimed together: jobs running elsewhere or deferred are skipped, the free
+    slots are filled in queue order, the rest stay due for the next poll, each claimed job's abort is spent."""
+    async with counting_worker(redis_url, ScriptedGemini.of(answer("one"), answer("two")), flow=False,
+                               max_jobs=2) as (worker, calls):
         for job_id in ("busy-2", "later-2", "a-2", "b-2", "c-2"):
             await queue.enqueue({"model": MODEL, "prompt": "hi"}, job_id=job_id)
         redis = queue.store.redis
@@ -171,38 +183,19 @@ async def test_one_script_call_claims_every_due_job_a_slot_is_free_for(queue: Fl
         assert [(await queue.get(j)).status for j in ("a-2", "b-2", "c-2")] == [
             Status.SUCCEEDED, Status.SUCCEEDED, Status.QUEUED]
         assert worker.job_counter == 0
-    finally:
-        await shutdown(worker.ctx)
-        await worker.close()
 
 
 async def test_with_flow_control_on_each_job_is_claimed_alone(queue: FlexQueue, redis_url: str) -> None:
     """Jobs claimed together reach the pool together, which blurs the in-flight levels the limit learns
     from (worker.runtime.CLAIM_BATCH_FLOW): with flow control on, one job per claim."""
-    settings = make_settings(redis_url=redis_url, flow=True)
     gemini = ScriptedGemini.of(answer("one"), answer("two"), answer("three"))
-    worker = create_worker(settings, handle_signals=False, max_jobs=5,
-                           ctx={"flexq_gemini_factory": lambda *_a, **_k: gemini, "flexq_configure_logs": False})
-    worker._pool = worker.pool or await worker_pool(redis_url)
-    await startup(worker.ctx)
-    calls: list[int] = []
-    script = worker._claim_script
-
-    async def counted(*, keys: list[str], args: list[Any]) -> Any:
-        calls.append(len(args) - 2)
-        return await script(keys=keys, args=args)
-
-    worker.__dict__["_claim"] = counted
-    try:
+    async with counting_worker(redis_url, gemini, flow=True, max_jobs=5) as (worker, calls):
         for job_id in ("f-1", "f-2", "f-3"):
             await queue.enqueue({"model": MODEL, "prompt": "hi"}, job_id=job_id)
         await worker.start_jobs([b"f-1", b"f-2", b"f-3"])
         assert calls == [1, 1, 1] and sorted(worker.tasks) == ["f-1", "f-2", "f-3"]
         await asyncio.gather(*worker.tasks.values())
         assert [(await queue.get(j)).status for j in ("f-1", "f-2", "f-3")] == [Status.SUCCEEDED] * 3
-    finally:
-        await shutdown(worker.ctx)
-        await worker.close()
 
 
 async def test_a_failed_claim_gives_every_slot_back(queue: FlexQueue, redis_url: str) -> None:

@@ -1,4 +1,5 @@
-"""Flow-control state in Redis, shared by every worker: one Lua call per attempt start, one per end.
+"""Flow-control state in Redis, shared by every worker: one Lua call per attempt start, one per end (the
+starts, or the ends, a worker makes in one event-loop turn sent together: ``worker.group_commit``).
 
 Use (the runner):
 
@@ -11,7 +12,8 @@ Use (the runner):
 
 and, in the lease keeper's loop, ``await flow.renew()`` every ``permit_ttl_s / 3``. Either call may
 carry the job record's change (``write=JobStore.prepare(...)``: the attempt's opening, applied only if
-admitted; its outcome), so that a permit and the record move in one round trip (``script_with_write``).
+admitted; its outcome), so that a permit and the record move in one round trip (``script_with_write``),
+shared with the other starts or ends of the same event-loop turn (``FlowControl.acquires``, ``.releases``).
 
 The rules are the scripts in ``worker/lua/`` (each documents its KEYS and ARGV at the top):
 ``acquire.lua`` checks, atomically, the model's 429 pause, the (model, tier) breaker, the model's
@@ -121,13 +123,13 @@ return out
 
 
 @cache
-def script_with_write(name: str, *, batch: bool = False) -> str:
+def script_with_write(name: str) -> str:
     """``acquire`` or ``release`` followed by a job record's compare-and-set (``producer/lua/cas.lua``), so
     that an attempt's start (its permit and the record's ``running``) or its end (the permit back and the
     outcome recorded) is one round trip. KEYS: the flow script's, then the record's; ARGV: the flow
     script's two, then the compare-and-set's three. Reply: the flow script's, then the write's (1 applied,
-    0 the record changed meanwhile, -1 gone); an acquire applies the write only when it admits.
-    ``batch``: the group-commit form (``_BATCH``), many such calls in one."""
+    0 the record changed meanwhile, -1 gone); an acquire applies the write only when it admits. In the
+    group-commit form (``_BATCH``): many such calls in one, each call's KEYS and ARGV after the other's."""
     cas = resources.files("producer").joinpath("lua", "cas.lua").read_text()
     folder = resources.files("worker").joinpath("lua")
     return "\n".join([
@@ -135,7 +137,7 @@ def script_with_write(name: str, *, batch: bool = False) -> str:
         cas[: cas.index("-- END OF cas")],
         "local function flow_call(KEYS, ARGV)", folder.joinpath(f"{name}.lua").read_text(), "end",
         _THEN_WRITE[name],
-        _BATCH.format(nk=WRITE_KEYS[name], na=WRITE_ARGS) if batch else "return call(KEYS, ARGV)\n",
+        _BATCH.format(nk=WRITE_KEYS[name], na=WRITE_ARGS),
     ])
 
 
@@ -171,8 +173,8 @@ class FlowControl:
         self._renew = redis.register_script(script("renew"))
         self._pause = redis.register_script(script("pause"))
         self._settle = redis.register_script(script("settle"))
-        batch_acquire = redis.register_script(script_with_write("acquire", batch=True))
-        batch_release = redis.register_script(script_with_write("release", batch=True))
+        batch_acquire = redis.register_script(script_with_write("acquire"))
+        batch_release = redis.register_script(script_with_write("release"))
         #: An attempt's start (its permit and the record's ``running``) and its end (the permit back and the
         #: outcome recorded) are group-committed: the starts, or the ends, ready in one event-loop turn go to
         #: Redis as one call (worker.group_commit).

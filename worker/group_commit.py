@@ -3,7 +3,7 @@
 A worker with many calls in flight ends (and starts) many attempts at once: each one's script call is a
 network round trip and a Redis command of its own. ``GroupCommit.call`` queues the call and, once the
 turn's other tasks have queued theirs, sends them all as one call of the script's batch form
-(``worker.flow_store.script_with_write(..., batch=True)``), which runs them one after the other, as
+(``worker.flow_store.script_with_write``), which runs them one after the other, as
 separate calls would, and sends the commands they share once. A lone call waits for nothing but the end
 of the turn it was made in; a batch grows only with the calls that are ready at the same moment, so the
 saving comes with load, where the round trips cost most.
