@@ -76,8 +76,9 @@ def script(name: str) -> str:
     return folder.joinpath("prelude.lua").read_text() + "\n" + folder.joinpath(f"{name}.lua").read_text()
 
 
-#: Keys and arguments of one flow call that carries a record write: the flow script's, then the record's.
-WRITE_KEYS = {"acquire": 11, "release": 11}
+#: Keys and arguments of one flow call that carries a record write: the flow script's (acquire and release
+#: take the same ten keys), then the record's; the flow script's two arguments, then the compare-and-set's three.
+WRITE_KEYS = 11
 WRITE_ARGS = 5
 
 #: How a flow script that carries a record write does one call: its own reply, then the compare-and-set's.
@@ -137,7 +138,7 @@ def script_with_write(name: str) -> str:
         cas[: cas.index("-- END OF cas")],
         "local function flow_call(KEYS, ARGV)", folder.joinpath(f"{name}.lua").read_text(), "end",
         _THEN_WRITE[name],
-        _BATCH.format(nk=WRITE_KEYS[name], na=WRITE_ARGS),
+        _BATCH.format(nk=WRITE_KEYS, na=WRITE_ARGS),
     ])
 
 

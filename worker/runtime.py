@@ -142,7 +142,7 @@ class FlexqWorker(Worker):
         for raw_id in job_ids:
             job_id = raw_id.decode()
             running = self.tasks.get(job_id)
-            if (running is None or running.done()) and job_id not in pending:
+            if running is None or running.done():
                 pending.append(job_id)  # a running job stays on arq's queue: no need to ask Redis
         while pending:
             free = min(self.max_jobs - self.job_counter, CLAIM_BATCH_MAX if runner.flow is None else CLAIM_BATCH_FLOW)
@@ -226,7 +226,7 @@ class FlexqWorker(Worker):
         if self.on_job_end:
             await self.on_job_end(ctx)
         runner: Runner | None = self.ctx.get("flexq_runner")
-        ctx["flexq_run_ended"] = ended = runner is not None and job_id in runner.arq_ended  # by the record's write
+        ended = runner is not None and job_id in runner.arq_ended  # by the record's write: nothing re-scored
         await asyncio.shield(self._finish_claimed(job_id, finish, incr_score, runner if not ended else None))
         if self.after_job_end:
             await self.after_job_end(ctx)
@@ -374,8 +374,8 @@ async def after_job(ctx: dict[str, Any]) -> None:
     """arq has re-scored a deferred job: re-apply a flow-control wake that raced with it (a plain arq
     worker's runs; ``FlexqWorker``'s claimed runs do it as they finish)."""
     runner: Runner | None = ctx.get("flexq_runner")
-    if ctx.get("flexq_run_ended") or ctx.get("flexq_claimed"):
-        return  # the job ended in its record's write (nothing was re-scored), or the run did it
+    if ctx.get("flexq_claimed"):
+        return  # FlexqWorker._finish_claimed did it (or the job ended in its record's write)
     if runner is not None and runner.flow is not None:
         await runner.flow.settle_wake(str(ctx["job_id"]))
 
