@@ -805,7 +805,7 @@ async def test_lua_scripts_agree_with_their_oracle(make_flow: MakeFlow, client: 
         "initial_limit": 3.0, "max_limit": 9.0, "permit_ttl_s": 4.0, "breaker_window_s": 2.0,
         "breaker_min_failures": 4, "breaker_cool_down_s": 1.0, "breaker_cool_down_max_s": 4.0,
         "step_min_llr": 4.0, "level_half_life_s": 2.0, "breaker_failure_ratio": 0.5,
-    }
+    }  # counts kept 2 s: at the walk's few releases a second, a capacity step then shows now and then
     flows = [make_flow(f"w{i}", **cfg) for i in range(2)]
     ref = Oracle(flows[0].cfg)
     rng = random.Random(20261130)
