@@ -333,10 +333,10 @@ class Oracle:
         return Admitted(True, "ok", probe=gate == "probe", level=in_flight + 1)
 
     def release(
-        self, job: str, *, started_s: float, outcome: str | None, retry_after_s: float | None, now_s: float,
+        self, job: str, *, started_s: float, level: int, outcome: str | None, retry_after_s: float | None,
+        now_s: float,
     ) -> tuple[float, str]:
-        """Return the permit; (limit after, a 503's verdict). The outcome is counted at the level it came
-        back at: the permits held, its own included."""
+        """Return the permit; (limit after, a 503's verdict)."""
         self._purge(now_s)
         in_flight = len(self.holders) + (job not in self.holders)
         self.holders.pop(job, None)
@@ -344,7 +344,7 @@ class Oracle:
         verdict, replace_it = "", 1
         if outcome in ("ok", "overloaded"):
             self.control, verdict, replace_it = learn(
-                self.control, outcome == "overloaded", level=in_flight, now_s=now_s, started_s=started_s,
+                self.control, outcome == "overloaded", level=level, now_s=now_s, started_s=started_s,
                 in_flight=in_flight, waiting=len(self.waiters), cfg=self.cfg,
             )
             self.verdicts[verdict or "answer"] = self.verdicts.get(verdict or "answer", 0) + 1

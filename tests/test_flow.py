@@ -299,36 +299,32 @@ def simulate_pool(
     """A backlog that never runs dry, admitted the way the worker admits it, in simulated time.
 
     Each release hands its permit on (``learn``'s replace, plus one per whole permit the limit
-    grew), and a handed-on job asks up to ``pickup_s`` later (arq's poll); besides, every ``fallback_s``
-    the free permits are filled together (jobs back from their own backoff, fresh ones). A call reaches
-    the pool up to ``2 * transit_s`` after its permit (calls admitted together arrive in no set order)
-    and is shed at once if the pool is full (``capacity(t)`` in service) or at random (``rate_503``),
-    else served for an exponential time; its outcome is back as long again later and is counted at the
-    level it comes back at (release.lua). Returns samples (t, limit, in service, capacity) and counts."""
+    grew), and a handed-on job asks ``pickup_s`` later (arq's poll); besides, every ``fallback_s``
+    the free permits are filled (jobs back from their own backoff, fresh ones). A call reaches the
+    pool ``transit_s`` after its permit and is shed at once if the pool is full (``capacity(t)`` in
+    service) or at random (``rate_503``), else served for an exponential time. Returns samples
+    (t, limit, in service, capacity) and counts."""
     rng = random.Random(seed)
     state = Limit.initial(cfg)
-    events: list[tuple[float, int, str, float]] = []  # (time, seq, kind, started)
+    events: list[tuple[float, int, str, int, float]] = []  # (time, seq, kind, level, started)
     seq, in_flight, in_service = 0, 0, 0
     samples: list[tuple[float, float, int, int]] = []
     tally = {"ok": 0, "capacity_503": 0, "random_503": 0}
 
-    def push(t: float, kind: str, started: float = 0.0) -> None:
+    def push(t: float, kind: str, level: int = 0, started: float = 0.0) -> None:
         nonlocal seq
         seq += 1
-        heapq.heappush(events, (t, seq, kind, started))
-
-    def trip() -> float:
-        return 2 * transit_s * rng.random()
+        heapq.heappush(events, (t, seq, kind, level, started))
 
     push(0.0, "fill")
     push(0.0, "sample")
     while events and events[0][0] < seconds:
-        t, _, kind, started = heapq.heappop(events)
+        t, _, kind, level, started = heapq.heappop(events)
         if kind in ("ask", "fill"):
             room = math.floor(cfg.clamp(state.limit)) - in_flight
             for _ in range(room if kind == "fill" else min(1, room)):
                 in_flight += 1
-                push(t + trip(), "arrive", t)
+                push(t + transit_s, "arrive", in_flight, t)
             if kind == "fill":
                 push(t + fallback_s, "fill")
         elif kind == "sample":
@@ -338,18 +334,18 @@ def simulate_pool(
             full = in_service >= capacity(t)
             if full or rng.random() < rate_503:
                 tally["capacity_503" if full else "random_503"] += 1
-                push(t + trip(), "shed", started)
+                push(t + transit_s, "shed", level, started)
             else:
                 in_service += 1
-                push(t + rng.expovariate(1 / service_s), "served", started)
+                push(t + rng.expovariate(1 / service_s), "served", level, started)
         elif kind == "served":
             in_service -= 1
-            push(t + trip(), "ok", started)
+            push(t + transit_s, "ok", level, started)
         else:
             in_flight -= 1
             tally["ok"] += kind == "ok"
             before = math.floor(cfg.clamp(state.limit))
-            state, _, replace_it = learn(state, kind == "shed", level=in_flight + 1, now_s=t, started_s=started,
+            state, _, replace_it = learn(state, kind == "shed", level=level, now_s=t, started_s=started,
                                          in_flight=in_flight + 1, waiting=10, cfg=cfg)
             for _ in range(replace_it + max(0, math.floor(cfg.clamp(state.limit)) - before)):
                 push(t + pickup_s * rng.random(), "ask")

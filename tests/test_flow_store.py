@@ -804,8 +804,8 @@ async def test_lua_scripts_agree_with_their_oracle(make_flow: MakeFlow, client: 
     cfg = {
         "initial_limit": 3.0, "max_limit": 9.0, "permit_ttl_s": 4.0, "breaker_window_s": 2.0,
         "breaker_min_failures": 4, "breaker_cool_down_s": 1.0, "breaker_cool_down_max_s": 4.0,
-        "step_min_llr": 4.0, "level_half_life_s": 2.0, "breaker_failure_ratio": 0.5,
-    }  # counts kept 2 s: at the walk's few releases a second, a capacity step then shows now and then
+        "step_min_llr": 4.0, "level_half_life_s": 1.0, "breaker_failure_ratio": 0.5,
+    }
     flows = [make_flow(f"w{i}", **cfg) for i in range(2)]
     ref = Oracle(flows[0].cfg)
     rng = random.Random(20261130)
@@ -820,10 +820,10 @@ async def test_lua_scripts_agree_with_their_oracle(make_flow: MakeFlow, client: 
             job = rng.choice(sorted(held))
             permit = held.pop(job)
             outcome = rng.choices(names, weights)[0]
-            if len(held) >= 5 and rng.random() < 0.7:  # a pool of about 5: capacity 503s above it
+            if permit.level > 5 and rng.random() < 0.7:  # a pool of about 5: capacity 503s above it
                 outcome = "overloaded"
             retry_after_s = rng.choice([0.0, 0.5])
-            want = ref.release(job, started_s=permit.started_s, outcome=outcome,
+            want = ref.release(job, started_s=permit.started_s, level=permit.level, outcome=outcome,
                                retry_after_s=retry_after_s, now_s=now)
             got = await flows[step % 2].release(
                 permit, outcome, retry_after_s=retry_after_s, quota=QuotaKind.PER_MINUTE, now_s=now

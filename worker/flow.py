@@ -152,6 +152,7 @@ class Permit:
     tier: str
     est_tokens: int
     started_s: float  # admission time on the store's clock
+    level: int = 1  # permits held once this one was taken: the in-flight level the call ran at
     held_since_s: float = field(default_factory=time.time)  # admission time on this process's clock
 
 

@@ -253,7 +253,7 @@ class FlowControl:
             written=int(reply[7]) if write is not None else None,
         )
         if admission.admitted:
-            permit = Permit(job_id, model, tier, max(0, est_tokens), float(started_s),
+            permit = Permit(job_id, model, tier, max(0, est_tokens), float(started_s), int(in_flight),
                             held_since_s=time.time() if now_s is None else now_s)
             self.held[job_id] = permit
             admission = replace(admission, permit=permit)
@@ -296,7 +296,7 @@ class FlowControl:
         elif limits is not None and used_tokens is not None:
             tokens_delta = used_tokens - permit.est_tokens
         call = {
-            "job": permit.job_id, "now": now_s, "started": permit.started_s,
+            "job": permit.job_id, "now": now_s, "started": permit.started_s, "level": permit.level,
             "model": permit.model, "tier": permit.tier,
             "outcome": str(outcome) if outcome in LIMIT_OUTCOMES else ("" if outcome is None else str(outcome)),
             "breaker": breaker_event(outcome), "pause_s": pause_s, "alert": alert, "reason": reason,

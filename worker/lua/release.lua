@@ -12,7 +12,7 @@
 -- KEYS[10] reserved zset {queue}:flow:reserved:{model}:{tier}  woken job -> until when its permit is held (s)
 -- The state hash also holds the counts per in-flight level, field 'L<level>' -> "calls sheds t" (decayed),
 -- and 'reserved_until_s', when the latest reservation ends (acquire.lua skips the reserved set after it).
--- ARGV[1] JSON {job, now, started, model, tier, outcome, breaker, pause_s, alert, reason,
+-- ARGV[1] JSON {job, now, started, level, model, tier, outcome, breaker, pause_s, alert, reason,
 --               rq_delta, tk_delta, worker, touch (true: also the housekeeping: expired permits and
 --               reservations swept, TTLs refreshed)}
 --   outcome: 'ok' | 'overloaded' (503) | another outcome | '' (the call was never made: a refund)
@@ -24,10 +24,7 @@
 --   was answered lately: a cold start, an outage), 'random' (load-independent shedding); '' for other outcomes.
 --
 -- The limit (see docs/flow-control.md). Each 503 and each answer is counted at the in-flight level
--- it came back at (the permits held when it is released, its own included), with exponential decay
--- over time: calls admitted together reach the pool in no set order, so the level a call was admitted
--- at says nothing of which of them the pool shed, while the sheds come back at once, before the calls
--- in service do, and so at the levels above what the pool holds. A 503 shrinks the limit only when the
+-- its call was admitted at, with exponential decay over time. A 503 shrinks the limit only when the
 -- counts show a capacity step below its level (levels above the step are shed more often, by at
 -- least step_min_gap, with a log-likelihood ratio of at least step_min_llr), or when the recent
 -- shed rate jumps above the learned load-independent rate with nothing seen below. A
@@ -110,7 +107,7 @@ end
 redis.call('ZREM', KEYS[2], job)
 local others = redis.call('ZCOUNT', KEYS[2], live, '+inf')  -- permits still held by other calls
 local in_flight = others + 1  -- this one included (its lease may have lapsed: it still ran)
-local level = in_flight  -- the level the call is counted at
+local level = math.max(1, math.floor(tonumber(a.level) or in_flight))  -- the level the call ran at
 local s = redis.call('HMGET', KEYS[1], 'limit', 'cap', 'p_hat', 'p_n', 'short', 'tokens', 'last_decrease_s',
   'state', 'opens', 'win', 'ok', 'failed', 'prev_ok', 'prev_failed', 'probe', 'L' .. level, 'reserved_until_s',
   'line')
