@@ -24,7 +24,6 @@ from producer.store import Write
 from producer.transitions import Change, Cost
 from tests.conftest import make_settings
 from tests.test_flow_store import client  # noqa: F401 - the fakeredis / real Redis fixture
-from worker import group_commit
 from worker.flow import FlowConfig
 from worker.flow_store import FlowControl
 from worker.group_commit import GroupCommit
@@ -68,71 +67,6 @@ async def test_calls_of_later_turns_go_in_later_batches() -> None:
     assert await commit.call(["k1"], ["a1"]) == "reply a1"
     assert await commit.call(["k2"], ["a2"]) == "reply a2"
     assert [args for _, args in recorder.batches] == [["a1"], ["a2"]]
-
-
-class Gate:
-    """A stand-in batch script whose round trips end only when the test says so."""
-
-    def __init__(self) -> None:
-        self.batches: list[list[Any]] = []
-        self.open: list[asyncio.Event] = []
-
-    async def send(self, keys: list[str], args: list[Any]) -> list[Any]:
-        self.batches.append(args)
-        event = asyncio.Event()
-        self.open.append(event)
-        await event.wait()
-        return [[1, f"reply {a}"] for a in args]
-
-
-async def pass_turns(n: int) -> None:
-    for _ in range(n):
-        await asyncio.sleep(0)  # one event-loop turn
-
-
-async def until(check: Any, timeout_s: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not check():
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.001)
-
-
-async def test_calls_made_while_a_batch_is_in_flight_go_together_when_it_comes_back() -> None:
-    gate = Gate()
-    commit = GroupCommit(gate.send)
-    first = asyncio.ensure_future(commit.call_in_turn(["k0"], ["a0"]))
-    await until(lambda: len(gate.batches) == 1)
-    later = [asyncio.ensure_future(commit.call_in_turn([f"k{i}"], [f"a{i}"])) for i in (1, 2)]
-    await pass_turns(5)
-    later.append(asyncio.ensure_future(commit.call_in_turn(["k3"], ["a3"])))  # another turn, still held
-    await pass_turns(5)
-    assert gate.batches == [["a0"]]  # held while the first is in flight
-    gate.open[0].set()
-    (reply, turn0) = await first
-    await until(lambda: len(gate.batches) == 2)
-    assert gate.batches[1] == ["a1", "a2", "a3"]  # the held calls of two turns, as one
-    gate.open[1].set()
-    replies = [await call for call in later]
-    assert reply == "reply a0" and [r for r, _ in replies] == ["reply a1", "reply a2", "reply a3"]
-    turns = {id(t) for _, t in replies}
-    assert len(turns) == 1 and id(turn0) not in turns  # sent together: one turn, the first one's own
-    assert [k for k, _ in replies[0][1].replies] == [["k1"], ["k2"], ["k3"]]
-
-
-async def test_a_batch_that_never_comes_back_holds_the_next_calls_no_longer_than_hold_max(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(group_commit, "HOLD_MAX_S", 0.05)
-    gate = Gate()
-    commit = GroupCommit(gate.send)
-    stuck = asyncio.ensure_future(commit.call(["k0"], ["a0"]))
-    await until(lambda: len(gate.batches) == 1)
-    held = asyncio.ensure_future(commit.call(["k1"], ["a1"]))
-    await until(lambda: len(gate.batches) == 2)  # sent after HOLD_MAX_S, the first still in flight
-    gate.open[1].set()
-    assert await held == "reply a1" and not stuck.done()
-    gate.open[0].set()
-    assert await stuck == "reply a0"
 
 
 async def test_a_call_the_script_failed_fails_alone() -> None:
@@ -269,8 +203,6 @@ async def run_attempts(queue: FlexQueue, *, together: bool) -> tuple[list[Any], 
     admissions = await calls([start(j, w, T0) for j, w in zip(ids, writes, strict=True)])
     admitted = [a for a in admissions if a.admitted]
     assert len(admitted) == 3 and [a.reason for a in admissions if not a.admitted] == ["no_permit"] * 3
-    # admitted in one turn, they are sent in admission order, each one turn_spacing_s after the one before
-    assert [a.permit.turn_rank for a in admitted] == ([0, 1, 2] if together else [0, 0, 0])  # type: ignore[union-attr]
     ends = [(Outcome.OK, 0), (Outcome.OVERLOADED, 1), (Outcome.OK, 2)]
     end_writes = [await prepared(admitted[i].permit.job_id, closing(outcome)) for outcome, i in ends]  # type: ignore[union-attr]
     releases = await calls([

@@ -81,7 +81,6 @@ class FlowConfig:
     excess_z: float = 3.0  # a jump of the recent rate is this many standard deviations (and the gap)
     blind_n: float = 5.0  # ...and counts only while fewer calls than this were answered lately (at any level)
     raise_min_n: float = 5.0  # answers above the believed capacity (at about the usual 503 rate) that raise it
-    turn_spacing_s: float = 0.002  # calls admitted in one turn are sent this far apart, in admission order
     probe_gain: float = 0.5  # at a known step the limit grows by this / limit per answer (a probe a level up)
     replace_ratio: float = 1.5  # a load-independent 503's permit goes to the next job: each answer
     replace_burst: float = 10.0  # ...pays for this many such hand-overs, up to this many in store
@@ -155,10 +154,6 @@ class Permit:
     started_s: float  # admission time on the store's clock
     level: int = 1  # permits held once this one was taken: the in-flight level the call ran at
     held_since_s: float = field(default_factory=time.time)  # admission time on this process's clock
-    #: Calls admitted before this one in the same event-loop turn and scope: it is sent this many
-    #: ``FlowConfig.turn_spacing_s`` after the turn's first, so that the pool sees the turn's calls in the
-    #: order of the in-flight levels they were admitted at (the levels the limit learns from).
-    turn_rank: int = 0
 
 
 @dataclass(frozen=True)

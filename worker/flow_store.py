@@ -61,7 +61,7 @@ from worker.flow import (
     breaker_event,
     pause_after_429,
 )
-from worker.group_commit import GroupCommit, Turn
+from worker.group_commit import GroupCommit
 
 LOG_ENTRIES = 100
 #: How often (s) one worker's acquire or release of one scope also does the scope's housekeeping (the
@@ -140,13 +140,6 @@ def script_with_write(name: str) -> str:
         _THEN_WRITE[name],
         _BATCH.format(nk=WRITE_KEYS, na=WRITE_ARGS),
     ])
-
-
-def _turn_rank(turn: Turn, state: str, level: int) -> int:
-    """How many of the acquires of one turn known so far were admitted into the scope whose state key is
-    ``state`` at a lower in-flight level than ``level`` (an acquire's reply: admitted, reason, wait, probe,
-    started, limit, in flight, ...)."""
-    return sum(1 for keys, reply in turn.replies if keys[0] == state and int(reply[0]) == 1 and int(reply[6]) < level)
 
 
 def _arg(now_s: float | None) -> str:
@@ -250,11 +243,10 @@ class FlowControl:
         keys = [state, permits, pause, rate, self.keys.flow("scopes_seen"), self.keys.flow("log"),
                 self._waiters(model, tier), self.keys.flow("woken"), self.keys.arq_queue, self._reserved(model, tier)]
         args = [json.dumps(call), self._acquire_cfg]
-        turn: Turn | None = None
         if write is None:
             reply = await self._acquire(keys=keys, args=args)
         else:
-            reply, turn = await self.acquires.call_in_turn([*keys, write.key], [*args, *write.args])
+            reply = await self.acquires.call([*keys, write.key], [*args, *write.args])
         admitted, reason, wait_s, probe, started_s, limit, in_flight = reply[:7]
         admission = Admission(
             bool(int(admitted)), text(reason), float(wait_s), bool(int(probe)), float(limit), int(in_flight),
@@ -262,8 +254,7 @@ class FlowControl:
         )
         if admission.admitted:
             permit = Permit(job_id, model, tier, max(0, est_tokens), float(started_s), int(in_flight),
-                            held_since_s=time.time() if now_s is None else now_s,
-                            turn_rank=0 if turn is None else _turn_rank(turn, state, int(in_flight)))
+                            held_since_s=time.time() if now_s is None else now_s)
             self.held[job_id] = permit
             admission = replace(admission, permit=permit)
         return admission

@@ -138,7 +138,6 @@ class Runner:
         attempt = record.attempts[-1]
         self.leases.add(job_id)
         try:
-            await self._in_admission_order(permit)
             return await self._attempt(record, attempt.number, attempt.tier, permit, written, hold, end_run=claimed)
         except asyncio.CancelledError:
             await asyncio.shield(self._release(permit, Outcome.INTERRUPTED))
@@ -147,12 +146,6 @@ class Runner:
             raise
         finally:
             self.leases.discard(job_id)
-
-    async def _in_admission_order(self, permit: Permit | None) -> None:
-        """A call admitted with others in one turn is sent ``turn_rank`` spacings after the turn's first: the
-        pool sees them in the order of the in-flight levels the limit counts them at (worker.flow.Permit)."""
-        if permit is not None and permit.turn_rank and self.flow is not None:
-            await asyncio.sleep(permit.turn_rank * self.flow.cfg.turn_spacing_s)  # milliseconds, not a retry wait
 
     async def _batch(self, record: JobRecord, raw: bytes) -> float | None:
         """A ``batch``-tier job: packed into a Batch API job, polled, answered (worker.batch_tier). Without
