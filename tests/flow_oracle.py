@@ -288,7 +288,8 @@ class Oracle:
         self.woken: dict[str, int] = {}  # job -> wake time (ms)
         self.reserved: dict[str, float] = {}  # woken job -> until when its permit is held (s)
         self.queued: dict[str, float] = {}  # jobs on the arq queue -> score (the test's stand-in for arq)
-        self.seen = {"woken": 0, "skipped": 0, "rank_admitted": 0, "in_line_refused": 0, "woken_refused": 0}
+        self.seen = {"woken": 0, "skipped": 0, "rank_admitted": 0, "in_line_refused": 0, "woken_refused": 0,
+                     "woken_for_resume": 0}
         self.verdicts: dict[str, int] = {}
 
     def _purge(self, now_s: float) -> None:
@@ -361,11 +362,21 @@ class Oracle:
         if not self.holders:  # the last call in flight: no other release is to come
             want = max(want, 1)
         wake = min(free, want)
-        if wake > 0 and outcome != "rate_limited" and self.paused_until_s <= now_s:
-            now_ms = ms(now_s)
-            due = [score for score in self.queued.values()]
-            if due and min(due) <= now_ms:
-                now_ms = max(1, int(min(due)) - 1)  # ahead of jobs that are due but were never tried
+        pause_s = 0.0
+        if outcome == "rate_limited":
+            pause_s, _ = pause_after_429(retry_after_s, QuotaKind.PER_MINUTE, self.cfg)
+        # while the model is paused, the woken jobs are due when the pause ends, their permits held until then
+        resume_s = max(now_s + pause_s, self.paused_until_s)
+        if resume_s - now_s > self.cfg.waiter_timeout_s:  # the line's own fallback timer comes first
+            wake = 0
+        if wake > 0 and self.waiters:
+            if resume_s > now_s:
+                now_ms = ms(resume_s)
+            else:
+                now_ms = ms(now_s)
+                due = [score for score in self.queued.values()]
+                if due and min(due) <= now_ms:
+                    now_ms = max(1, int(min(due)) - 1)  # ahead of jobs that are due but were never tried
             for head, _ in self.line()[:WAKE_TRIES]:
                 if wake == 0:
                     break
@@ -373,12 +384,12 @@ class Oracle:
                 if head in self.queued:
                     self.woken[head] = now_ms
                     self.queued[head] = now_ms
-                    self.reserved[head] = now_s + self.cfg.wake_hold_s
+                    self.reserved[head] = resume_s + self.cfg.wake_hold_s
                     self.seen["woken"] += 1
+                    self.seen["woken_for_resume"] += resume_s > now_s
                     wake -= 1
                 else:
                     self.seen["skipped"] += 1
         if outcome == "rate_limited":
-            pause_s, _ = pause_after_429(retry_after_s, QuotaKind.PER_MINUTE, self.cfg)
             self.paused_until_s = max(self.paused_until_s, now_s + pause_s)
         return limit, verdict

@@ -28,6 +28,7 @@ from worker.classify import QuotaKind
 from worker.config import Limits
 from worker.flow import FlowConfig
 from worker.flow_store import FlowControl, flow_lines
+from worker.policy import RETRY_INFO_MARGIN_S
 
 FLOW_TEST_DB = 13
 KEYS = Keys("flexq-flow-test")
@@ -369,13 +370,43 @@ async def test_the_last_permit_in_flight_wakes_the_line_even_after_a_capacity_50
     assert await woken(client) == {"w0": ms(T0 + 5)}
 
 
-async def test_a_paused_model_wakes_nobody(make_flow: MakeFlow, client: Redis) -> None:
-    flow = make_flow(initial_limit=2.0, max_limit=2.0)
+async def test_a_paused_model_wakes_the_line_for_the_end_of_the_pause(make_flow: MakeFlow, client: Redis) -> None:
+    """A permit freed during a 429 pause goes to the head of the line, due when the pause ends: skipped,
+    it would sit idle while the line waits for its fallback timer."""
+    flow = make_flow(initial_limit=2.0, max_limit=2.0, waiter_timeout_s=30.0)
+    held = await hold(flow, 2, T0)
+    await wait_in_line(flow, "w0", "w1", "w2", now_s=T0 + 1)
+    await enqueue(client, "w0", "w1", "w2")
+    await flow.pause(M, T0 + 30, "operator", now_s=T0 + 5)
+    await flow.release(held[0], "ok", now_s=T0 + 6)  # a permit is free, but the model is paused
+    assert await waiting(client) == [("w1", T0 + 2), ("w2", T0 + 3)]
+    assert await scores(client, "w0", "w1") == [ms(T0 + 30), FAR_MS]  # due when the pause ends, not before
+    assert await woken(client) == {"w0": ms(T0 + 30)}
+    assert (await flow.acquire("w0", M, "flex", 1, now_s=T0 + 20)).reason == "paused"  # early: still paused
+    await flow.release(held[1], "ok", now_s=T0 + 25)
+    assert await waiting(client) == [("w2", T0 + 3)]
+    assert await scores(client, "w1") == [ms(T0 + 30)]
+    # w1's permit stays held for it past the pause's end: the line's head takes the other, not a newcomer
+    assert (await flow.acquire("new", M, "flex", 1, now_s=T0 + 30.5)).reason == "no_permit"
+    assert (await flow.acquire("w1", M, "flex", 1, now_s=T0 + 30.5)).admitted
+    w2 = await flow.acquire("w2", M, "flex", 1, now_s=T0 + 30.6)
+    assert w2.admitted and w2.permit is not None
+    # a 429's own release wakes the line for the end of the pause it starts
+    await enqueue(client, "new")
+    await flow.release(w2.permit, "rate_limited", retry_after_s=7.0, now_s=T0 + 33)
+    assert await scores(client, "new") == [ms(T0 + 33 + 7.0 + RETRY_INFO_MARGIN_S)]
+    assert await waiting(client) == []
+
+
+async def test_a_pause_longer_than_the_line_fallback_wakes_nobody(make_flow: MakeFlow, client: Redis) -> None:
+    """The line's jobs come back on their own timer and are told when the pause ends: a wake that far
+    ahead would hold its permit after an operator lifted the pause (`flexq resume`)."""
+    flow = make_flow(initial_limit=2.0, max_limit=2.0, waiter_timeout_s=30.0)
     held = await hold(flow, 2, T0)
     await wait_in_line(flow, "w0", now_s=T0 + 1)
     await enqueue(client, "w0")
     await flow.pause(M, T0 + 100, "operator", now_s=T0 + 2)
-    await flow.release(held[0], "ok", now_s=T0 + 5)  # a permit is free, but the model is paused
+    await flow.release(held[0], "ok", now_s=T0 + 5)
     assert await waiting(client) == [("w0", T0 + 1)]
     assert await scores(client, "w0") == [FAR_MS]
     assert await woken(client) == {}
@@ -519,15 +550,15 @@ async def test_a_woken_job_refused_for_a_pause_is_not_rerun_at_once(make_flow: M
         assert await scores(client, "w0") == [ms(T0 + 600)], run
 
 
-async def test_a_429_release_wakes_nobody(make_flow: MakeFlow, client: Redis) -> None:
+async def test_a_429_release_wakes_the_line_for_when_its_pause_ends(make_flow: MakeFlow, client: Redis) -> None:
     flow = make_flow(initial_limit=2.0, max_limit=2.0)
     held = await hold(flow, 2, T0)
-    await wait_in_line(flow, "w0", now_s=T0 + 1)
-    await enqueue(client, "w0")
-    await flow.release(held[0], "rate_limited", retry_after_s=29.0, quota=QuotaKind.PER_MINUTE, now_s=T0 + 2)
+    await wait_in_line(flow, "w0", "w1", now_s=T0 + 1)
+    await enqueue(client, "w0", "w1")
+    await flow.release(held[0], "rate_limited", retry_after_s=19.0, quota=QuotaKind.PER_MINUTE, now_s=T0 + 2)
     assert (await flow.acquire("x", M, "flex", 1, now_s=T0 + 3)).reason == "paused"
-    assert await scores(client, "w0") == [FAR_MS]
-    assert await waiting(client) == [("w0", T0 + 1)]
+    assert await scores(client, "w0", "w1") == [ms(T0 + 2 + 19 + RETRY_INFO_MARGIN_S), FAR_MS]
+    assert await waiting(client) == [("w1", T0 + 2)]
 
 
 async def test_stale_waiters_do_not_block_an_idle_scope(make_flow: MakeFlow, client: Redis) -> None:

@@ -196,6 +196,7 @@ class FlowControl:
             "excess_window": cfg.excess_window, "excess_z": cfg.excess_z,
             "blind_n": cfg.blind_n, "raise_min_n": cfg.raise_min_n, "probe_gain": cfg.probe_gain,
             "replace_ratio": cfg.replace_ratio, "replace_burst": cfg.replace_burst, "wake_hold_s": cfg.wake_hold_s,
+            "waiter_timeout_s": cfg.waiter_timeout_s,
         })
 
     def _scope(self, model: str, tier: str) -> tuple[str, str]:

@@ -231,24 +231,34 @@ if fresh or a.touch then redis.call('EXPIRE', KEYS[1], cfg.state_ttl_s) end
 -- jobs still queued) instead of every waiter polling. One replaces the call that ended (not after
 -- a 503 taken for capacity, nor past the replacement budget), plus one per whole permit the limit
 -- grew. The woken hash lets the worker's after-job hook re-apply a wake that arq's own re-scoring
--- of a finishing run overwrote (settle.lua).
+-- of a finishing run overwrote (settle.lua). While the model is paused by a 429 (this call's or an
+-- earlier one's), the woken jobs are due when the pause ends, their permits held for them until then:
+-- a wake skipped for the pause would leave its permit idle while the line waits for its fallback timer
+-- (pauses longer than that timer excepted).
 local pause_s = tonumber(a.pause_s)
 local want = replace + math.max(0, math.floor(limit) - math.floor(limit_before))
 -- the last call in flight: no other release is to come, so a line left asleep would wait for its
 -- fallback timer (a 503 taken for capacity replaces nobody, and the limit may have room all the same)
 if others == 0 then want = math.max(want, 1) end
 local wake = 0
-if want > 0 and not pause_s and line_length() > 0 then  -- someone waits
+if want > 0 and line_length() > 0 then  -- someone waits
   local reserved = 0  -- permits held for woken jobs (none live once the latest reservation has ended)
   if (tonumber(s[17]) or 0) > now then reserved = redis.call('ZCOUNT', KEYS[10], live, '+inf') end
   wake = math.min(math.floor(limit) - others - reserved, want)
 end
-if wake > 0 and (tonumber(redis.call('HGET', KEYS[3], 'until_s')) or 0) <= now then  -- not while paused
+local resume = now  -- when the woken jobs may run: now, or when the model's pause ends
+if wake > 0 then
+  resume = math.max(pause_s and now + pause_s or now, tonumber(redis.call('HGET', KEYS[3], 'until_s')) or 0)
+  -- a pause past the line's own fallback timer: its jobs come back on that timer and are told the
+  -- pause's end (a wake so far ahead would hold its permit after an operator's `flexq resume`)
+  if resume - now > cfg.waiter_timeout_s then wake = 0 end
+end
+if wake > 0 then
   flush_writes()  -- arq's queue as the batch's earlier calls left it (worker/flow_store.py group commit)
   -- a woken job goes ahead of jobs that are due but were never tried (a backlog would otherwise
   -- hold it up: arq takes due jobs oldest first, and each of those would only join the line)
   -- arq compares due times with each worker's own clock, not Redis's: wakes are written on that clock
-  local now_ms, woke, tries = nil, 0, 0
+  local now_ms, due, woke, tries = nil, nil, 0, 0
   while wake > 0 and tries < 64 do
     tries = tries + 1
     local head = redis.call('ZPOPMIN', KEYS[7], 1)
@@ -256,17 +266,23 @@ if wake > 0 and (tonumber(redis.call('HGET', KEYS[3], 'until_s')) or 0) <= now t
     if redis.call('ZSCORE', KEYS[8], head[1]) then
       if not now_ms then
         now_ms = tonumber(a.arq_now_ms) or math.floor(now * 1000)
-        local oldest = redis.call('ZRANGE', KEYS[8], 0, 0, 'WITHSCORES')
-        if #oldest == 2 and tonumber(oldest[2]) <= now_ms then now_ms = math.max(1, tonumber(oldest[2]) - 1) end
+        if resume > now then  -- paused: due at the pause's end (ahead of nobody: all wait for it)
+          due = a.arq_now_ms and now_ms + math.floor((resume - now) * 1000) or math.floor(resume * 1000)
+        else
+          local oldest = redis.call('ZRANGE', KEYS[8], 0, 0, 'WITHSCORES')
+          if #oldest == 2 and tonumber(oldest[2]) <= now_ms then now_ms = math.max(1, tonumber(oldest[2]) - 1) end
+          due = now_ms
+        end
       end
-      redis.call('ZADD', KEYS[8], 'XX', now_ms, head[1])
-      redis.call('HSET', KEYS[9], head[1], now_ms)
-      redis.call('ZADD', KEYS[10], num(now + cfg.wake_hold_s), head[1])  -- its permit, nobody else's
+      redis.call('ZADD', KEYS[8], 'XX', due, head[1])
+      redis.call('HSET', KEYS[9], head[1], due)
+      redis.call('ZADD', KEYS[10], num(resume + cfg.wake_hold_s), head[1])  -- its permit, nobody else's
       wake, woke = wake - 1, woke + 1
     end
   end
   if woke > 0 then
-    redis.call('HSET', KEYS[1], 'reserved_until_s', num(now + cfg.wake_hold_s))  -- acquire.lua reads it
+    -- acquire.lua reads it: when the latest reservation ends
+    redis.call('HSET', KEYS[1], 'reserved_until_s', num(math.max(tonumber(s[17]) or 0, resume + cfg.wake_hold_s)))
     for _, key in ipairs({KEYS[1], KEYS[10]}) do redis.call('EXPIRE', key, cfg.state_ttl_s) end
     -- wakes of jobs that never came back to spend them (cancelled, ended elsewhere) must not pile up
     redis.call('EXPIRE', KEYS[9], cfg.state_ttl_s)
