@@ -1,6 +1,6 @@
 """Run the benchmarks and print their figures and a one-line verdict against each target.
 
-    python -m bench.run                     # full size (about 5 minutes on 2 cores)
+    python -m bench.run                     # full size (about 15 minutes on 2 cores)
     python -m bench.run --smoke             # small sizes, about a minute
     python -m bench.run --only enqueue      # one of: goodput overhead concurrency enqueue startup waiters web fleet
     python -m bench.run --json out.json     # also write every figure as JSON
