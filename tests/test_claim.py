@@ -139,10 +139,11 @@ async def test_a_job_running_elsewhere_or_not_due_is_not_claimed(queue: FlexQueu
 
 
 @contextlib.asynccontextmanager
-async def counting_worker(redis_url: str, gemini: ScriptedGemini, *, flow: bool, max_jobs: int) -> AsyncIterator[
-        tuple[Any, list[int]]]:
+async def counting_worker(redis_url: str, gemini: ScriptedGemini, *, flow: bool, max_jobs: int, **settings: Any
+                          ) -> AsyncIterator[tuple[Any, list[int]]]:
     """A started (not running) worker whose claim script calls are counted: each call's number of jobs."""
-    worker = create_worker(make_settings(redis_url=redis_url, flow=flow), handle_signals=False, max_jobs=max_jobs,
+    worker = create_worker(make_settings(redis_url=redis_url, flow=flow, **settings), handle_signals=False,
+                           max_jobs=max_jobs,
                            ctx={"flexq_gemini_factory": lambda *_a, **_k: gemini, "flexq_configure_logs": False})
     worker._pool = worker.pool or await worker_pool(redis_url)
     await startup(worker.ctx)
@@ -185,17 +186,37 @@ async def test_one_script_call_claims_every_due_job_a_slot_is_free_for(queue: Fl
         assert worker.job_counter == 0
 
 
-async def test_with_flow_control_on_each_job_is_claimed_alone(queue: FlexQueue, redis_url: str) -> None:
+async def test_with_flow_control_on_jobs_are_claimed_together_until_the_limit_binds(
+    queue: FlexQueue, redis_url: str,
+) -> None:
     """Jobs claimed together reach the pool together, which blurs the in-flight levels the limit learns
-    from (worker.runtime.CLAIM_BATCH_FLOW): with flow control on, one job per claim."""
-    gemini = ScriptedGemini.of(answer("one"), answer("two"), answer("three"))
-    async with counting_worker(redis_url, gemini, flow=True, max_jobs=5) as (worker, calls):
-        for job_id in ("f-1", "f-2", "f-3"):
+    from (worker.runtime.CLAIM_BATCH_FLOW): until the pool has answered, and once an acquire is refused for
+    want of a permit, the worker claims one job per call; in between, a poll's due jobs go in one call."""
+    gemini = ScriptedGemini.of(*(answer(f"a{i}") for i in range(7)))
+    async with counting_worker(redis_url, gemini, flow=True, max_jobs=5, flow_initial=1.0, flow_max=1.0) as (
+            worker, calls):
+        for job_id in ("e-1", "f-1", "f-2", "f-3"):
             await queue.enqueue({"model": MODEL, "prompt": "hi"}, job_id=job_id)
-        await worker.start_jobs([b"f-1", b"f-2", b"f-3"])
-        assert calls == [1, 1, 1] and sorted(worker.tasks) == ["f-1", "f-2", "f-3"]
+        flow = worker.ctx["flexq_runner"].flow
+        assert flow.limit_binds()  # a cold start: nothing answered yet
+        await worker.start_jobs([b"e-1"])
         await asyncio.gather(*worker.tasks.values())
-        assert [(await queue.get(j)).status for j in ("f-1", "f-2", "f-3")] == [Status.SUCCEEDED] * 3
+        assert calls == [1] and (await queue.get("e-1")).status == Status.SUCCEEDED
+        assert not flow.limit_binds()
+        calls.clear()
+        await worker.start_jobs([b"f-1", b"f-2", b"f-3"])
+        assert calls == [3] and {"f-1", "f-2", "f-3"} <= set(worker.tasks)
+        await asyncio.gather(*worker.tasks.values())
+        # a limit of 1: two of the three were refused for want of a permit, and wait in line
+        assert flow.limit_binds()
+        assert sorted([(await queue.get(j)).status for j in ("f-1", "f-2", "f-3")]) == sorted(
+            [Status.SUCCEEDED, Status.QUEUED, Status.QUEUED])
+        for job_id in ("g-1", "g-2", "g-3"):
+            await queue.enqueue({"model": MODEL, "prompt": "hi"}, job_id=job_id)
+        calls.clear()
+        await worker.start_jobs([b"g-1", b"g-2", b"g-3"])
+        assert calls == [1, 1, 1]
+        await asyncio.gather(*worker.tasks.values())
 
 
 async def test_a_failed_claim_gives_every_slot_back(queue: FlexQueue, redis_url: str) -> None:

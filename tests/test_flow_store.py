@@ -11,8 +11,10 @@ import asyncio
 import heapq
 import os
 import random
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
+from types import SimpleNamespace
 from typing import Any
 
 import fakeredis
@@ -351,6 +353,40 @@ async def test_a_capacity_503_wakes_nobody_and_a_load_independent_one_hands_its_
     assert await scores(client, "w0", "w1") == [ms(T0 + 6), FAR_MS]
     await flow.release(held[1], "client_error", now_s=T0 + 7)  # any other outcome wakes the next in line
     assert await waiting(client) == []
+
+
+async def test_the_limit_binds_for_a_while_after_a_refusal_or_a_capacity_503(
+    make_flow: MakeFlow, client: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the worker claims by (worker.runtime.CLAIM_BATCH_FLOW): a load-independent 503 says nothing of
+    the limit; a 503 taken for capacity, or an acquire that finds jobs in line (or joins it), says it binds,
+    for binds_memory_s on this process's monotonic clock; before the pool's first answer, nothing is known
+    and the limit is taken to bind."""
+    clock = [100.0]
+    monkeypatch.setattr("worker.flow_store.time", SimpleNamespace(time=time.time, monotonic=lambda: clock[0]))
+    flow = make_flow(initial_limit=4.0, max_limit=4.0, binds_memory_s=10.0)
+    await believe(client, 4.0, 3)
+    held = await hold(flow, 4, T0)
+    assert flow.limit_binds()  # nothing answered yet: a cold start, the limit unknown
+    await flow.release(held[2], "ok", now_s=T0 + 0.5)
+    assert not flow.limit_binds()
+    learned = await flow.release(held[0], "overloaded", now_s=T0 + 1)
+    assert learned is not None and learned.verdict == "random" and not flow.limit_binds()
+    learned = await flow.release(held[3], "overloaded", now_s=T0 + 2)
+    assert learned is not None and (learned.limit, learned.verdict) == (3.0, "capacity") and flow.limit_binds()
+    clock[0] += 9.9
+    assert flow.limit_binds()
+    clock[0] += 0.2
+    assert not flow.limit_binds()
+    for job in ("k0", "k1"):  # 3 held: the limit since the capacity 503
+        admitted = await flow.acquire(job, M, "flex", 1, now_s=T0 + 3)
+        assert (admitted.admitted, admitted.line) == (True, False) and not flow.limit_binds()
+    refused = await flow.acquire("w0", M, "flex", 1, now_s=T0 + 4)
+    assert (refused.reason, refused.line) == ("no_permit", True) and flow.limit_binds()
+    clock[0] += 10.1
+    await flow.release(held[1], "ok", now_s=T0 + 5)  # w0 is woken into the permit: the line is empty again
+    woken = await flow.acquire("w0", M, "flex", 1, now_s=T0 + 6)
+    assert (woken.admitted, woken.line) == (True, False) and not flow.limit_binds()
 
 
 async def test_the_last_permit_in_flight_wakes_the_line_even_after_a_capacity_503(

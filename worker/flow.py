@@ -60,6 +60,8 @@ class FlowConfig:
     poll_max_s: float = 1.0
     wake_hold_s: float = 10.0  # a woken job's permit is held for it this long (no stale wake takes it: FIFO)
     waiter_timeout_s: float = 30.0  # no permit: wait in line; a release wakes the job, or this passes (a fallback)
+    binds_memory_s: float = 10.0  # the limit binds this long after an acquire saw jobs in line, or a 503
+    # was taken for capacity or excess: meanwhile a worker claims jobs one at a time (worker.runtime)
     breaker_window_s: float = 10.0  # sliding window of outcomes the breaker looks at
     breaker_min_failures: int = 20  # ...needs at least this many failures in it (a few errors never trip it)
     breaker_failure_ratio: float = 0.75  # ...making up at least this share (peak flex sheds ~45% at random)
@@ -165,6 +167,7 @@ class Admission:
     limit: float = 0.0  # the concurrency limit and permits held, after this decision (for logs)
     in_flight: int = 0
     permit: Permit | None = None
+    line: bool = False  # jobs may wait in the scope's line for a permit (the limit binds)
     #: a record write carried by the acquire (``FlowControl.acquire(write=...)``): 1 applied, 0 the record
     #: changed meanwhile or the job was not admitted, -1 the record is gone; None: no write was carried
     written: int | None = None

@@ -36,6 +36,7 @@ costs one permit for ``permit_ttl_s``. ``snapshot()`` is the ``flexq stats`` doc
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Awaitable
 from dataclasses import replace
@@ -64,6 +65,8 @@ from worker.flow import (
 from worker.group_commit import GroupCommit
 
 LOG_ENTRIES = 100
+#: A 503's verdicts that say the limit binds (release.lua): the pool's capacity, or a jump of its shed rate.
+BINDING_VERDICTS = frozenset({"capacity", "excess"})
 #: How often (s) one worker's acquire or release of one scope also does the scope's housekeeping (the
 #: scope marked seen, expired permits and reservations swept, TTLs refreshed) instead of on every call.
 TOUCH_EVERY_S = 30.0
@@ -167,6 +170,9 @@ class FlowControl:
         self.worker = worker
         #: Permits this process holds (renewed by ``renew``), by job id.
         self.held: dict[str, Permit] = {}
+        #: Until when (monotonic s) the limit binds, as this process last saw (``limit_binds``): until the
+        #: pool has answered one of its calls, it does not know, and takes the limit to bind.
+        self._binds_until_s = math.inf
         #: When (monotonic s) this process last did each script's housekeeping of each scope.
         self._touched: dict[tuple[str, str, str], float] = {}
         self._acquire = redis.register_script(script("acquire"))
@@ -198,6 +204,17 @@ class FlowControl:
             "replace_ratio": cfg.replace_ratio, "replace_burst": cfg.replace_burst, "wake_hold_s": cfg.wake_hold_s,
             "waiter_timeout_s": cfg.waiter_timeout_s,
         })
+
+    def limit_binds(self) -> bool:
+        """Whether the limit of some scope bound lately, as this process saw it: an acquire of its own found
+        jobs in the scope's line (or joined it), or a 503 of its own was taken for capacity or excess, less
+        than ``binds_memory_s`` ago; or the pool has not answered any of its calls yet (a cold start, when
+        the limit is still unknown). While it binds, the order in which calls reach the pool is what the
+        limit learns from (their in-flight levels), so jobs are claimed one at a time (worker.runtime)."""
+        return time.monotonic() < self._binds_until_s
+
+    def _binding(self) -> None:
+        self._binds_until_s = time.monotonic() + self.cfg.binds_memory_s
 
     def _scope(self, model: str, tier: str) -> tuple[str, str]:
         return self.keys.flow(f"state:{model}:{tier}"), self.keys.flow(f"permits:{model}:{tier}")
@@ -248,11 +265,13 @@ class FlowControl:
             reply = await self._acquire(keys=keys, args=args)
         else:
             reply = await self.acquires.call([*keys, write.key], [*args, *write.args])
-        admitted, reason, wait_s, probe, started_s, limit, in_flight = reply[:7]
+        admitted, reason, wait_s, probe, started_s, limit, in_flight, line = reply[:8]
         admission = Admission(
             bool(int(admitted)), text(reason), float(wait_s), bool(int(probe)), float(limit), int(in_flight),
-            written=int(reply[7]) if write is not None else None,
+            line=bool(int(line)), written=int(reply[8]) if write is not None else None,
         )
+        if admission.line:
+            self._binding()
         if admission.admitted:
             permit = Permit(job_id, model, tier, max(0, est_tokens), float(started_s), int(in_flight),
                             held_since_s=time.time() if now_s is None else now_s)
@@ -312,9 +331,15 @@ class FlowControl:
         args = [json.dumps(call), self._release_cfg]
         if write is None:
             limit, verdict = await self._release(keys=keys, args=args)
-            return Release(float(limit), text(verdict))
-        limit, verdict, written = await self.releases.call([*keys, write.key], [*args, *write.args])
-        return Release(float(limit), text(verdict), written=int(written))
+            learned = Release(float(limit), text(verdict))
+        else:
+            limit, verdict, written = await self.releases.call([*keys, write.key], [*args, *write.args])
+            learned = Release(float(limit), text(verdict), written=int(written))
+        if learned.verdict in BINDING_VERDICTS:
+            self._binding()
+        elif outcome == "ok" and self._binds_until_s == math.inf:
+            self._binds_until_s = 0.0  # the pool answers, and nothing said the limit binds
+        return learned
 
     async def renew(self, now_s: float | None = None) -> int:
         """Extend the leases of the permits this process holds; returns how many were still held.

@@ -69,10 +69,12 @@ CLAIM_LUA = resources.files("worker").joinpath("lua", "claim.lua").read_text()
 #: batch's jobs start together, in one event-loop turn: a larger one stalls the loop at a ramp to thousands
 #: of calls (event-loop lag p99 172 ms with batches of 500 and 100, 37 ms with 20 and 10: docs/benchmarks.md).
 CLAIM_BATCH_MAX = 20
-#: With flow control on, one job per claim: jobs claimed together reach the pool together, in no set order,
-#: so the pool's capacity 503s fall on every in-flight level of the batch alike and look load-independent
-#: to the limit (bench.goodput, 45% random shedding at capacity 20: 2 to 5 times the capacity 503s and
-#: 2.1-2.6 calls per success with batches of 4 to 20, against 1.9-2.0 one by one; docs/benchmarks.md).
+#: With flow control on and the limit binding (``FlowControl.limit_binds``), one job per claim: jobs claimed
+#: together reach the pool together, in no set order, so the pool's capacity 503s fall on every in-flight
+#: level of the batch alike and look load-independent to the limit (bench.goodput, 45% random shedding at
+#: capacity 20: 2 to 5 times the capacity 503s and 2.1-2.6 calls per success with batches of 4 to 20,
+#: against 1.9-2.0 one by one; docs/benchmarks.md). While it does not bind, no call is refused and no 503
+#: is taken for capacity: batches of ``CLAIM_BATCH_MAX`` cost a few Redis commands per job instead of five.
 CLAIM_BATCH_FLOW = 1
 _arq_log = logging.getLogger("arq.worker")
 
@@ -145,7 +147,8 @@ class FlexqWorker(Worker):
             if running is None or running.done():
                 pending.append(job_id)  # a running job stays on arq's queue: no need to ask Redis
         while pending:
-            free = min(self.max_jobs - self.job_counter, CLAIM_BATCH_MAX if runner.flow is None else CLAIM_BATCH_FLOW)
+            one_by_one = runner.flow is not None and runner.flow.limit_binds()
+            free = min(self.max_jobs - self.job_counter, CLAIM_BATCH_FLOW if one_by_one else CLAIM_BATCH_MAX)
             if free <= 0:
                 return
             batch, pending = pending[:free], pending[free:]

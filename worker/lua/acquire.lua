@@ -22,8 +22,9 @@
 -- concurrency permit. A job refused for want of a permit joins the waiters (oldest job first: a job
 -- shed and retried keeps its place) and is woken by a
 -- release; while others wait, a free permit belongs to a woken job or to one of the first `free` in
--- line, not to a newcomer (ack clocking). Reply: {admitted, reason, wait_s, probe, now, limit, level}
--- where level is the number of permits held once this one is taken (the in-flight level it ran at).
+-- line, not to a newcomer (ack clocking). Reply: {admitted, reason, wait_s, probe, now, limit, level, line}
+-- where level is the number of permits held once this one is taken (the in-flight level it ran at) and
+-- line is 1 while the scope's line may hold anyone (the limit binds: worker/flow_store.py limit_binds).
 
 local a, cfg = cjson.decode(ARGV[1]), cjson.decode(ARGV[2])
 local job, now, cost, model, tier = a.job, clock(a.now), tonumber(a.cost), a.model, a.tier
@@ -38,10 +39,11 @@ end
 local s = redis.call('HMGET', KEYS[1], 'limit', 'state', 'open_until_s', 'probe_until_s', 'probe', 'reserved_until_s',
   'line')
 local limit = clamp(tonumber(s[1]) or cfg.initial, cfg.min, cfg.max)
+local line = s[7]  -- set while the line may hold anyone (see below)
 local in_flight = redis.call('ZCOUNT', KEYS[2], live, '+inf')
 if in_flight == 0 and not a.touch then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', num(now)) end  -- lapsed ones
 local function reply(ok, reason, wait, probe, held)
-  return {ok, reason, num(wait), probe, num(now), num(limit), held}
+  return {ok, reason, num(wait), probe, num(now), num(limit), held, line and 1 or 0}
 end
 -- a wake is spent by this attempt, whatever answers it (a paused job must not re-run at once);
 -- only a live reservation in this scope puts the job ahead of the line (a release writes the wake
@@ -102,7 +104,6 @@ end
 -- The state's 'line' field is set while the line may hold anyone (set by the first to join, cleared by
 -- whoever finds it empty): without it, nobody waits and the line is not looked at.
 local free = math.floor(limit) - in_flight - reserved
-local line = s[7]
 local in_line, waiting = false, nil
 if not line then waiting = 0 end
 if line and not was_woken and free > 0 and in_flight + reserved > 0 then
@@ -121,6 +122,7 @@ if free <= 0 or in_line then
   if not line then
     redis.call('HSET', KEYS[1], 'line', '1')
     redis.call('EXPIRE', KEYS[1], cfg.state_ttl_s)  -- the hash may be new
+    line = '1'
   end
   return reply(0, 'no_permit', 0, 0, in_flight)
 end
