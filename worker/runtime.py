@@ -73,8 +73,9 @@ CLAIM_BATCH_MAX = 20
 #: together reach the pool together, in no set order, so the pool's capacity 503s fall on every in-flight
 #: level of the batch alike and look load-independent to the limit (bench.goodput, 45% random shedding at
 #: capacity 20: 2 to 5 times the capacity 503s and 2.1-2.6 calls per success with batches of 4 to 20,
-#: against 1.9-2.0 one by one; docs/benchmarks.md). While it does not bind, no call is refused and no 503
-#: is taken for capacity: batches of ``CLAIM_BATCH_MAX`` cost a few Redis commands per job instead of five.
+#: against 1.9-2.0 one by one; docs/benchmarks.md). It binds at a cold start, until the pool's first answer.
+#: Otherwise nobody waits in line and no 503 is taken for capacity, the order teaches the limit nothing, and
+#: batches of ``CLAIM_BATCH_MAX`` save their share of each job's Redis commands (about 20 per job, not 37).
 CLAIM_BATCH_FLOW = 1
 _arq_log = logging.getLogger("arq.worker")
 
