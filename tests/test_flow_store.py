@@ -387,6 +387,12 @@ async def test_the_limit_binds_for_a_while_after_a_refusal_or_a_capacity_503(
     await flow.release(held[1], "ok", now_s=T0 + 5)  # w0 is woken into the permit: the line is empty again
     woken = await flow.acquire("w0", M, "flex", 1, now_s=T0 + 6)
     assert (woken.admitted, woken.line) == (True, False) and not flow.limit_binds()
+    # another worker, cold: it meets the line before any answer of its own, and binds past binds_memory_s
+    cold = make_flow("w2", initial_limit=4.0, max_limit=4.0, binds_memory_s=10.0)
+    refused = await cold.acquire("c0", M, "flex", 1, now_s=T0 + 7)
+    assert (refused.reason, refused.line) == ("no_permit", True) and cold.limit_binds()
+    clock[0] += 10.1
+    assert cold.limit_binds() and not flow.limit_binds()
 
 
 async def test_the_last_permit_in_flight_wakes_the_line_even_after_a_capacity_503(

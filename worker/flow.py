@@ -173,6 +173,11 @@ class Admission:
     written: int | None = None
 
 
+#: A 503's verdicts (``Release.verdict``) that say the limit binds: above the pool's capacity, or a jump of
+#: its shed rate (``FlowControl.limit_binds``).
+BINDING_VERDICTS = frozenset({"capacity", "excess"})
+
+
 @dataclass(frozen=True)
 class Release:
     """What ``FlowControl.release`` learned: the limit after the outcome and, for a 503, its verdict

@@ -36,7 +36,6 @@ costs one permit for ``permit_ttl_s``. ``snapshot()`` is the ``flexq stats`` doc
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Awaitable
 from dataclasses import replace
@@ -49,10 +48,12 @@ from redis.asyncio import Redis
 
 from producer.events import text
 from producer.keys import Keys
+from producer.status import Outcome
 from producer.store import Write
 from worker.classify import QuotaKind
 from worker.config import flow_model, limits_model
 from worker.flow import (
+    BINDING_VERDICTS,
     LIMIT_OUTCOMES,
     RATE_WINDOW_S,
     Admission,
@@ -65,8 +66,6 @@ from worker.flow import (
 from worker.group_commit import GroupCommit
 
 LOG_ENTRIES = 100
-#: A 503's verdicts that say the limit binds (release.lua): the pool's capacity, or a jump of its shed rate.
-BINDING_VERDICTS = frozenset({"capacity", "excess"})
 #: How often (s) one worker's acquire or release of one scope also does the scope's housekeeping (the
 #: scope marked seen, expired permits and reservations swept, TTLs refreshed) instead of on every call.
 TOUCH_EVERY_S = 30.0
@@ -170,9 +169,10 @@ class FlowControl:
         self.worker = worker
         #: Permits this process holds (renewed by ``renew``), by job id.
         self.held: dict[str, Permit] = {}
-        #: Until when (monotonic s) the limit binds, as this process last saw (``limit_binds``): until the
-        #: pool has answered one of its calls, it does not know, and takes the limit to bind.
-        self._binds_until_s = math.inf
+        #: Until when (monotonic s) the limit binds, as this process last saw (``limit_binds``), and whether
+        #: the pool has answered one of its calls yet (until then the limit is unknown and taken to bind).
+        self._binds_until_s = 0.0
+        self._answered = False
         #: When (monotonic s) this process last did each script's housekeeping of each scope.
         self._touched: dict[tuple[str, str, str], float] = {}
         self._acquire = redis.register_script(script("acquire"))
@@ -211,7 +211,7 @@ class FlowControl:
         than ``binds_memory_s`` ago; or the pool has not answered any of its calls yet (a cold start, when
         the limit is still unknown). While it binds, the order in which calls reach the pool is what the
         limit learns from (their in-flight levels), so jobs are claimed one at a time (worker.runtime)."""
-        return time.monotonic() < self._binds_until_s
+        return not self._answered or time.monotonic() < self._binds_until_s
 
     def _binding(self) -> None:
         self._binds_until_s = time.monotonic() + self.cfg.binds_memory_s
@@ -337,8 +337,7 @@ class FlowControl:
             learned = Release(float(limit), text(verdict), written=int(written))
         if learned.verdict in BINDING_VERDICTS:
             self._binding()
-        elif outcome == "ok" and self._binds_until_s == math.inf:
-            self._binds_until_s = 0.0  # the pool answers, and nothing said the limit binds
+        self._answered = self._answered or outcome == Outcome.OK
         return learned
 
     async def renew(self, now_s: float | None = None) -> int:
